@@ -1,0 +1,277 @@
+//! Wiring: the store, the drain, one worker per bus, the beat, the status socket; one
+//! shutdown signal for all of them.
+//!
+//! The store is opened once and outlives everything else. The rest runs as a *generation*:
+//! SIGHUP loads the config again and, if it is valid, stops the generation (each task
+//! finishes what it has in hand) and starts a new one on the same store, so a reload never
+//! loses buffered data. SIGTERM and SIGINT stop the generation the same way, flush the store
+//! and return.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use jiff::Timestamp;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{BusWorker, Router};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::Config;
+use crate::drain::{AmqpPublisher, Drain, DrainSettings, DrainStatus};
+use crate::lock::DirLock;
+use crate::meter::modbus::profile::Profiles;
+use crate::status::{SOCKET, StatusServer};
+use crate::store::{SledStore, Store};
+
+/// How the beat is driven.
+#[derive(Clone, Copy, Debug)]
+pub enum BeatMode {
+    /// Wall-clock boundaries from the config (`run`).
+    Schedule,
+    /// A `quarterly` read of every meter every so often (`demo`).
+    Every(Duration),
+}
+
+/// What `run` and `demo` differ in.
+pub struct Options {
+    pub beat: BeatMode,
+    /// Where SIGHUP reloads the config from; `None`: reload is not possible (demo).
+    pub config_path: Option<PathBuf>,
+    /// How often to log a one-line summary of the buffer and the drain.
+    pub summary_every: Duration,
+    /// Stop by itself after this long (demo `--for`).
+    pub stop_after: Option<Duration>,
+}
+
+/// Handles of one generation, for the summary line.
+struct Generation {
+    token: CancellationToken,
+    tasks: JoinSet<()>,
+    drain: watch::Receiver<DrainStatus>,
+}
+
+pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
+    let data_dir = config.gateway.data_dir.clone();
+    let _lock = DirLock::acquire(&data_dir)?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&data_dir, &config.store, clock.clone())
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+    );
+    let started_at = clock.now();
+    let stats = store.stats()?;
+    tracing::info!(
+        gateway = %config.gateway.id,
+        data_dir = %data_dir.display(),
+        buffered = stats.readings(),
+        events = stats.events.count,
+        version = env!("CARGO_PKG_VERSION"),
+        "Agent starting"
+    );
+    let root = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let stop_after = async {
+        match options.stop_after {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop_after);
+
+    let mut generation = start(
+        &config,
+        &options,
+        store.clone(),
+        clock.clone(),
+        started_at,
+        &root,
+    )?;
+    let mut summary = tokio::time::interval(options.summary_every);
+    summary.tick().await;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            () = &mut stop_after => { tracing::info!("Demo time is up: shutting down"); break; }
+            _ = hup.recv() => {
+                let Some(path) = &options.config_path else {
+                    tracing::warn!("SIGHUP: nothing to reload");
+                    continue;
+                };
+                match Config::load(path) {
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: the new config is invalid; keeping the running one");
+                    }
+                    Ok(new) if new.gateway.data_dir != config.gateway.data_dir => {
+                        tracing::error!("SIGHUP: gateway.data_dir cannot change while running; restart the agent to move the store");
+                    }
+                    Ok(new) => {
+                        tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
+                        stop(generation).await;
+                        config = new;
+                        generation = start(&config, &options, store.clone(), clock.clone(), started_at, &root)?;
+                    }
+                }
+            }
+            _ = summary.tick() => log_summary(&store, &generation.drain).await,
+        }
+    }
+    stop(generation).await;
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.flush()).await??;
+    let stats = store.stats()?;
+    tracing::info!(
+        buffered = stats.readings(),
+        events = stats.events.count,
+        "Store flushed, agent stopped"
+    );
+    Ok(())
+}
+
+/// Starts everything but the store.
+fn start(
+    config: &Config,
+    options: &Options,
+    store: Arc<dyn Store>,
+    clock: SharedClock,
+    started_at: Timestamp,
+    root: &CancellationToken,
+) -> anyhow::Result<Generation> {
+    let token = root.child_token();
+    let mut tasks = JoinSet::new();
+    let wake = Arc::new(Notify::new());
+    let tz = config.gateway.tz();
+
+    let publisher = AmqpPublisher::new(
+        config.amqp.clone(),
+        format!("amr-edge {}", config.gateway.id),
+    );
+    let (drain, drain_status) = Drain::new(
+        DrainSettings::new(&config.gateway.id, &config.amqp),
+        store.clone(),
+        publisher,
+        wake.clone(),
+    );
+    tasks.spawn(drain.run(token.clone()));
+
+    let profiles = Profiles::load(&config.modbus_profiles)?;
+    let mut router = Router::default();
+    for bus in &config.bus {
+        let meters: Vec<_> = config.meters_on(&bus.name).cloned().collect();
+        let ids: Vec<String> = meters.iter().map(|m| m.id.clone()).collect();
+        let (worker, handle) = BusWorker::new(
+            bus.clone(),
+            meters,
+            &profiles,
+            store.clone(),
+            wake.clone(),
+            clock.clone(),
+            tz.clone(),
+            // Room for every meter at every cadence plus on-demand bursts.
+            (ids.len() * 8).max(64),
+        );
+        tasks.spawn(worker.run(token.clone()));
+        router.add_bus(handle, ids);
+    }
+
+    match options.beat {
+        BeatMode::Every(interval) => {
+            tasks.spawn(crate::beat::demo_ticker(
+                router.clone(),
+                interval,
+                clock.clone(),
+                token.clone(),
+            ));
+        }
+        BeatMode::Schedule => {}
+    }
+
+    tasks.spawn(
+        StatusServer {
+            path: config.gateway.data_dir.join(SOCKET),
+            gateway: config.gateway.id.clone(),
+            meters: config.meter.iter().map(|m| m.id.clone()).collect(),
+            store: store.clone(),
+            drain: drain_status.clone(),
+            started_at,
+        }
+        .run(token.clone()),
+    );
+
+    let maint_store = store.clone();
+    let maint_token = token.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = maint_token.cancelled() => return,
+            }
+            let s = maint_store.clone();
+            match tokio::task::spawn_blocking(move || s.maintain()).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    tracing::warn!(evicted = n, "Evicted records older than store.max_age")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "Store maintenance failed"),
+                Err(e) => tracing::error!(error = %e, "Store maintenance panicked"),
+            }
+        }
+    });
+
+    Ok(Generation {
+        token,
+        tasks,
+        drain: drain_status,
+    })
+}
+
+/// Stops a generation: every task finishes what it has in hand. A task stuck past the
+/// deadline (a serial read with long timeouts) is abandoned; what it had not stored is not
+/// marked read, so it is read again after the restart.
+async fn stop(mut g: Generation) {
+    g.token.cancel();
+    let deadline = tokio::time::sleep(Duration::from_secs(30));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = g.tasks.join_next() => match next {
+                None => break,
+                Some(Err(e)) if e.is_panic() => tracing::error!(error = %e, "A task panicked"),
+                Some(_) => {}
+            },
+            () = &mut deadline => {
+                tracing::warn!(remaining = g.tasks.len(), "Tasks did not stop within 30s; abandoning them");
+                g.tasks.abort_all();
+                break;
+            }
+        }
+    }
+}
+
+async fn log_summary(store: &Arc<dyn Store>, drain: &watch::Receiver<DrainStatus>) {
+    let s = store.clone();
+    let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || s.stats()).await else {
+        return;
+    };
+    let d = drain.borrow().clone();
+    tracing::info!(
+        buffered = stats.readings(),
+        events = stats.events.count,
+        bytes = stats.bytes(),
+        evicted = stats.evicted,
+        delivered = d.records,
+        broker = if d.connected {
+            "connected"
+        } else {
+            "not connected"
+        },
+        "Status"
+    );
+}

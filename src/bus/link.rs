@@ -1,0 +1,221 @@
+//! The physical side of a bus: serial ports (with RS-485 direction control) and TCP
+//! connections, opened lazily and reopened after a failure.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio_modbus::client::Context;
+use tokio_serial::{SerialPortBuilderExt, SerialStream};
+
+use super::{BusConfig, Parity, Rs485Config, SerialConfig};
+use crate::meter::Failure;
+use crate::meter::modbus::wire::{SharedWire, Tap};
+
+/// One unit of a bus's capacity: the serial port, or one TCP connection of `concurrency`.
+pub enum Slot {
+    Serial {
+        config: SerialConfig,
+        modbus: Option<(Context, SharedWire)>,
+    },
+    Tcp {
+        addr: String,
+        connect_timeout: Duration,
+        modbus: Option<(Context, SharedWire)>,
+    },
+}
+
+impl Slot {
+    /// The slots of `bus`: one for a serial bus (one frame at a time), `concurrency` for TCP.
+    pub fn for_bus(bus: &BusConfig) -> Vec<Slot> {
+        if let Some(s) = &bus.serial {
+            vec![Slot::Serial {
+                config: s.clone(),
+                modbus: None,
+            }]
+        } else if let Some(t) = &bus.tcp {
+            (0..t.concurrency.max(1))
+                .map(|_| Slot::Tcp {
+                    addr: format!("{}:{}", t.host, t.port),
+                    connect_timeout: bus.timeout.0.max(Duration::from_secs(3)),
+                    modbus: None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub fn is_serial(&self) -> bool {
+        matches!(self, Slot::Serial { .. })
+    }
+
+    /// A Modbus client on this link, connecting or opening the port if needed.
+    pub async fn modbus(&mut self) -> Result<(&mut Context, &SharedWire), Failure> {
+        match self {
+            Slot::Serial { config, modbus } => {
+                if modbus.is_none() {
+                    let port = open_serial(
+                        config,
+                        config.baud,
+                        config.parity,
+                        config.data_bits,
+                        config.stop_bits,
+                    )?;
+                    let wire = SharedWire::default();
+                    let ctx = tokio_modbus::client::rtu::attach(Tap::new(port, wire.clone()));
+                    *modbus = Some((ctx, wire));
+                }
+                let (ctx, wire) = modbus
+                    .as_mut()
+                    .ok_or_else(|| Failure::Link("port closed".into()))?;
+                Ok((ctx, wire))
+            }
+            Slot::Tcp {
+                addr,
+                connect_timeout,
+                modbus,
+            } => {
+                if modbus.is_none() {
+                    let stream = match tokio::time::timeout(
+                        *connect_timeout,
+                        TcpStream::connect(addr.as_str()),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            return Err(Failure::Link(format!("cannot connect to {addr}: {e}")));
+                        }
+                        Err(_) => {
+                            return Err(Failure::Link(format!(
+                                "cannot connect to {addr}: no answer within {connect_timeout:?}"
+                            )));
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let wire = SharedWire::default();
+                    let ctx = tokio_modbus::client::tcp::attach(Tap::new(stream, wire.clone()));
+                    *modbus = Some((ctx, wire));
+                }
+                let (ctx, wire) = modbus
+                    .as_mut()
+                    .ok_or_else(|| Failure::Link("not connected".into()))?;
+                Ok((ctx, wire))
+            }
+        }
+    }
+
+    /// The serial port itself, for a protocol that drives it directly (IEC 62056-21).
+    /// Closes the Modbus client that held it, if any.
+    pub fn take_serial(&mut self) -> Option<&SerialConfig> {
+        match self {
+            Slot::Serial { config, modbus } => {
+                *modbus = None;
+                Some(config)
+            }
+            Slot::Tcp { .. } => None,
+        }
+    }
+
+    /// Forgets the connection after a failure: the next poll reopens it. A TCP connection
+    /// that timed out may still deliver the late answer, which would then be taken for the
+    /// answer to the next request.
+    pub fn reset(&mut self) {
+        match self {
+            Slot::Serial { modbus, .. } | Slot::Tcp { modbus, .. } => *modbus = None,
+        }
+    }
+}
+
+/// Opens a serial port in the given framing, with RS-485 direction control if configured.
+pub fn open_serial(
+    config: &SerialConfig,
+    baud: u32,
+    parity: Parity,
+    data_bits: u8,
+    stop_bits: u8,
+) -> Result<SerialStream, Failure> {
+    let device = config.device.to_string_lossy().into_owned();
+    let builder = tokio_serial::new(&device, baud)
+        .parity(match parity {
+            Parity::None => tokio_serial::Parity::None,
+            Parity::Even => tokio_serial::Parity::Even,
+            Parity::Odd => tokio_serial::Parity::Odd,
+        })
+        .data_bits(match data_bits {
+            5 => tokio_serial::DataBits::Five,
+            6 => tokio_serial::DataBits::Six,
+            7 => tokio_serial::DataBits::Seven,
+            _ => tokio_serial::DataBits::Eight,
+        })
+        .stop_bits(if stop_bits == 2 {
+            tokio_serial::StopBits::Two
+        } else {
+            tokio_serial::StopBits::One
+        })
+        .flow_control(tokio_serial::FlowControl::None);
+    let port = builder
+        .open_native_async()
+        .map_err(|e| Failure::Link(format!("cannot open {device}: {e}")))?;
+    if config.rs485.enabled {
+        set_rs485(&port, &config.rs485, &config.device)?;
+    }
+    Ok(port)
+}
+
+/// `struct serial_rs485` from `<linux/serial.h>`.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct SerialRs485 {
+    flags: u32,
+    delay_rts_before_send: u32,
+    delay_rts_after_send: u32,
+    padding: [u32; 5],
+}
+
+/// Puts the UART in RS-485 mode so the kernel driver switches the transceiver's direction
+/// (RTS as driver-enable) around each frame. Without it a half-duplex transceiver either
+/// never transmits or never hears the answer.
+#[cfg(target_os = "linux")]
+fn set_rs485(port: &SerialStream, cfg: &Rs485Config, device: &Path) -> Result<(), Failure> {
+    use std::os::fd::AsRawFd;
+    const ENABLED: u32 = 1 << 0;
+    const RTS_ON_SEND: u32 = 1 << 1;
+    const RTS_AFTER_SEND: u32 = 1 << 2;
+    const RX_DURING_TX: u32 = 1 << 4;
+    let mut flags = ENABLED;
+    if cfg.rts_on_send {
+        flags |= RTS_ON_SEND;
+    }
+    if cfg.rts_after_send {
+        flags |= RTS_AFTER_SEND;
+    }
+    if cfg.rx_during_tx {
+        flags |= RX_DURING_TX;
+    }
+    let conf = SerialRs485 {
+        flags,
+        delay_rts_before_send: cfg.delay_before_send.0.as_millis() as u32,
+        delay_rts_after_send: cfg.delay_after_send.0.as_millis() as u32,
+        padding: [0; 5],
+    };
+    // SAFETY: TIOCSRS485 reads a `struct serial_rs485` that outlives the call.
+    let rc = unsafe { libc::ioctl(port.as_raw_fd(), libc::TIOCSRS485 as _, &conf) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Failure::Link(format!(
+            "cannot switch {} to RS-485 mode (TIOCSRS485): {e}; if the adapter switches direction by itself (most USB-RS485 dongles), set rs485 = false",
+            device.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_rs485(_: &SerialStream, _: &Rs485Config, device: &Path) -> Result<(), Failure> {
+    Err(Failure::Link(format!(
+        "RS-485 mode for {} is only supported on Linux",
+        device.display()
+    )))
+}

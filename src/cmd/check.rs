@@ -1,0 +1,186 @@
+//! `amr-edge check --config FILE`: validate and print the resolved plan.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+
+use amr_edge::config::Config;
+use amr_edge::meter::Protocol;
+use amr_edge::meter::modbus::ReadPlan;
+use amr_edge::meter::modbus::profile::Profiles;
+use amr_edge::reading::Cadence;
+
+pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{}: {} problem(s), see above",
+                path.display(),
+                e.problems.len()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    print!("{}", plan(&config)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The resolved plan, as `check` prints it.
+pub fn plan(config: &Config) -> anyhow::Result<String> {
+    let mut s = String::new();
+    let g = &config.gateway;
+    writeln!(s, "config     {}: valid", config.source.display())?;
+    writeln!(
+        s,
+        "gateway    {} ({}), data in {}",
+        g.id,
+        g.timezone,
+        g.data_dir.display()
+    )?;
+    let st = &config.store;
+    writeln!(
+        s,
+        "store      at most {}, records kept at most {}, cache {}",
+        st.max_bytes, st.max_age, st.cache
+    )?;
+    let a = &config.amqp;
+    let url = match a.resolve_url() {
+        Ok(u) => u.redacted(),
+        Err(e) => format!("(not resolvable now: {e})"),
+    };
+    writeln!(s, "amqp       {url}")?;
+    writeln!(
+        s,
+        "           readings → queue {} as task {}",
+        a.queue, a.task
+    )?;
+    writeln!(
+        s,
+        "           events   → queue {} as task {}",
+        a.events_queue, a.events_task
+    )?;
+    writeln!(
+        s,
+        "           {} readings/message, {} unconfirmed, rate {}, queues {}",
+        a.readings_per_message,
+        a.max_unconfirmed,
+        a.rate_limit
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "unlimited".into()),
+        if a.declare_queues {
+            "declared by the agent"
+        } else {
+            "must exist"
+        }
+    )?;
+    match &config.mqtt {
+        Some(m) => writeln!(
+            s,
+            "mqtt       {} on {}/{}/{{commands,replies,status}}",
+            m.url, m.topic_prefix, g.id
+        )?,
+        None => writeln!(s, "mqtt       off (no [mqtt] section)")?,
+    }
+    let profiles = Profiles::load(&config.modbus_profiles)?;
+    for bus in &config.bus {
+        writeln!(s)?;
+        let link = match (&bus.serial, &bus.tcp) {
+            (Some(ser), _) => format!(
+                "serial {} {} {}{}{}{}",
+                ser.device.display(),
+                ser.baud,
+                ser.data_bits,
+                match ser.parity {
+                    amr_edge::bus::Parity::None => "N",
+                    amr_edge::bus::Parity::Even => "E",
+                    amr_edge::bus::Parity::Odd => "O",
+                },
+                ser.stop_bits,
+                if ser.rs485.enabled {
+                    ", RS-485 direction by the driver"
+                } else {
+                    ""
+                }
+            ),
+            (None, Some(t)) => format!("tcp {}:{}, {} at once", t.host, t.port, t.concurrency),
+            (None, None) => "no link".into(),
+        };
+        writeln!(
+            s,
+            "bus {}: {link}; timeout {}, {} retries",
+            bus.name, bus.timeout, bus.retries
+        )?;
+        for m in config.meters_on(&bus.name) {
+            match m.protocol() {
+                Protocol::Modbus => {
+                    let mc = m.modbus.as_ref().expect("modbus meter");
+                    writeln!(
+                        s,
+                        "  meter {:<24} modbus unit {}, profile {}",
+                        m.id, mc.unit, mc.profile
+                    )?;
+                    let Some(profile) = profiles.get(&mc.profile) else {
+                        continue;
+                    };
+                    for c in m.reads.cadences() {
+                        if let Some(sel) = m.reads.get(c) {
+                            let p = ReadPlan::new(profile, mc, sel);
+                            writeln!(
+                                s,
+                                "    {:<10} {} series in {} request(s): {}",
+                                c.as_str(),
+                                p.registers.len(),
+                                p.requests.len(),
+                                p.requests
+                                    .iter()
+                                    .map(|r| format!(
+                                        "fc{:02} {}+{}",
+                                        r.function.code(),
+                                        r.start,
+                                        r.count
+                                    ))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )?;
+                        }
+                    }
+                }
+                Protocol::Iec62056_21 => {
+                    let ic = m.iec62056_21.as_ref().expect("iec meter");
+                    writeln!(
+                        s,
+                        "  meter {:<24} IEC 62056-21 {}, up to {} baud",
+                        m.id,
+                        ic.address
+                            .as_deref()
+                            .map(|a| format!("address {a}"))
+                            .unwrap_or_else(|| "unaddressed".into()),
+                        ic.max_baud
+                    )?;
+                    for c in m.reads.cadences() {
+                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
+                    }
+                }
+            }
+            if m.reads.cadences().next().is_none() {
+                writeln!(s, "    read on demand only")?;
+            }
+        }
+    }
+    let _ = Cadence::SCHEDULED;
+    Ok(s)
+}
+
+fn describe(sel: Option<&amr_edge::meter::Selection>) -> String {
+    match sel {
+        Some(amr_edge::meter::Selection::All) => "all data sets".into(),
+        Some(amr_edge::meter::Selection::Series(v)) => v
+            .iter()
+            .map(|o| o.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => "-".into(),
+    }
+}

@@ -1,0 +1,45 @@
+//! `amr-edge status --config FILE`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use amr_edge::clock::{Clock, SystemClock};
+use amr_edge::lock::{DirLock, LockError};
+use amr_edge::status::{self, StatusReport};
+use amr_edge::store::{SledStore, Store};
+
+pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let config = super::load(path)?;
+    let dir = &config.gateway.data_dir;
+    let report = match DirLock::acquire(dir) {
+        // No agent: read the store directly, holding the lock so none starts meanwhile.
+        Ok(_lock) => {
+            let clock = Arc::new(SystemClock);
+            let store = SledStore::open(dir, &config.store, clock.clone())?;
+            let meters: Vec<String> = config.meter.iter().map(|m| m.id.clone()).collect();
+            StatusReport::build(
+                &config.gateway.id,
+                &store.stats()?,
+                &store.meters()?,
+                &meters,
+                None,
+                clock.now_ms(),
+            )
+        }
+        Err(LockError::Held { pid, .. }) => status::query(dir).await.map_err(|e| {
+            anyhow::anyhow!(
+                "an agent{} holds {} but does not answer on its status socket: {e}",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                dir.display()
+            )
+        })?,
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}

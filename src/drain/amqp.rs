@@ -1,0 +1,206 @@
+//! [`Publisher`] on lapin: one connection, one channel in confirm mode.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::publisher_confirm::Confirmation as LapinConfirmation;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use super::celery::{Header, TaskMessage};
+use super::{AmqpConfig, Confirmation, PublishError, Publisher};
+
+pub struct AmqpPublisher {
+    config: AmqpConfig,
+    name: String,
+    connection: Option<Connection>,
+    channel: Option<Channel>,
+}
+
+impl AmqpPublisher {
+    /// `name` shows in the broker's connection list (`amr-edge gw-0042`).
+    pub fn new(config: AmqpConfig, name: String) -> Self {
+        AmqpPublisher {
+            config,
+            name,
+            connection: None,
+            channel: None,
+        }
+    }
+
+    fn tls(&self) -> Result<OwnedTLSConfig, PublishError> {
+        let mut tls = OwnedTLSConfig::default();
+        if let Some(ca) = &self.config.ca_file {
+            let pem = std::fs::read_to_string(ca).map_err(|e| {
+                PublishError::Refused(format!("cannot read amqp.ca_file {}: {e}", ca.display()))
+            })?;
+            tls.cert_chain = Some(pem);
+        }
+        Ok(tls)
+    }
+}
+
+/// Sorts lapin's errors into "try again later" and "an operator must act".
+fn classify(e: lapin::Error) -> PublishError {
+    let text = e.to_string();
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED) => PublishError::Unreachable(text),
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+            | AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => PublishError::Refused(text),
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => PublishError::MissingQueue(text),
+            _ => PublishError::Unreachable(text),
+        },
+        _ if text.contains("ACCESS_REFUSED") || text.contains("access to vhost") => {
+            PublishError::Refused(text)
+        }
+        _ => PublishError::Unreachable(text),
+    }
+}
+
+fn to_amqp(h: &Header) -> AMQPValue {
+    match h {
+        Header::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Header::Int(i) => AMQPValue::LongLongInt(*i),
+        Header::Bool(b) => AMQPValue::Boolean(*b),
+        Header::Null => AMQPValue::Void,
+        Header::Array(a) => {
+            AMQPValue::FieldArray(FieldArray::from(a.iter().map(to_amqp).collect::<Vec<_>>()))
+        }
+    }
+}
+
+impl Publisher for AmqpPublisher {
+    type Confirm = Pin<Box<dyn Future<Output = Confirmation> + Send>>;
+
+    async fn connect(&mut self) -> Result<(), PublishError> {
+        self.close().await;
+        let url = self.config.resolve_url().map_err(PublishError::Refused)?;
+        let tls = self.tls()?;
+        let props = ConnectionProperties::default()
+            .with_connection_name(LongString::from(self.name.as_str()))
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio::current());
+        let timeout = self.config.connect_timeout.0;
+        let connect = Connection::connect_with_config(url.expose(), props, tls);
+        let connection = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                // The URL is never in the message: lapin's errors do not carry it.
+                return Err(classify(e));
+            }
+            Err(_) => {
+                return Err(PublishError::Unreachable(format!(
+                    "no answer from {} within {timeout:?}",
+                    url.redacted()
+                )));
+            }
+        };
+        let channel = connection.create_channel().await.map_err(classify)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(classify)?;
+        self.connection = Some(connection);
+        self.channel = Some(channel);
+        Ok(())
+    }
+
+    async fn ensure_queue(&mut self, queue: &str) -> Result<(), PublishError> {
+        let connection = self
+            .connection
+            .as_ref()
+            .ok_or_else(|| PublishError::Unreachable("not connected".into()))?;
+        // A failed passive declare closes its channel: use a throwaway one.
+        let probe = connection.create_channel().await.map_err(classify)?;
+        let options = if self.config.declare_queues {
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            }
+        } else {
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            }
+        };
+        let result = probe
+            .queue_declare(queue, options, FieldTable::default())
+            .await;
+        let _ = probe.close(200, "OK").await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => match classify(e) {
+                PublishError::MissingQueue(_) => Err(PublishError::MissingQueue(queue.to_owned())),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        queue: &str,
+        msg: TaskMessage,
+    ) -> Result<Self::Confirm, PublishError> {
+        let channel = self
+            .channel
+            .as_ref()
+            .ok_or_else(|| PublishError::Unreachable("not connected".into()))?;
+        let mut headers = FieldTable::default();
+        for (k, v) in &msg.headers {
+            headers.insert(ShortString::from(*k), to_amqp(v));
+        }
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from(msg.content_type))
+            .with_content_encoding(ShortString::from(msg.content_encoding))
+            .with_correlation_id(ShortString::from(msg.id.as_str()))
+            .with_message_id(ShortString::from(msg.id.as_str()))
+            .with_delivery_mode(2)
+            .with_priority(0)
+            .with_headers(headers);
+        let confirm = channel
+            .basic_publish(
+                "",
+                queue,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &msg.body,
+                props,
+            )
+            .await
+            .map_err(classify)?;
+        Ok(Box::pin(async move {
+            match confirm.await {
+                Ok(LapinConfirmation::Ack(None)) => Confirmation::Ack,
+                Ok(LapinConfirmation::Ack(Some(ret))) | Ok(LapinConfirmation::Nack(Some(ret))) => {
+                    Confirmation::Returned {
+                        code: ret.reply_code,
+                        text: ret.reply_text.to_string(),
+                    }
+                }
+                Ok(LapinConfirmation::Nack(None)) => Confirmation::Nack,
+                // Confirm mode is always on for our channel; treat the impossible as a loss.
+                Ok(LapinConfirmation::NotRequested) => {
+                    Confirmation::Lost("channel not in confirm mode".into())
+                }
+                Err(e) => Confirmation::Lost(e.to_string()),
+            }
+        }))
+    }
+
+    async fn close(&mut self) {
+        if let Some(ch) = self.channel.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "OK")).await;
+        }
+        if let Some(c) = self.connection.take() {
+            let close = c.close(200, "amr-edge shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! The drain: from the store to RabbitMQ, as Celery tasks, with publisher confirms.
+//!
+//! One task owns the broker connection. It takes the oldest records from the store, encodes
+//! them as Celery protocol v2 tasks ([`celery`]), publishes them `mandatory` and persistent to
+//! the default exchange with the queue's name as routing key, and keeps at most
+//! `max_unconfirmed` messages awaiting their confirmation. A record leaves the store only
+//! after its message was acked and not returned. A nack, a return, a closed channel or a lost
+//! connection hands the records back to the store ([`Store::nack`]), and the drain reconnects
+//! after a jittered backoff ([`crate::backoff`]).
+//!
+//! Order: messages leave in sequence order on one channel, so RabbitMQ keeps them in order per
+//! meter. After a failure everything unconfirmed is sent again, oldest first; only if the
+//! broker acked a later message while refusing an earlier one can a batch arrive after its
+//! successor, and its reading ids say where it belongs.
+//!
+//! The broker being away is normal (a cellular link): it is logged as a warning and the
+//! buffer grows. A broker that refuses us (credentials, vhost, missing queue) is an error an
+//! operator must fix, and is logged as one, once per change, not once per retry.
+
+mod amqp;
+pub mod celery;
+pub mod rate;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use serde::Deserialize;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use amqp::AmqpPublisher;
+
+use crate::backoff::Backoff;
+use crate::config::{Duration as HumanDuration, Problems, Secret, read_secret_file};
+use crate::store::{Entry, EntryId, Record, Store, StoreError, Stream};
+use celery::{Envelope, TaskMessage};
+use rate::{Pacer, RateLimit};
+
+/// The environment variable that overrides `amqp.url` and `amqp.url_file`.
+pub const URL_ENV: &str = "AMR_EDGE_AMQP_URL";
+
+/// `[amqp]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://` or `amqps://` URL, credentials included. Prefer `url_file` or the environment.
+    pub url: Option<Secret>,
+    /// A file holding the URL (readable by the agent only).
+    pub url_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the broker's certificate, for `amqps://` to a private CA.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    #[serde(default = "default_events_queue")]
+    pub events_queue: String,
+    /// The Celery task name the centre registered for readings.
+    #[serde(default = "default_task")]
+    pub task: String,
+    #[serde(default = "default_events_task")]
+    pub events_task: String,
+    #[serde(default = "default_readings_per_message")]
+    pub readings_per_message: usize,
+    #[serde(default = "default_max_unconfirmed")]
+    pub max_unconfirmed: usize,
+    /// Celery-style `N/s|m|h`, in messages; absent = unlimited.
+    pub rate_limit: Option<RateLimit>,
+    /// Declare the queues (durable) instead of expecting the centre to have done so.
+    #[serde(default)]
+    pub declare_queues: bool,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Longest wait between reconnection attempts.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: HumanDuration,
+}
+
+fn default_queue() -> String {
+    "utilitarian.tasks.commits.meter_readings".into()
+}
+fn default_events_queue() -> String {
+    "utilitarian.tasks.commits.meter_system_events".into()
+}
+fn default_task() -> String {
+    "utilitarian.commits.meter_readings".into()
+}
+fn default_events_task() -> String {
+    "utilitarian.commits.meter_system_events".into()
+}
+fn default_readings_per_message() -> usize {
+    100
+}
+fn default_max_unconfirmed() -> usize {
+    64
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(15))
+}
+fn default_max_backoff() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+impl AmqpConfig {
+    /// A config for `url` with every default (the demo, tests).
+    pub fn for_url(url: &str) -> Self {
+        AmqpConfig {
+            url: Some(Secret::new(url)),
+            url_file: None,
+            ca_file: None,
+            queue: default_queue(),
+            events_queue: default_events_queue(),
+            task: default_task(),
+            events_task: default_events_task(),
+            readings_per_message: default_readings_per_message(),
+            max_unconfirmed: default_max_unconfirmed(),
+            rate_limit: None,
+            declare_queues: false,
+            connect_timeout: default_connect_timeout(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+
+    pub fn validate(&self, at: &str, p: &mut Problems) {
+        if self.url.is_some() && self.url_file.is_some() {
+            p.push(
+                format!("{at}.url_file"),
+                "set either `url` or `url_file`, not both",
+            );
+        }
+        if self.url.is_none() && self.url_file.is_none() && std::env::var_os(URL_ENV).is_none() {
+            p.push(
+                at.to_owned(),
+                format!(
+                    "no broker URL: set `url`, `url_file` or the environment variable {URL_ENV}"
+                ),
+            );
+        }
+        if let Some(url) = &self.url {
+            check_url(url.expose(), &format!("{at}.url"), p);
+        }
+        if !(1..=10_000).contains(&self.readings_per_message) {
+            p.push(
+                format!("{at}.readings_per_message"),
+                "must be between 1 and 10000",
+            );
+        }
+        if !(1..=10_000).contains(&self.max_unconfirmed) {
+            p.push(
+                format!("{at}.max_unconfirmed"),
+                "must be between 1 and 10000",
+            );
+        }
+        for (key, q) in [("queue", &self.queue), ("events_queue", &self.events_queue)] {
+            if q.is_empty() || q.len() > 255 {
+                p.push(format!("{at}.{key}"), "must be 1-255 characters");
+            }
+        }
+    }
+
+    /// The broker URL: the environment first, then `url_file` (read anew on every connection,
+    /// so rotated credentials are picked up), then `url`.
+    pub fn resolve_url(&self) -> Result<Secret, String> {
+        if let Ok(url) = std::env::var(URL_ENV) {
+            return Ok(Secret::new(url));
+        }
+        if let Some(path) = &self.url_file {
+            return read_secret_file(path)
+                .map_err(|e| format!("cannot read amqp.url_file {}: {e}", path.display()));
+        }
+        self.url
+            .clone()
+            .ok_or_else(|| format!("no broker URL: set amqp.url, amqp.url_file or {URL_ENV}"))
+    }
+}
+
+fn check_url(url: &str, key: &str, p: &mut Problems) {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        p.push(
+            key.to_owned(),
+            format!(
+                "`{}` must start with amqp:// or amqps://",
+                crate::config::redact_url(url)
+            ),
+        );
+    } else if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+        p.push(key.to_owned(), format!("not a valid AMQP URL: {e}"));
+    }
+}
+
+/// How a published message ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Confirmation {
+    /// The broker has it in the queue.
+    Ack,
+    /// Unroutable (no such queue): the broker returned it.
+    Returned { code: u16, text: String },
+    /// The broker refused it.
+    Nack,
+    /// The channel or connection went away before the confirmation came.
+    Lost(String),
+}
+
+/// Why the publisher cannot go on. Each variant says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker is not reachable (or went away): wait and reconnect.
+    #[error("broker unreachable: {0}")]
+    Unreachable(String),
+    /// The broker refused us (credentials, vhost, permissions, TLS): an operator must act.
+    /// Keep buffering and retry slowly.
+    #[error("broker refused the connection: {0}")]
+    Refused(String),
+    /// A queue we publish to does not exist: an operator must act (or set
+    /// `amqp.declare_queues`).
+    #[error("queue `{0}` does not exist on the broker")]
+    MissingQueue(String),
+}
+
+/// The broker, as the drain sees it. [`AmqpPublisher`] is the real one.
+pub trait Publisher: Send + 'static {
+    type Confirm: Future<Output = Confirmation> + Send + 'static;
+
+    /// (Re)connects and readies a channel in confirm mode.
+    fn connect(&mut self) -> impl Future<Output = Result<(), PublishError>> + Send;
+    /// Makes sure `queue` exists: declared if configured so, else checked.
+    fn ensure_queue(
+        &mut self,
+        queue: &str,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+    /// Sends one message to `queue`; the future resolves with the broker's confirmation.
+    fn publish(
+        &mut self,
+        queue: &str,
+        msg: TaskMessage,
+    ) -> impl Future<Output = Result<Self::Confirm, PublishError>> + Send;
+    /// Closes the connection cleanly.
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// What the drain tells the rest of the agent (status, MQTT `inspect`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DrainStatus {
+    pub connected: bool,
+    /// The last failure, for operators.
+    pub last_error: Option<String>,
+    /// Messages confirmed since start.
+    pub messages: u64,
+    /// Records confirmed since start.
+    pub records: u64,
+}
+
+/// The settings the drain loop needs, resolved from the config.
+#[derive(Clone, Debug)]
+pub struct DrainSettings {
+    pub envelope: Envelope,
+    pub queue: String,
+    pub events_queue: String,
+    pub task: String,
+    pub events_task: String,
+    pub readings_per_message: usize,
+    pub max_unconfirmed: usize,
+    pub rate_limit: Option<RateLimit>,
+    pub max_backoff: Duration,
+}
+
+impl DrainSettings {
+    pub fn new(gateway: &str, amqp: &AmqpConfig) -> Self {
+        DrainSettings {
+            envelope: Envelope {
+                gateway: gateway.to_owned(),
+                origin: format!("amr-edge@{gateway}"),
+            },
+            queue: amqp.queue.clone(),
+            events_queue: amqp.events_queue.clone(),
+            task: amqp.task.clone(),
+            events_task: amqp.events_task.clone(),
+            readings_per_message: amqp.readings_per_message,
+            max_unconfirmed: amqp.max_unconfirmed,
+            rate_limit: amqp.rate_limit,
+            max_backoff: amqp.max_backoff.0,
+        }
+    }
+}
+
+/// The long-lived drain task: `new`, then `run` until shutdown.
+pub struct Drain<P: Publisher> {
+    settings: DrainSettings,
+    store: Arc<dyn Store>,
+    publisher: P,
+    /// Poked by whoever appends to the store.
+    wake: Arc<Notify>,
+    status: watch::Sender<DrainStatus>,
+}
+
+/// Why a session with the broker ended.
+enum SessionEnd {
+    Shutdown,
+    Failed(PublishError),
+}
+
+type InFlight = std::pin::Pin<Box<dyn Future<Output = (Vec<EntryId>, usize, Confirmation)> + Send>>;
+
+impl<P: Publisher> Drain<P> {
+    pub fn new(
+        settings: DrainSettings,
+        store: Arc<dyn Store>,
+        publisher: P,
+        wake: Arc<Notify>,
+    ) -> (Self, watch::Receiver<DrainStatus>) {
+        let (status, rx) = watch::channel(DrainStatus::default());
+        (
+            Drain {
+                settings,
+                store,
+                publisher,
+                wake,
+                status,
+            },
+            rx,
+        )
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), self.settings.max_backoff);
+        let mut last_logged: Option<String> = None;
+        while !shutdown.is_cancelled() {
+            let result = match self.publisher.connect().await {
+                Ok(()) => {
+                    tracing::info!("Connected to the broker");
+                    self.status.send_modify(|s| {
+                        s.connected = true;
+                    });
+                    last_logged = None;
+                    self.session(&shutdown, &mut backoff).await
+                }
+                Err(e) => SessionEnd::Failed(e),
+            };
+            self.status.send_modify(|s| s.connected = false);
+            match result {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Failed(e) => {
+                    let msg = e.to_string();
+                    let delay = backoff.next_delay();
+                    if last_logged.as_deref() != Some(msg.as_str()) {
+                        match &e {
+                            PublishError::Unreachable(_) => {
+                                tracing::warn!(error = %msg, retry_in = ?delay, "Broker not available, readings stay buffered")
+                            }
+                            _ => {
+                                tracing::error!(error = %msg, retry_in = ?delay, "Broker refuses delivery, readings stay buffered until this is fixed")
+                            }
+                        }
+                        last_logged = Some(msg.clone());
+                    } else {
+                        tracing::debug!(error = %msg, retry_in = ?delay, "Still cannot deliver");
+                    }
+                    self.status.send_modify(|s| s.last_error = Some(msg));
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        self.publisher.close().await;
+    }
+
+    /// Publishes until the connection fails or shutdown.
+    async fn session(&mut self, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        let queues = [
+            self.settings.queue.clone(),
+            self.settings.events_queue.clone(),
+        ];
+        for q in &queues {
+            if let Err(e) = self.publisher.ensure_queue(q).await {
+                return SessionEnd::Failed(e);
+            }
+        }
+        let mut pacer = Pacer::new(self.settings.rate_limit);
+        let mut progress = Progress::default();
+        let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+        let mut failure: Option<PublishError> = None;
+        let mut stopping = false;
+        // Events are few and often explain the readings around them: send them first.
+        let mut streams = [Stream::Events, Stream::Readings].into_iter().cycle();
+        loop {
+            // Fill the window.
+            let mut idle_streams = 0;
+            while !stopping
+                && failure.is_none()
+                && in_flight.len() < self.settings.max_unconfirmed
+                && idle_streams < 2
+            {
+                let stream = streams.next().unwrap_or(Stream::Readings);
+                let entries = match self.take(stream).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot read the store");
+                        failure = Some(PublishError::Unreachable(format!("store: {e}")));
+                        break;
+                    }
+                };
+                if entries.is_empty() {
+                    idle_streams += 1;
+                    continue;
+                }
+                idle_streams = 0;
+                tokio::select! {
+                    () = pacer.ready() => {}
+                    () = shutdown.cancelled() => {
+                        self.store.nack(&ids(&entries));
+                        stopping = true;
+                        continue;
+                    }
+                }
+                let (queue, msg) = self.encode(stream, &entries);
+                let ids = ids(&entries);
+                match self.publisher.publish(&queue, msg).await {
+                    Ok(confirm) => {
+                        let n = ids.len();
+                        in_flight.push_back(Box::pin(async move { (ids, n, confirm.await) }));
+                    }
+                    Err(e) => {
+                        self.store.nack(&ids);
+                        failure = Some(e);
+                    }
+                }
+            }
+            if in_flight.is_empty() {
+                progress.log(true);
+                if let Some(e) = failure {
+                    return SessionEnd::Failed(e);
+                }
+                if stopping {
+                    return SessionEnd::Shutdown;
+                }
+                // Nothing to send: wait for new records (or poll the store now and then, in case
+                // a wake-up was missed or records came back from a nack).
+                tokio::select! {
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => stopping = true,
+                }
+                continue;
+            }
+            tokio::select! {
+                Some((ids, n, confirmation)) = in_flight.next() => {
+                    match confirmation {
+                        Confirmation::Ack => {
+                            if let Err(e) = self.ack(&ids).await {
+                                // Delivered but not removed: it will be sent again (same ids).
+                                tracing::error!(error = %e, "Cannot remove delivered records from the store");
+                            }
+                            backoff.reset();
+                            progress.add(stream_of(&ids), n);
+                            progress.log(false);
+                            self.status.send_modify(|s| {
+                                s.messages += 1;
+                                s.records += n as u64;
+                                s.last_error = None;
+                            });
+                            tracing::debug!(records = n, "Delivered");
+                        }
+                        Confirmation::Returned { code, text } => {
+                            self.store.nack(&ids);
+                            failure.get_or_insert(PublishError::MissingQueue(format!("{text} ({code})")));
+                        }
+                        Confirmation::Nack => {
+                            self.store.nack(&ids);
+                            failure.get_or_insert(PublishError::Unreachable("the broker nacked a message".into()));
+                        }
+                        Confirmation::Lost(why) => {
+                            self.store.nack(&ids);
+                            failure.get_or_insert(PublishError::Unreachable(why));
+                        }
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    // Stop taking new records; wait (briefly) for what is in flight.
+                    let deadline = tokio::time::sleep(Duration::from_secs(5));
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            next = in_flight.next() => match next {
+                                Some((ids, _, Confirmation::Ack)) => { let _ = self.ack(&ids).await; }
+                                Some((ids, _, _)) => self.store.nack(&ids),
+                                None => break,
+                            },
+                            () = &mut deadline => break,
+                        }
+                    }
+                    return SessionEnd::Shutdown;
+                }
+            }
+        }
+    }
+
+    async fn take(&self, stream: Stream) -> Result<Vec<Entry>, StoreError> {
+        let store = self.store.clone();
+        let max = match stream {
+            Stream::Readings => self.settings.readings_per_message,
+            Stream::Events => self.settings.readings_per_message.min(100),
+        };
+        tokio::task::spawn_blocking(move || store.take(stream, max))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
+    }
+
+    async fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let ids = ids.to_vec();
+        tokio::task::spawn_blocking(move || store.ack(&ids))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
+    }
+
+    fn encode(&self, stream: Stream, entries: &[Entry]) -> (String, TaskMessage) {
+        let s = &self.settings;
+        match stream {
+            Stream::Readings => {
+                let readings: Vec<_> = entries
+                    .iter()
+                    .filter_map(|e| match &e.record {
+                        Record::Reading(r) => Some((e.id.seq, r)),
+                        Record::Event(_) => None,
+                    })
+                    .collect();
+                (
+                    s.queue.clone(),
+                    celery::readings_task(&s.envelope, &s.task, &readings),
+                )
+            }
+            Stream::Events => {
+                let events: Vec<_> = entries
+                    .iter()
+                    .filter_map(|e| match &e.record {
+                        Record::Event(ev) => Some((e.id.seq, ev)),
+                        Record::Reading(_) => None,
+                    })
+                    .collect();
+                (
+                    s.events_queue.clone(),
+                    celery::events_task(&s.envelope, &s.events_task, &events),
+                )
+            }
+        }
+    }
+}
+
+fn stream_of(ids: &[EntryId]) -> Stream {
+    ids.first().map_or(Stream::Readings, |i| i.range.stream())
+}
+
+/// Says what was delivered: when the buffer is empty again, and every 10 s while a backlog
+/// drains, rather than once per message.
+struct Progress {
+    readings: u64,
+    events: u64,
+    messages: u64,
+    since: tokio::time::Instant,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            readings: 0,
+            events: 0,
+            messages: 0,
+            since: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Progress {
+    fn add(&mut self, stream: Stream, n: usize) {
+        match stream {
+            Stream::Readings => self.readings += n as u64,
+            Stream::Events => self.events += n as u64,
+        }
+        self.messages += 1;
+    }
+
+    fn log(&mut self, caught_up: bool) {
+        if self.messages == 0 || !(caught_up || self.since.elapsed() >= Duration::from_secs(10)) {
+            return;
+        }
+        tracing::info!(
+            readings = self.readings,
+            events = self.events,
+            messages = self.messages,
+            caught_up,
+            "Delivered to the broker"
+        );
+        *self = Progress::default();
+    }
+}
+
+fn ids(entries: &[Entry]) -> Vec<EntryId> {
+    entries.iter().map(|e| e.id).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,4 @@
+//! Simulated meters, for `amr-edge demo` and the tests: they run inside the process and are
+//! read through the same drivers, transports and buses as real meters.
+
+pub mod modbus;

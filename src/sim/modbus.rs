@@ -1,0 +1,213 @@
+//! A Modbus server (tokio-modbus' own) that answers like a set of meters: one register bank
+//! per unit id, filled from a profile, with energy counters that advance with time.
+//!
+//! Faults can be switched on per unit, for the fault-handling tests: silence, an exception.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::{Ready, ready};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio_modbus::server::Service;
+use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
+
+use crate::meter::modbus::profile::{Function, Profile};
+use crate::reading::Obis;
+
+/// How a simulated unit misbehaves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Never answers.
+    Silent,
+    /// Answers every read with this exception.
+    Exception(ExceptionCode),
+}
+
+/// One simulated meter.
+#[derive(Clone, Debug)]
+pub struct Unit {
+    pub profile: Profile,
+    /// Fixed values per series; series not listed get a plausible value.
+    pub values: HashMap<Obis, f64>,
+    /// kWh added per second to the `*.8.*` energy registers (a busy meter in fast forward).
+    pub energy_rate: f64,
+    pub fault: Fault,
+    /// Whether unmapped registers answer zero (Eastron) or an exception (most others).
+    pub gaps_readable: bool,
+}
+
+impl Unit {
+    pub fn new(profile: Profile) -> Self {
+        let gaps_readable = profile.max_gap > 0;
+        Unit {
+            profile,
+            values: HashMap::new(),
+            energy_rate: 0.0,
+            fault: Fault::None,
+            gaps_readable,
+        }
+    }
+
+    /// The value of `series` at `elapsed` seconds.
+    pub fn value(&self, series: &Obis, elapsed: f64) -> f64 {
+        let base = self
+            .values
+            .get(series)
+            .copied()
+            .unwrap_or_else(|| default_value(series));
+        if series.0[3] == 8 {
+            base + self.energy_rate * elapsed
+        } else {
+            base
+        }
+    }
+
+    fn bank(&self, function: Function, elapsed: f64) -> BTreeMap<u16, u16> {
+        let mut bank = BTreeMap::new();
+        for r in self
+            .profile
+            .registers
+            .iter()
+            .filter(|r| r.function == function)
+        {
+            for (i, w) in r
+                .encode(self.value(&r.series, elapsed))
+                .into_iter()
+                .enumerate()
+            {
+                bank.insert(r.address + i as u16, w);
+            }
+        }
+        bank
+    }
+}
+
+/// Plausible readings: 230 V, 5 A, 1.15 kW, 50 Hz, energy counters in the thousands.
+fn default_value(series: &Obis) -> f64 {
+    match series.0[2..4] {
+        [32 | 52 | 72, 7] => 230.1,
+        [31 | 51 | 71, 7] => 5.25,
+        [14, 7] => 50.0,
+        [_, 7] => 1150.5,
+        [c, 8] => 10_000.0 + f64::from(c) * 1000.0 + 0.125,
+        _ => 1.0,
+    }
+}
+
+/// The simulated meters on one server, by unit id. Shared, so tests can change faults and
+/// values while it runs.
+#[derive(Clone, Default)]
+pub struct Meters {
+    units: Arc<Mutex<HashMap<u8, Unit>>>,
+    started: Option<Instant>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Meters {
+    pub fn new() -> Self {
+        Meters {
+            started: Some(Instant::now()),
+            ..Meters::default()
+        }
+    }
+
+    pub fn insert(&self, unit: u8, meter: Unit) {
+        self.lock().insert(unit, meter);
+    }
+
+    pub fn set_fault(&self, unit: u8, fault: Fault) {
+        if let Some(u) = self.lock().get_mut(&unit) {
+            u.fault = fault;
+        }
+    }
+
+    /// Read requests answered or refused so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u8, Unit>> {
+        self.units.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn answer(&self, req: SlaveRequest<'_>) -> Result<Option<Response>, ExceptionCode> {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let units = self.lock();
+        let Some(unit) = units.get(&req.slave) else {
+            // Nobody with that address on the bus: silence, as on RS-485.
+            return Ok(None);
+        };
+        match unit.fault {
+            Fault::None => {}
+            Fault::Silent => return Ok(None),
+            Fault::Exception(e) => return Err(e),
+        }
+        let elapsed = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let (function, addr, count) = match req.request {
+            Request::ReadInputRegisters(a, c) => (Function::Input, a, c),
+            Request::ReadHoldingRegisters(a, c) => (Function::Holding, a, c),
+            _ => return Err(ExceptionCode::IllegalFunction),
+        };
+        if count == 0 || count > 125 || u32::from(addr) + u32::from(count) > 0x1_0000 {
+            return Err(ExceptionCode::IllegalDataValue);
+        }
+        let bank = unit.bank(function, elapsed);
+        let mut words = Vec::with_capacity(usize::from(count));
+        for a in addr..addr + count {
+            match bank.get(&a) {
+                Some(w) => words.push(*w),
+                None if unit.gaps_readable => words.push(0),
+                None => return Err(ExceptionCode::IllegalDataAddress),
+            }
+        }
+        Ok(Some(match function {
+            Function::Input => Response::ReadInputRegisters(words),
+            Function::Holding => Response::ReadHoldingRegisters(words),
+        }))
+    }
+}
+
+impl Service for Meters {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Ready<Result<Self::Response, Self::Exception>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        ready(self.answer(req))
+    }
+}
+
+/// Serves `meters` over Modbus TCP on `listener` until the task is dropped.
+pub async fn serve_tcp(listener: TcpListener, meters: Meters) {
+    let server = tokio_modbus::server::tcp::Server::new(listener);
+    let on_connected = |stream, _addr: SocketAddr| {
+        let meters = meters.clone();
+        async move { Ok(Some((meters, stream))) }
+    };
+    let on_error = |e| tracing::debug!(error = %e, "Simulated meter connection ended");
+    if let Err(e) = server.serve(&on_connected, on_error).await {
+        tracing::warn!(error = %e, "Simulated Modbus TCP server stopped");
+    }
+}
+
+/// Binds a loopback port and serves `meters` on it; returns the address.
+pub async fn spawn_tcp(meters: Meters) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(serve_tcp(listener, meters));
+    Ok(addr)
+}
+
+/// Serves `meters` over Modbus RTU on a serial port (one end of a pty pair in tests).
+pub async fn serve_rtu(port: tokio_serial::SerialStream, meters: Meters) {
+    let server = tokio_modbus::server::rtu::Server::new(port);
+    if let Err(e) = server.serve_forever(meters).await {
+        tracing::debug!(error = %e, "Simulated Modbus RTU server stopped");
+    }
+}

@@ -1,0 +1,175 @@
+//! [`Store`] in memory: the fake that orchestration tests (drain, bus workers, beat, control)
+//! run against. Same ordering and acknowledgement semantics as the real store; no disk, no
+//! caps, and a switch to make writes fail.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{
+    Append, Appended, Depth, Entry, EntryId, MeterState, Range, Record, Stats, Store, StoreError,
+    Stream, encode,
+};
+use crate::reading::Cadence;
+
+#[derive(Default)]
+struct Inner {
+    next_seq: u64,
+    records: BTreeMap<EntryId, Record>,
+    taken: BTreeSet<EntryId>,
+    marks: HashMap<(String, Cadence), i64>,
+    last_read: BTreeMap<String, i64>,
+    last_drain_ms: Option<i64>,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    fail_writes: AtomicBool,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        let s = MemoryStore::default();
+        s.lock().next_seq = 1;
+        s
+    }
+
+    /// Makes every following write fail as a full disk would, until switched off.
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Everything buffered, oldest first (for assertions).
+    pub fn records(&self) -> Vec<Record> {
+        self.lock().records.values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable(
+                "No space left on device (simulated)".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn append(&self, batch: Append) -> Result<Appended, StoreError> {
+        self.check()?;
+        let mut s = self.lock();
+        let mut seqs = Vec::new();
+        for r in &batch.readings {
+            let e = s.last_read.entry(r.meter.clone()).or_insert(r.read_at.ms);
+            *e = (*e).max(r.read_at.ms);
+        }
+        let records = batch
+            .readings
+            .into_iter()
+            .map(Record::Reading)
+            .chain(batch.events.into_iter().map(Record::Event));
+        for record in records {
+            let seq = s.next_seq;
+            s.next_seq += 1;
+            s.records.insert(
+                EntryId {
+                    seq,
+                    range: Range::of(&record),
+                },
+                record,
+            );
+            seqs.push(seq);
+        }
+        for m in batch.marks {
+            s.marks.insert((m.meter, m.cadence), m.boundary_ms);
+        }
+        Ok(Appended { seqs, evicted: 0 })
+    }
+
+    fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
+        let mut s = self.lock();
+        let picked: Vec<Entry> = s
+            .records
+            .iter()
+            .filter(|(id, _)| id.range.stream() == stream && !s.taken.contains(id))
+            .take(max)
+            .map(|(id, r)| Entry {
+                id: *id,
+                record: r.clone(),
+            })
+            .collect();
+        for e in &picked {
+            s.taken.insert(e.id);
+        }
+        // Records are keyed by (seq, range) and seqs are unique, so this is oldest first.
+        Ok(picked)
+    }
+
+    fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError> {
+        self.check()?;
+        let mut s = self.lock();
+        for id in ids {
+            s.records.remove(id);
+            s.taken.remove(id);
+        }
+        s.last_drain_ms = Some(jiff::Timestamp::now().as_millisecond());
+        Ok(())
+    }
+
+    fn nack(&self, ids: &[EntryId]) {
+        let mut s = self.lock();
+        for id in ids {
+            s.taken.remove(id);
+        }
+    }
+
+    fn stats(&self) -> Result<Stats, StoreError> {
+        let s = self.lock();
+        let mut depth = [Depth::default(); 3];
+        for (id, r) in &s.records {
+            let d = &mut depth[id.range as usize];
+            d.count += 1;
+            d.bytes += encode(r).len() as u64 + 10;
+        }
+        Ok(Stats {
+            profile: depth[0],
+            events: depth[1],
+            billing: depth[2],
+            oldest_ms: s.records.values().map(Record::at_ms).min(),
+            last_drain_ms: s.last_drain_ms,
+            next_seq: s.next_seq,
+            ..Stats::default()
+        })
+    }
+
+    fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
+        Ok(self.lock().marks.get(&(meter.to_owned(), cadence)).copied())
+    }
+
+    fn meters(&self) -> Result<Vec<MeterState>, StoreError> {
+        Ok(self
+            .lock()
+            .last_read
+            .iter()
+            .map(|(m, ms)| MeterState {
+                meter: m.clone(),
+                last_read_ms: Some(*ms),
+                last_failure: None,
+            })
+            .collect())
+    }
+
+    fn maintain(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.check()
+    }
+}

@@ -1,0 +1,324 @@
+//! The durable buffer between the meters and the centre.
+//!
+//! A reading counts as read only once the store has it on disk. The drain takes the oldest
+//! records first and removes them only when RabbitMQ has confirmed them. Everything goes
+//! through the small [`Store`] trait: [`SledStore`] is the real one, [`MemoryStore`] the fake
+//! for unit tests of orchestration.
+//!
+//! # Records and order
+//!
+//! Every record (reading or system event) gets a sequence number from one counter that never
+//! goes back, so `{gateway}-{sequence}` is a stable reading id. Records live in three ranges:
+//! readings that are evicted first (quarterly, hourly, on-demand), readings kept longest
+//! (daily, monthly, yearly) and system events. [`Store::take`] merges the two reading ranges
+//! by sequence, so the drain sees readings in the order they were taken, per meter too.
+//!
+//! # What is durable when
+//!
+//! * [`Store::append`] writes the records, the boundary marks of the reads they came from, the
+//!   per-meter bookkeeping and the counters in **one atomic batch**, then fsyncs, and only then
+//!   returns. A crash before the fsync loses the whole batch (the caller was never told it was
+//!   stored, and the boundary is not marked read, so the beat reads it again); a crash after
+//!   it loses nothing. There is never a boundary marked done without its readings, nor a
+//!   reading without its boundary mark.
+//! * [`Store::take`] hands out only records whose append has returned (its fsync done), so
+//!   nothing reaches the broker that a crash could make the store forget.
+//! * Taking changes nothing on disk. After a crash or a reopen, everything taken but not
+//!   acknowledged is pending again and will be sent again, with the same reading ids: delivery
+//!   is at least once, and duplicates are recognisable.
+//! * [`Store::ack`] removes records and updates the counters in one atomic batch, without an
+//!   fsync of its own: sled's background flush makes it durable within
+//!   [`StoreConfig::ack_flush`]. A crash in that window means duplicates, never loss.
+//! * Evictions (the store is over `max_bytes`, or a record is older than `max_age`) happen
+//!   inside the batch that caused them, together with the eviction counters. The system event
+//!   that reports them is written by the next [`Store::maintain`] (once a minute), from those
+//!   counters, so a crash in between delays the report but never loses it. Eviction is the
+//!   only way a record leaves without being delivered.
+//!
+//! Counters (depth and bytes per range, evictions, the next sequence number) are kept in the
+//! same batches as the records they count, so they are right after a crash and nothing is
+//! counted by scanning.
+
+mod memory;
+mod sled_store;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+
+use crate::config::{ByteSize, Duration, Problems};
+use crate::reading::{Cadence, Reading, SystemEvent};
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Above this many bytes of buffered records, the oldest are evicted (SPEC §8 order).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Records older than this are evicted, whatever the space.
+    #[serde(default = "default_max_age")]
+    pub max_age: Duration,
+    /// sled's page cache. Small: a gateway has little RAM and the buffer is read once.
+    #[serde(default = "default_cache")]
+    pub cache: ByteSize,
+    /// How soon an acknowledgement reaches the disk. A crash within this window means the
+    /// acknowledged records are sent again (same ids), never that they are lost.
+    #[serde(default = "default_ack_flush")]
+    pub ack_flush: Duration,
+}
+
+fn default_max_bytes() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_max_age() -> Duration {
+    Duration(std::time::Duration::from_secs(90 * 86_400))
+}
+fn default_cache() -> ByteSize {
+    ByteSize(4 << 20)
+}
+fn default_ack_flush() -> Duration {
+    Duration(std::time::Duration::from_millis(500))
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_bytes: default_max_bytes(),
+            max_age: default_max_age(),
+            cache: default_cache(),
+            ack_flush: default_ack_flush(),
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn validate(&self, at: &str, p: &mut Problems) {
+        if self.max_bytes.0 < 64 << 10 {
+            p.push(format!("{at}.max_bytes"), "must be at least 64KiB");
+        }
+        if self.max_age.0 < std::time::Duration::from_secs(3600) {
+            p.push(format!("{at}.max_age"), "must be at least 1h");
+        }
+        if self.cache.0 < 256 << 10 {
+            p.push(format!("{at}.cache"), "must be at least 256KiB");
+        }
+    }
+}
+
+/// Which records [`Store::take`] hands out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Readings,
+    Events,
+}
+
+/// Where a record lives. The order here is the eviction order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Range {
+    /// Quarterly, hourly and on-demand readings.
+    Profile = 0,
+    /// System events.
+    Events = 1,
+    /// Daily, monthly and yearly readings.
+    Billing = 2,
+}
+
+impl Range {
+    pub const ALL: [Range; 3] = [Range::Profile, Range::Events, Range::Billing];
+
+    pub fn of(record: &Record) -> Range {
+        match record {
+            Record::Reading(r) if r.cadence.evict_first() => Range::Profile,
+            Record::Reading(_) => Range::Billing,
+            Record::Event(_) => Range::Events,
+        }
+    }
+
+    pub fn stream(self) -> Stream {
+        match self {
+            Range::Events => Stream::Events,
+            _ => Stream::Readings,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Range::Profile => "profile",
+            Range::Events => "events",
+            Range::Billing => "billing",
+        }
+    }
+}
+
+/// A buffered record's identity: enough to acknowledge it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId {
+    pub seq: u64,
+    pub range: Range,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    Reading(Reading),
+    Event(SystemEvent),
+}
+
+impl Record {
+    /// Gateway time of the record: when it was read, or when the event happened.
+    pub fn at_ms(&self) -> i64 {
+        match self {
+            Record::Reading(r) => r.read_at.ms,
+            Record::Event(e) => e.at.ms,
+        }
+    }
+}
+
+/// A record handed out by [`Store::take`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub id: EntryId,
+    pub record: Record,
+}
+
+/// "The read of `boundary` for (`meter`, `cadence`) is done": persisted with its readings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub meter: String,
+    pub cadence: Cadence,
+    /// The boundary, in Unix milliseconds.
+    pub boundary_ms: i64,
+}
+
+/// One atomic write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Append {
+    pub readings: Vec<Reading>,
+    pub events: Vec<SystemEvent>,
+    pub marks: Vec<Mark>,
+}
+
+impl Append {
+    pub fn is_empty(&self) -> bool {
+        self.readings.is_empty() && self.events.is_empty() && self.marks.is_empty()
+    }
+}
+
+/// What an append did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Sequence numbers given to the records, readings first, in order.
+    pub seqs: Vec<u64>,
+    /// Records evicted to make room, reported in an eviction event within the same batch.
+    pub evicted: u64,
+}
+
+/// Per-range depth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Depth {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// What `status` shows; cheap to compute (no scan).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub profile: Depth,
+    pub billing: Depth,
+    pub events: Depth,
+    /// Records evicted since the store was created.
+    pub evicted: u64,
+    /// Records that could not be decoded and were set aside.
+    pub set_aside: u64,
+    /// Gateway time of the oldest record not yet delivered.
+    pub oldest_ms: Option<i64>,
+    /// When the broker last confirmed a delivery.
+    pub last_drain_ms: Option<i64>,
+    pub next_seq: u64,
+    /// The store's files, as the filesystem counts them.
+    pub disk_bytes: u64,
+}
+
+impl Stats {
+    pub fn readings(&self) -> u64 {
+        self.profile.count + self.billing.count
+    }
+    pub fn bytes(&self) -> u64 {
+        self.profile.bytes + self.billing.bytes + self.events.bytes
+    }
+}
+
+/// What the store knows of a meter, for `status` and `inspect`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeterState {
+    pub meter: String,
+    /// Gateway time of the last reading stored.
+    pub last_read_ms: Option<i64>,
+    /// Gateway time, kind and message of the last failure reported for the meter.
+    pub last_failure: Option<(i64, String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The write did not happen (disk full, I/O error). Keep the data and try again later.
+    #[error("the store could not write: {0}")]
+    Unavailable(String),
+    /// Another agent holds the data directory.
+    #[error("{0}")]
+    Locked(String),
+    /// The store's files cannot be opened at all.
+    #[error("the store at {path} cannot be opened: {reason}")]
+    Open { path: PathBuf, reason: String },
+}
+
+/// The buffer. All methods may block on disk I/O: call them from a blocking thread.
+pub trait Store: Send + Sync + 'static {
+    /// Writes `batch` atomically and durably (see the module doc). Evicts if needed.
+    fn append(&self, batch: Append) -> Result<Appended, StoreError>;
+    /// Up to `max` of the oldest records of `stream` not already taken, oldest first.
+    fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError>;
+    /// The broker has them: remove. Unknown ids (evicted meanwhile) are ignored.
+    fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError>;
+    /// Not delivered: hand them out again, before anything newer.
+    fn nack(&self, ids: &[EntryId]);
+    /// Depth, bytes, evictions, oldest record, last drain.
+    fn stats(&self) -> Result<Stats, StoreError>;
+    /// The last boundary read for (`meter`, `cadence`), in Unix milliseconds.
+    fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError>;
+    /// Per-meter last read and last failure.
+    fn meters(&self) -> Result<Vec<MeterState>, StoreError>;
+    /// Evicts what `max_age` says is too old, and reports every eviction since the last call
+    /// in one system event. Called once a minute. Returns the records evicted by age.
+    fn maintain(&self) -> Result<u64, StoreError>;
+    /// Makes every acknowledgement durable now (on shutdown).
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The sequence number a new store starts at: its creation time in microseconds, so that a
+/// data directory that is wiped and recreated never hands out an id the centre has already
+/// seen (the centre de-duplicates on reading ids). A clock that is obviously unset (before
+/// 2020, an RTC-less board at boot) gives a random start far above any such time instead.
+pub fn initial_sequence(now_ms: i64) -> u64 {
+    const Y2020_MS: i64 = 1_577_836_800_000;
+    if now_ms >= Y2020_MS {
+        now_ms as u64 * 1000
+    } else {
+        (1u64 << 60) + fastrand::u64(..1u64 << 59)
+    }
+}
+
+/// Encodes a record for the disk.
+pub(crate) fn encode(record: &Record) -> Vec<u8> {
+    // Encoding our own types into a Vec cannot fail.
+    postcard::to_stdvec(record).unwrap_or_default()
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<Record, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,359 @@
+//! Store tests: the sled store against a model, and the eviction rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::clock::{Clock, ManualClock, SharedClock};
+use crate::reading::{Decimal, EventKind, Flags, Obis, Stamp};
+
+pub(crate) fn reading(meter: &str, cadence: Cadence, value: i64, at_ms: i64) -> Reading {
+    let at = Stamp {
+        ms: at_ms,
+        offset: 3600,
+    };
+    Reading {
+        meter: meter.to_owned(),
+        id_type: "name".to_owned(),
+        series: Obis([1, 0, 1, 8, 0, 255]),
+        value: Decimal::from_scaled(value.into(), -3).unwrap(),
+        unit: "kWh".to_owned(),
+        timestamp: at,
+        read_at: at,
+        cadence,
+        flags: Flags::empty(),
+    }
+}
+
+fn clock() -> Arc<ManualClock> {
+    ManualClock::new("2026-11-21T10:00:00Z".parse().unwrap())
+}
+
+fn open(dir: &std::path::Path, config: &StoreConfig, clock: SharedClock) -> SledStore {
+    SledStore::open(dir, config, clock).unwrap()
+}
+
+#[test]
+fn appended_readings_should_be_taken_oldest_first_across_cadences() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), &StoreConfig::default(), clock());
+    let now = clock().now_ms();
+    s.append(Append {
+        readings: vec![
+            reading("a", Cadence::Quarterly, 1, now),
+            reading("a", Cadence::Daily, 2, now),
+            reading("a", Cadence::Quarterly, 3, now),
+        ],
+        ..Append::default()
+    })
+    .unwrap();
+    let got = s.take(Stream::Readings, 10).unwrap();
+    let values: Vec<_> = got
+        .iter()
+        .map(|e| match &e.record {
+            Record::Reading(r) => r.value.to_string(),
+            Record::Event(_) => unreachable!(),
+        })
+        .collect();
+    assert_eq!(values, ["0.001", "0.002", "0.003"]);
+    assert!(got.windows(2).all(|w| w[0].id.seq + 1 == w[1].id.seq));
+    assert!(s.take(Stream::Readings, 10).unwrap().is_empty());
+}
+
+#[test]
+fn a_new_store_should_start_its_sequence_at_its_creation_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    let a = s
+        .append(Append {
+            readings: vec![reading("a", Cadence::Daily, 1, 0)],
+            ..Append::default()
+        })
+        .unwrap();
+    assert_eq!(a.seqs, vec![c.now_ms() as u64 * 1000]);
+}
+
+#[test]
+fn reopening_should_keep_records_counters_and_boundaries_and_hand_out_unacked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let seqs = {
+        let s = open(dir.path(), &StoreConfig::default(), c.clone());
+        let a = s
+            .append(Append {
+                readings: (0..5)
+                    .map(|i| reading("m", Cadence::Hourly, i, c.now_ms()))
+                    .collect(),
+                marks: vec![Mark {
+                    meter: "m".into(),
+                    cadence: Cadence::Hourly,
+                    boundary_ms: 42,
+                }],
+                ..Append::default()
+            })
+            .unwrap();
+        let taken = s.take(Stream::Readings, 3).unwrap();
+        s.ack(&[taken[0].id]).unwrap();
+        a.seqs
+    };
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    let st = s.stats().unwrap();
+    assert_eq!(st.readings(), 4);
+    assert_eq!(st.next_seq, seqs[4] + 1);
+    assert!(st.last_drain_ms.is_some());
+    assert_eq!(s.boundary("m", Cadence::Hourly).unwrap(), Some(42));
+    let again: Vec<u64> = s
+        .take(Stream::Readings, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.id.seq)
+        .collect();
+    assert_eq!(again, seqs[1..].to_vec());
+}
+
+#[test]
+fn a_full_store_should_evict_profile_readings_before_events_before_billing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig {
+        max_bytes: ByteSize(64 << 10),
+        ..StoreConfig::default()
+    };
+    let s = open(dir.path(), &config, c.clone());
+    let now = c.now_ms();
+    // Billing readings first, so they are the oldest: age alone must not decide.
+    for i in 0..100 {
+        s.append(Append {
+            readings: vec![reading("m", Cadence::Monthly, i, now)],
+            ..Append::default()
+        })
+        .unwrap();
+    }
+    let mut evicted = 0;
+    for i in 0..2000 {
+        evicted += s
+            .append(Append {
+                readings: vec![reading("m", Cadence::Quarterly, i, now)],
+                ..Append::default()
+            })
+            .unwrap()
+            .evicted;
+    }
+    // Reports come from maintenance, all evictions in one event.
+    assert_eq!(s.take(Stream::Events, 10).unwrap().len(), 0);
+    s.maintain().unwrap();
+    let st = s.stats().unwrap();
+    assert!(evicted > 0);
+    assert_eq!(st.evicted, evicted);
+    assert_eq!(st.billing.count, 100, "billing readings must survive");
+    assert!(st.bytes() <= config.max_bytes.0 + 1024, "{st:?}");
+    // Every eviction was reported, and the reports add up.
+    let events = s.take(Stream::Events, 10_000).unwrap();
+    assert_eq!(events.len(), 1);
+    let reported: u64 = events
+        .iter()
+        .filter_map(|e| match &e.record {
+            Record::Event(ev) if ev.kind == EventKind::Eviction => ev
+                .details
+                .iter()
+                .find(|(k, _)| k == "count")
+                .map(|(_, v)| v.parse::<u64>().unwrap()),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(reported, evicted);
+    // The survivors are the newest quarterly readings.
+    let readings = s.take(Stream::Readings, 10_000).unwrap();
+    let last = readings.last().unwrap();
+    match &last.record {
+        Record::Reading(r) => assert_eq!(r.value.as_str(), "1.999"),
+        Record::Event(_) => unreachable!(),
+    }
+}
+
+#[test]
+fn max_age_should_evict_old_records_but_not_unsynchronised_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig::default();
+    let s = open(dir.path(), &config, c.clone());
+    let now = c.now_ms();
+    let day = 86_400_000;
+    let mut unsynced = reading("m", Cadence::Daily, 1, now - 200 * day);
+    unsynced.flags.insert(Flags::CLOCK_UNSYNCED);
+    s.append(Append {
+        readings: vec![
+            reading("m", Cadence::Daily, 2, now - 100 * day),
+            unsynced,
+            reading("m", Cadence::Daily, 3, now - 10 * day),
+        ],
+        ..Append::default()
+    })
+    .unwrap();
+    assert_eq!(s.maintain().unwrap(), 1);
+    let st = s.stats().unwrap();
+    assert_eq!((st.billing.count, st.evicted), (2, 1));
+}
+
+#[test]
+fn an_undecodable_record_should_be_set_aside_and_reported_not_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    let a = s
+        .append(Append {
+            readings: vec![
+                reading("m", Cadence::Daily, 1, c.now_ms()),
+                reading("m", Cadence::Daily, 2, c.now_ms()),
+            ],
+            ..Append::default()
+        })
+        .unwrap();
+    // Scribble over the first record as a bad sector would.
+    let mut k = vec![b'r', Range::Billing as u8];
+    k.extend_from_slice(&a.seqs[0].to_be_bytes());
+    s.tree.insert(k, &[0xff, 0xff, 0xff][..]).unwrap();
+    let got = s.take(Stream::Readings, 10).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id.seq, a.seqs[1]);
+    let st = s.stats().unwrap();
+    assert_eq!((st.set_aside, st.billing.count), (1, 1));
+    let events = s.take(Stream::Events, 10).unwrap();
+    assert!(matches!(&events[0].record, Record::Event(e) if e.kind == EventKind::StoreCorruption));
+}
+
+#[test]
+fn a_second_open_of_the_same_dir_should_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let _s = open(dir.path(), &StoreConfig::default(), clock());
+    let e = SledStore::open(dir.path(), &StoreConfig::default(), clock())
+        .err()
+        .unwrap();
+    assert!(matches!(e, StoreError::Open { .. }), "{e}");
+}
+
+// ---- the model ----------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    Append {
+        profile: u8,
+        billing: u8,
+        events: u8,
+    },
+    Take {
+        events: bool,
+        max: usize,
+    },
+    Ack(Vec<prop::sample::Index>),
+    Nack(Vec<prop::sample::Index>),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4, 0u8..3, 0u8..2).prop_map(|(profile, billing, events)| Op::Append { profile, billing, events }),
+        3 => (any::<bool>(), 1usize..8).prop_map(|(events, max)| Op::Take { events, max }),
+        2 => prop::collection::vec(any::<prop::sample::Index>(), 0..5).prop_map(Op::Ack),
+        1 => prop::collection::vec(any::<prop::sample::Index>(), 0..3).prop_map(Op::Nack),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// What the store must do, written as plainly as possible.
+#[derive(Default)]
+struct Model {
+    records: BTreeMap<u64, Record>,
+    in_flight: BTreeSet<u64>,
+}
+
+impl Model {
+    fn take(&mut self, stream: Stream, max: usize) -> Vec<u64> {
+        let picked: Vec<u64> = self
+            .records
+            .iter()
+            .filter(|(seq, r)| Range::of(r).stream() == stream && !self.in_flight.contains(seq))
+            .take(max)
+            .map(|(s, _)| *s)
+            .collect();
+        self.in_flight.extend(&picked);
+        picked
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_store_should_agree_with_the_model(ops in prop::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = clock();
+        let config = StoreConfig::default();
+        let mut store = Some(open(dir.path(), &config, c.clone()));
+        let mut model = Model::default();
+        let mut taken: Vec<EntryId> = Vec::new();
+        let mut n = 0i64;
+        for op in ops {
+            let s = store.as_ref().unwrap();
+            match op {
+                Op::Append { profile, billing, events } => {
+                    let mut batch = Append::default();
+                    for _ in 0..profile { n += 1; batch.readings.push(reading("p", Cadence::Quarterly, n, c.now_ms())); }
+                    for _ in 0..billing { n += 1; batch.readings.push(reading("b", Cadence::Daily, n, c.now_ms())); }
+                    for _ in 0..events {
+                        n += 1;
+                        batch.events.push(SystemEvent::new(EventKind::LinkError, Stamp { ms: c.now_ms(), offset: 0 }, format!("e{n}")));
+                    }
+                    let records: Vec<Record> = batch.readings.iter().cloned().map(Record::Reading)
+                        .chain(batch.events.iter().cloned().map(Record::Event)).collect();
+                    let a = s.append(batch).unwrap();
+                    prop_assert_eq!(a.seqs.len(), records.len());
+                    for (seq, r) in a.seqs.into_iter().zip(records) {
+                        prop_assert!(model.records.keys().all(|k| *k < seq));
+                        model.records.insert(seq, r);
+                    }
+                }
+                Op::Take { events, max } => {
+                    let stream = if events { Stream::Events } else { Stream::Readings };
+                    let got = s.take(stream, max).unwrap();
+                    let want = model.take(stream, max);
+                    let got_seqs: Vec<u64> = got.iter().map(|e| e.id.seq).collect();
+                    prop_assert_eq!(&got_seqs, &want);
+                    for e in &got {
+                        prop_assert_eq!(&e.record, &model.records[&e.id.seq]);
+                    }
+                    taken.extend(got.iter().map(|e| e.id));
+                }
+                Op::Ack(picks) | Op::Nack(picks) if taken.is_empty() => { let _ = picks; }
+                Op::Ack(picks) => {
+                    let ids: Vec<EntryId> = picks.iter().map(|i| taken[i.index(taken.len())]).collect();
+                    s.ack(&ids).unwrap();
+                    for id in &ids {
+                        model.records.remove(&id.seq);
+                        model.in_flight.remove(&id.seq);
+                    }
+                    taken.retain(|t| !ids.contains(t));
+                }
+                Op::Nack(picks) => {
+                    let ids: Vec<EntryId> = picks.iter().map(|i| taken[i.index(taken.len())]).collect();
+                    s.nack(&ids);
+                    for id in &ids { model.in_flight.remove(&id.seq); }
+                    taken.retain(|t| !ids.contains(t));
+                }
+                Op::Reopen => {
+                    drop(store.take());
+                    store = Some(open(dir.path(), &config, c.clone()));
+                    model.in_flight.clear();
+                    taken.clear();
+                }
+            }
+            let st = store.as_ref().unwrap().stats().unwrap();
+            let count = |stream| model.records.values().filter(|r| Range::of(r).stream() == stream).count() as u64;
+            prop_assert_eq!(st.readings(), count(Stream::Readings));
+            prop_assert_eq!(st.events.count, count(Stream::Events));
+        }
+    }
+}
