@@ -746,17 +746,14 @@ async fn run_poll(ctx: Arc<PollContext>, mut slot: Slot, plan: Plan, req: PollRe
             }
         }
     };
-    let link_failed = matches!(
-        failure,
-        Some(
-            Failure::Link(_)
-                | Failure::Timeout(_)
-                | Failure::Malformed(_)
-                | Failure::Checksum(_)
-                | Failure::WrongDevice { .. }
-        )
-    ) && !slot.is_serial()
-        || matches!(failure, Some(Failure::Link(_)));
+    // Drop the connection after a failure that may leave it out of step: a port that is
+    // gone, or on TCP any garbled or late answer (it could be taken for the next one). A
+    // serial line resynchronises by itself (tokio-modbus clears its buffer per request).
+    let link_failed = match &failure {
+        Some(Failure::Link(_)) => true,
+        None | Some(Failure::Exception { .. } | Failure::Refused(_)) => false,
+        Some(_) => !slot.is_serial(),
+    };
     let now = ctx.clock.now();
     let unsynced = ctx.clock.synchronized() == Some(false);
     let batch = assemble(

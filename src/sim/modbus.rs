@@ -4,8 +4,9 @@
 //! Faults can be switched on per unit, for the fault-handling tests: silence, an exception.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::{Ready, ready};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -25,6 +26,8 @@ pub enum Fault {
     Silent,
     /// Answers every read with this exception.
     Exception(ExceptionCode),
+    /// Answers, but only after this many milliseconds (a slow meter, a long line).
+    Delay(u64),
 }
 
 /// One simulated meter.
@@ -143,7 +146,7 @@ impl Meters {
             return Ok(None);
         };
         match unit.fault {
-            Fault::None => {}
+            Fault::None | Fault::Delay(_) => {}
             Fault::Silent => return Ok(None),
             Fault::Exception(e) => return Err(e),
         }
@@ -176,10 +179,20 @@ impl Service for Meters {
     type Request = SlaveRequest<'static>;
     type Response = Option<Response>;
     type Exception = ExceptionCode;
-    type Future = Ready<Result<Self::Response, Self::Exception>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Exception>> + Send>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
-        ready(self.answer(req))
+        let delay = match self.lock().get(&req.slave).map(|u| u.fault) {
+            Some(Fault::Delay(ms)) => ms,
+            _ => 0,
+        };
+        let answer = self.answer(req);
+        Box::pin(async move {
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
+            answer
+        })
     }
 }
 
