@@ -17,6 +17,12 @@ pub struct Args {
     /// The broker to drain to.
     #[arg(long, default_value = "amqp://guest:guest@localhost:5672/%2f")]
     amqp: String,
+    /// The queue to drain to (declared if missing).
+    #[arg(long, default_value = "utilitarian.tasks.commits.meter_readings")]
+    queue: String,
+    /// The queue for system events (declared if missing).
+    #[arg(long, default_value = "utilitarian.tasks.commits.meter_system_events")]
+    events_queue: String,
     /// How often every meter is read.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     every: Duration,
@@ -62,6 +68,8 @@ data_dir = "{data_dir}"
 
 [amqp]
 url = "{amqp}"
+queue = "{queue}"
+events_queue = "{events_queue}"
 declare_queues = true
 max_backoff = "10s"
 
@@ -89,10 +97,15 @@ reads = {{ quarterly = ["1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"] }}
 "#,
         data_dir = data_dir.display(),
         amqp = args.amqp,
+        queue = args.queue,
+        events_queue = args.events_queue,
         host = addr.ip(),
         port = addr.port(),
     );
-    let config = Config::from_toml(&text, std::path::Path::new("<demo>"))
+    std::fs::create_dir_all(&data_dir)?;
+    let config_path = data_dir.join("demo.toml");
+    std::fs::write(&config_path, &text)?;
+    let config = Config::from_toml(&text, &config_path)
         .map_err(|e| anyhow::anyhow!("the demo config is invalid (a bug):\n{e}"))?;
     eprintln!("amr-edge demo");
     eprintln!(
@@ -112,7 +125,12 @@ reads = {{ quarterly = ["1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"] }}
         redact_url(&args.amqp),
         config.amqp.queue
     );
-    eprintln!("  Ctrl-C to stop; `amr-edge status` works against the data dir while it runs.\n");
+    eprintln!(
+        "  config  {} (try: amr-edge status --config {})",
+        config_path.display(),
+        config_path.display()
+    );
+    eprintln!("  Ctrl-C to stop.\n");
     agent::run(
         config,
         Options {
