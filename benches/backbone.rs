@@ -86,7 +86,7 @@ fn main() {
         rss(&mut rows);
     }
 
-    println!("\n{:<58} {:>22}  {}", "figure", "measured", "target");
+    println!("\n{:<58} {:>22}  target", "figure", "measured");
     for r in rows {
         println!("{:<58} {:>22}  {}", r.what, r.figure, r.target);
     }
