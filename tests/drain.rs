@@ -26,8 +26,21 @@ async fn collect(
     n: usize,
     timeout: Duration,
 ) -> Vec<serde_json::Value> {
-    let mut all = Vec::new();
-    let mut ids = HashSet::new();
+    collect_more(rabbit, queue, Vec::new(), n, timeout).await
+}
+
+/// Like [`collect`], counting the copies already in `all` towards the `n` distinct ids.
+async fn collect_more(
+    rabbit: &Rabbit,
+    queue: &str,
+    mut all: Vec<serde_json::Value>,
+    n: usize,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
+    let mut ids: HashSet<String> = all
+        .iter()
+        .map(|r| r["reading_id"].as_str().unwrap().to_owned())
+        .collect();
     let start = std::time::Instant::now();
     while ids.len() < n {
         for m in rabbit.take_all(queue).await {
@@ -251,12 +264,7 @@ async fn a_connection_cut_mid_drain_should_lose_nothing_and_duplicate_only_with_
     }
     let before = agent.log().matches("Connected to the broker").count();
     assert!(before >= 1);
-    let ids: HashSet<String> = got
-        .iter()
-        .map(|r| r["reading_id"].as_str().unwrap().to_owned())
-        .collect();
-    let rest = collect(&rabbit, &queue, n - ids.len(), Duration::from_secs(120)).await;
-    got.extend(rest);
+    let got = collect_more(&rabbit, &queue, got, n, Duration::from_secs(120)).await;
     assert_all_delivered(&gw, &seqs, &seeded, &got);
     assert!(
         agent.log().matches("Connected to the broker").count() >= 2,
@@ -332,11 +340,7 @@ async fn kill_9_while_draining_should_deliver_every_buffered_reading_after_resta
         agent.kill9();
         agent.restart();
     }
-    let ids: HashSet<String> = got
-        .iter()
-        .map(|r| r["reading_id"].as_str().unwrap().to_owned())
-        .collect();
-    got.extend(collect(&rabbit, &queue, n - ids.len(), Duration::from_secs(120)).await);
+    let got = collect_more(&rabbit, &queue, got, n, Duration::from_secs(120)).await;
     assert_all_delivered(&gw, &seqs, &seeded, &got);
     assert!(agent.sigterm().success());
     rabbit.delete(&queue).await;

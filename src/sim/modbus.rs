@@ -69,6 +69,28 @@ impl Unit {
         }
     }
 
+    /// What the meter answers to a read of `count` registers at `addr`, `elapsed` seconds
+    /// after it started.
+    pub fn read(
+        &self,
+        function: Function,
+        addr: u16,
+        count: u16,
+        elapsed: f64,
+    ) -> Result<Vec<u16>, ExceptionCode> {
+        if count == 0 || count > 125 || u32::from(addr) + u32::from(count) > 0x1_0000 {
+            return Err(ExceptionCode::IllegalDataValue);
+        }
+        let bank = self.bank(function, elapsed);
+        (addr..addr + count)
+            .map(|a| match bank.get(&a) {
+                Some(w) => Ok(*w),
+                None if self.gaps_readable => Ok(0),
+                None => Err(ExceptionCode::IllegalDataAddress),
+            })
+            .collect()
+    }
+
     fn bank(&self, function: Function, elapsed: f64) -> BTreeMap<u16, u16> {
         let mut bank = BTreeMap::new();
         for r in self
@@ -156,18 +178,7 @@ impl Meters {
             Request::ReadHoldingRegisters(a, c) => (Function::Holding, a, c),
             _ => return Err(ExceptionCode::IllegalFunction),
         };
-        if count == 0 || count > 125 || u32::from(addr) + u32::from(count) > 0x1_0000 {
-            return Err(ExceptionCode::IllegalDataValue);
-        }
-        let bank = unit.bank(function, elapsed);
-        let mut words = Vec::with_capacity(usize::from(count));
-        for a in addr..addr + count {
-            match bank.get(&a) {
-                Some(w) => words.push(*w),
-                None if unit.gaps_readable => words.push(0),
-                None => return Err(ExceptionCode::IllegalDataAddress),
-            }
-        }
+        let words = unit.read(function, addr, count, elapsed)?;
         Ok(Some(match function {
             Function::Input => Response::ReadInputRegisters(words),
             Function::Holding => Response::ReadHoldingRegisters(words),
