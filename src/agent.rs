@@ -209,6 +209,22 @@ pub fn start(
         BeatMode::Off => {}
     }
 
+    if let Some(mqtt) = &config.mqtt {
+        let control = crate::control::Control::new(
+            mqtt.clone(),
+            &config.gateway.id,
+            router.clone(),
+            store.clone(),
+            drain_status.clone(),
+            clock.clone(),
+            tz.clone(),
+            config.beat.clone(),
+            config.meter.iter().map(|m| m.id.clone()).collect(),
+            started_at,
+        )?;
+        tasks.spawn(control.run(token.clone()));
+    }
+
     tasks.spawn(
         StatusServer {
             path: config.gateway.data_dir.join(SOCKET),

@@ -20,6 +20,7 @@ struct Inner {
     marks: HashMap<(String, Cadence), i64>,
     last_read: BTreeMap<String, i64>,
     last_drain_ms: Option<i64>,
+    seen: std::collections::HashSet<String>,
 }
 
 #[derive(Default)]
@@ -171,5 +172,10 @@ impl Store for MemoryStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.check()
+    }
+
+    fn first_time(&self, key: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        Ok(self.lock().seen.insert(key.to_owned()))
     }
 }

@@ -295,6 +295,9 @@ pub trait Store: Send + Sync + 'static {
     fn maintain(&self) -> Result<u64, StoreError>;
     /// Makes every acknowledgement durable now (on shutdown).
     fn flush(&self) -> Result<(), StoreError>;
+    /// Records `key` (a command's request id), durably, and says whether it is new: a command
+    /// delivered twice runs once, across restarts too. Keys are kept for a week.
+    fn first_time(&self, key: &str) -> Result<bool, StoreError>;
 }
 
 /// The sequence number a new store starts at: its creation time in microseconds, so that a

@@ -7,6 +7,7 @@
 //! | `b` meter `\0` cadence | last boundary read, Unix ms (8, big-endian) |
 //! | `l` meter | last reading stored, Unix ms |
 //! | `f` meter | last failure: (Unix ms, kind, message), postcard |
+//! | `c` request id | when a command with that id was accepted, Unix ms |
 //!
 //! Records are kept in chunks, one sled value per range per append (a poll's readings), not
 //! one per record: sled spends about 8 µs and 140 bytes of log on every item it stores, which
@@ -594,6 +595,25 @@ impl SledStore {
     }
 }
 
+/// Command ids older than this are forgotten.
+fn cutoff_commands(now_ms: i64) -> i64 {
+    now_ms - 7 * 86_400_000
+}
+
+impl SledStore {
+    fn forget_old_commands(&self, cutoff_ms: i64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for item in self.tree.scan_prefix(b"c") {
+            let (k, v) = item.map_err(io)?;
+            let at = v.as_ref().try_into().map(i64::from_be_bytes).unwrap_or(0);
+            if at < cutoff_ms {
+                batch.remove(k);
+            }
+        }
+        self.tree.apply_batch(batch).map_err(io)
+    }
+}
+
 impl Drop for SledStore {
     fn drop(&mut self) {
         let mut st = self.lock();
@@ -947,6 +967,7 @@ impl Store for SledStore {
 
     fn maintain(&self) -> Result<u64, StoreError> {
         let cutoff = self.clock.now_ms() - self.config.max_age.0.as_millis() as i64;
+        self.forget_old_commands(cutoff_commands(self.clock.now_ms()))?;
         let mut st = self.lock();
         self.persist_partial(&mut st)?;
         let mut meta = st.meta.clone();
@@ -967,5 +988,18 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.persist_partial(&mut self.lock())?;
         self.db.flush().map(|_| ()).map_err(io)
+    }
+
+    fn first_time(&self, key: &str) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms().to_be_bytes();
+        let fresh = self
+            .tree
+            .compare_and_swap(meter_key(b'c', key), None as Option<&[u8]>, Some(&now[..]))
+            .map_err(io)?
+            .is_ok();
+        if fresh {
+            self.db.flush().map_err(io)?;
+        }
+        Ok(fresh)
     }
 }
