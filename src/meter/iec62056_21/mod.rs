@@ -1,5 +1,8 @@
 //! IEC 62056-21 (mode C) meters on a serial bus or an optical probe.
 
+pub mod codec;
+pub mod dataset;
+
 use serde::Deserialize;
 
 use crate::config::Problems;
