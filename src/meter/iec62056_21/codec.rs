@@ -919,4 +919,93 @@ mod tests {
         assert_eq!(wire_time(6, 300), Duration::from_millis(200));
         assert_eq!(wire_time(960, 9600), Duration::from_secs(1));
     }
+
+    mod properties {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::meter::iec62056_21::dataset::{self, DataSet, DataValue};
+
+        fn data_set() -> impl Strategy<Value = DataSet> {
+            (
+                proptest::option::of("[0-9CFLP]{1,2}\\.[0-9]{1,3}\\.[0-9]{1,3}(\\*[0-9]{2})?"),
+                vec(
+                    (
+                        "-?[0-9]{1,9}(\\.[0-9]{1,4})?",
+                        proptest::option::of("[a-zA-Z3]{1,5}"),
+                    ),
+                    1..3,
+                ),
+            )
+                .prop_map(|(address, values)| DataSet {
+                    address,
+                    values: values
+                        .into_iter()
+                        .map(|(value, unit)| DataValue { value, unit })
+                        .collect(),
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_should_never_panic_and_stay_bounded(
+                chunks in vec(vec(any::<u8>(), 0..300), 0..40),
+                max in 1usize..512,
+            ) {
+                let mut d = Decoder::new(max);
+                let limit = max.max(MAX_LINE);
+                for c in &chunks {
+                    for f in d.feed(c) {
+                        if let Ok(Frame::Data { text, .. }) = f {
+                            let _ = dataset::parse_readout(&text);
+                        }
+                    }
+                    prop_assert!(d.buffered() <= limit + 1);
+                }
+            }
+
+            #[test]
+            fn readout_should_decode_whole_however_it_is_chunked_and_whatever_noise_precedes_it(
+                sets in vec(data_set(), 0..20),
+                noise in vec(any::<u8>().prop_filter("not a frame start", |b| !is_start(b & 0x7F)), 0..50),
+                cuts in vec(any::<prop::sample::Index>(), 0..8),
+            ) {
+                let text = dataset::write_readout(&sets);
+                let mut bytes = noise.clone();
+                bytes.extend(data_message(text.as_bytes()));
+                let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+                at.sort_unstable();
+                let mut d = Decoder::default();
+                let mut frames = Vec::new();
+                let mut from = 0;
+                for to in at.into_iter().chain([bytes.len()]) {
+                    frames.extend(d.feed(&bytes[from..to]));
+                    from = to;
+                }
+                prop_assert_eq!(d.skipped(), noise.len());
+                match frames.as_slice() {
+                    [Ok(Frame::Data { text: got, complete: true })] => {
+                        prop_assert_eq!(&dataset::parse_readout(got).unwrap(), &sets);
+                    }
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+
+            #[test]
+            fn any_flipped_bit_in_a_readout_should_not_pass_as_the_same_readout(
+                sets in vec(data_set(), 1..10),
+                pick in any::<prop::sample::Index>(),
+                bit in 0u8..7,
+            ) {
+                let text = dataset::write_readout(&sets);
+                let mut bytes = data_message(text.as_bytes());
+                let i = pick.index(bytes.len());
+                bytes[i] ^= 1 << bit;
+                let frames = Decoder::default().feed(&bytes);
+                let same = frames.iter().any(|f| matches!(f, Ok(Frame::Data { text: t, complete: true }) if dataset::parse_readout(t).as_ref() == Ok(&sets)));
+                prop_assert!(!same, "{:?}", frames);
+            }
+        }
+    }
 }
