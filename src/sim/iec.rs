@@ -18,7 +18,7 @@
 //! last character would have arrived at the current rate, and sends at the pace of the rate
 //! (10 bits per character). A pty does not throttle by itself.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use crate::meter::iec62056_21::codec::{self, Decoder, Frame, Identification, NAK};
 use crate::meter::iec62056_21::dataset::{self, DataSet, DataValue};
+use crate::meter::iec62056_21::transport::escape;
 
 /// How a simulated meter misbehaves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -242,9 +243,75 @@ impl SimBus {
     }
 }
 
-/// Opens a pseudo-terminal pair, serves `bus` on the master and returns the slave's path, for
-/// the agent to open as its serial device.
-pub fn spawn_pty(bus: SimBus) -> std::io::Result<PathBuf> {
+/// Simulated meters on a pseudo-terminal, served on a thread of their own: a meter is a device
+/// of its own and does not share the agent's scheduler (sharing a multi-threaded runtime with
+/// the agent made the tests' timing depend on how tokio placed the two sides). Stops when
+/// dropped.
+pub struct SimPty {
+    path: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl SimPty {
+    /// The slave side, for the agent to open as its serial device.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SimPty {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Opens a pseudo-terminal pair and serves `bus` on its master until the [`SimPty`] is dropped.
+pub fn spawn_pty(bus: SimBus) -> std::io::Result<SimPty> {
+    let (path_tx, path_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("sim-iec".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = path_tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match open_pty() {
+                    Ok((master, path, peer)) => {
+                        let _ = path_tx.send(Ok(path));
+                        tokio::select! {
+                            () = serve(master, peer, bus) => {}
+                            _ = stop_rx => {}
+                        }
+                    }
+                    Err(e) => {
+                        let _ = path_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    let path = path_rx.recv().map_err(|_| {
+        std::io::Error::other("the simulator thread ended before opening its pty")
+    })??;
+    Ok(SimPty {
+        path,
+        stop: Some(stop_tx),
+    })
+}
+
+type PeerBaud = Box<dyn Fn() -> Option<u32> + Send>;
+
+/// The master end, the slave's path, and how to read the slave's rate.
+fn open_pty() -> std::io::Result<(tokio_serial::SerialStream, PathBuf, PeerBaud)> {
     use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
     use tokio_serial::SerialPort;
     let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
@@ -258,40 +325,34 @@ pub fn spawn_pty(bus: SimBus) -> std::io::Result<PathBuf> {
     // SAFETY: the descriptor belongs to `master`, open for this call; the clone is owned.
     let termios_fd: OwnedFd =
         unsafe { BorrowedFd::borrow_raw(master.as_raw_fd()) }.try_clone_to_owned()?;
-    let peer = move || pty_baud(&termios_fd);
-    tokio::spawn(serve(master, peer, bus));
-    Ok(path)
+    Ok((master, path, Box::new(move || pty_baud(&termios_fd))))
 }
 
-/// The rate the other side of a pty has set (Linux shares one termios per pair).
+/// The rate the other side of a pty has set (Linux shares one termios per pair). The serial
+/// crate sets rates with `termios2` (`BOTHER`), so the number is read from there.
+#[cfg(target_os = "linux")]
 fn pty_baud(fd: &std::os::fd::OwnedFd) -> Option<u32> {
     use std::os::fd::AsRawFd;
-    let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
-    // SAFETY: `fd` is open; tcgetattr fills `t` when it returns 0.
+    let mut t = std::mem::MaybeUninit::<libc::termios2>::uninit();
+    // SAFETY: `fd` is open; TCGETS2 fills `t` when it returns 0.
     let t = unsafe {
-        if libc::tcgetattr(fd.as_raw_fd(), t.as_mut_ptr()) != 0 {
+        if libc::ioctl(fd.as_raw_fd(), libc::TCGETS2 as _, t.as_mut_ptr()) != 0 {
             return None;
         }
         t.assume_init()
     };
-    // SAFETY: `t` is an initialised termios.
-    let speed = unsafe { libc::cfgetospeed(&t) };
-    [
-        (libc::B300, 300),
-        (libc::B600, 600),
-        (libc::B1200, 1200),
-        (libc::B2400, 2400),
-        (libc::B4800, 4800),
-        (libc::B9600, 9600),
-        (libc::B19200, 19200),
-        (libc::B38400, 38400),
-        (libc::B57600, 57600),
-        (libc::B115200, 115_200),
-    ]
-    .into_iter()
-    .find(|(b, _)| *b == speed)
-    .map(|(_, r)| r)
+    Some(t.c_ospeed)
 }
+
+#[cfg(not(target_os = "linux"))]
+fn pty_baud(_: &std::os::fd::OwnedFd) -> Option<u32> {
+    None
+}
+
+/// How long a simulated meter waits for the next character of a message before it drops
+/// the message. Shorter than the standard's 1500 ms so that the noise of a Modbus poll that
+/// timed out (1 s) does not hide the next sign-on.
+const INTER_CHARACTER_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Where the line's conversation is.
 enum Talk {
@@ -312,6 +373,7 @@ where
     // The meters' rate (they all listen at 300 Bd until one is switched).
     let mut baud = 300u32;
     let mut frame_start = Instant::now();
+    let mut last_byte = Instant::now();
     loop {
         let n = match io.read(&mut buf).await {
             Ok(0) | Err(_) => {
@@ -321,6 +383,14 @@ where
             }
             Ok(n) => n,
         };
+        tracing::trace!(bytes = %escape(&buf[..n]), "Simulated IEC meter received");
+        // Like a real meter, give up on a message whose characters stopped coming: what a
+        // Modbus master on the same line sent looks like the start of a block, and must not
+        // swallow the next sign-on.
+        if decoder.in_frame() && last_byte.elapsed() > INTER_CHARACTER_TIMEOUT {
+            decoder.reset();
+        }
+        last_byte = Instant::now();
         if !decoder.in_frame() {
             frame_start = Instant::now();
         }
@@ -477,9 +547,11 @@ where
         Some(agent) if agent != rate => garble(bytes, rate, agent),
         _ => bytes.to_vec(),
     };
+    tracing::trace!(rate, peer = ?peer_baud(), bytes = %escape(&heard), "Simulated IEC meter sends");
+    // No flush: on a serial stream it is `tcdrain`, which blocks the thread (here until the
+    // agent has read everything) and would stall the runtime both sides share in tests.
     if !wire {
-        io.write_all(&heard).await?;
-        return io.flush().await;
+        return io.write_all(&heard).await;
     }
     // At the pace of the line: chunks of 16 characters, each when its last would arrive.
     let start = Instant::now();
@@ -493,7 +565,7 @@ where
         tokio::time::sleep_until(start + per_heard * sent as u32).await;
         io.write_all(chunk).await?;
     }
-    io.flush().await
+    Ok(())
 }
 
 /// What a UART at `agent` Bd makes of `bytes` sent at `rate` Bd.

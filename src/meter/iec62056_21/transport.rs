@@ -114,6 +114,7 @@ async fn receive<L: Line>(
     let start = Instant::now();
     let end = start + limits.total;
     let mut started = false;
+    tracing::trace!(?limits, "IEC receive");
     loop {
         let wait = if started { limits.gap } else { limits.first };
         let deadline = (Instant::now() + wait).min(end);
