@@ -208,9 +208,8 @@ pub async fn read_line<L: Line>(
         max_block: codec::DEFAULT_MAX_BLOCK,
     };
     let mut refused: Option<(SessionError, Failure)> = None;
-    let mut attempt = 0;
+    let mut failed = 0;
     let readout = loop {
-        attempt += 1;
         let error = match transport::run(line, Session::new(session.clone())).await {
             Err(e) => {
                 return ReadOutcome::failed(Failure::Link(format!("serial line: {e}")));
@@ -231,7 +230,8 @@ pub async fn read_line<L: Line>(
                 continue;
             }
         }
-        if attempt > params.retries {
+        failed += 1;
+        if failed > params.retries {
             let mut out = ReadOutcome::failed(failure(&error));
             // Only a refusal the meter made plain is worth reporting beside the failure;
             // silence after the switch may as well have been a meter that went away.
@@ -242,10 +242,20 @@ pub async fn read_line<L: Line>(
             }
             return out;
         }
-        tracing::debug!(meter, attempt, error = %error, "IEC readout failed, retrying");
+        tracing::debug!(meter, failed, error = %error, "IEC readout failed, retrying");
     };
     let tz = config.tz(params.gateway_tz);
     let mapped = mapping::values(&readout.sets, config.ab(), params.selection, &tz);
+    if let Selection::Series(wanted) = params.selection {
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|w| !mapped.values.iter().any(|v| v.series == **w))
+            .map(|w| w.to_string())
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(meter, missing = %missing.join(", "), "Series asked for are not in the meter's readout");
+        }
+    }
     tracing::debug!(
         meter,
         manufacturer = %readout.identification.manufacturer,

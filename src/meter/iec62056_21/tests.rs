@@ -275,3 +275,35 @@ async fn max_baud_300_should_never_switch() {
             .all(|(_, e)| !matches!(e, Event::Baud(b) if *b != 300))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn fallback_to_300_baud_should_not_use_up_a_retry() {
+    // Retries 0: the second sign-on (at 300 Bd) is still made.
+    let bus = bus_with("61234567", Fault::KeepsBaud);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert_eq!(out.failure, None);
+    assert_eq!(bus.requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn meter_that_keeps_300_baud_and_then_fails_should_report_both() {
+    // Keeps 300 Bd at the switch, then its readout at 300 Bd has a bad BCC.
+    let bus = bus_with("61234567", Fault::KeepsBaud);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let watcher = bus.clone();
+    let flip = tokio::spawn(async move {
+        while watcher.requests() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        watcher.set_fault("61234567", Fault::BadBcc);
+    });
+    let out = read_once(&mut line, 0).await;
+    flip.abort();
+    assert!(
+        matches!(out.failure, Some(Failure::Checksum(_))),
+        "{:?}",
+        out.failure
+    );
+    assert!(matches!(out.refused.as_slice(), [Failure::Refused(_)]));
+}
