@@ -527,8 +527,8 @@ where
     }
     let _ = send(io, peer_baud, &message, rate, wire).await;
     bus.lock().readouts += 1;
-    // After its readout the meter returns to 300 Bd; the break changes nothing.
-    300
+    // It stays at the rate of its readout until the break (or the next sign-on).
+    rate
 }
 
 /// Sends `bytes` at `rate`, as the agent's UART at `peer_baud()` would receive them; at the
