@@ -47,11 +47,14 @@ pub struct Options {
     pub stop_after: Option<Duration>,
 }
 
-/// Handles of one generation, for the summary line.
-struct Generation {
+/// One generation of the agent's tasks, running on a store that outlives it.
+pub struct Running {
     token: CancellationToken,
     tasks: JoinSet<()>,
-    drain: watch::Receiver<DrainStatus>,
+    /// What the drain reports.
+    pub drain: watch::Receiver<DrainStatus>,
+    /// Where polls go: one handle per bus.
+    pub router: Router,
 }
 
 pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
@@ -113,7 +116,7 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
                     }
                     Ok(new) => {
                         tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
-                        stop(generation).await;
+                        generation.stop().await;
                         config = new;
                         generation = start(&config, &options, store.clone(), clock.clone(), started_at, &root)?;
                     }
@@ -122,7 +125,7 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
             _ = summary.tick() => log_summary(&store, &generation.drain).await,
         }
     }
-    stop(generation).await;
+    generation.stop().await;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.flush()).await??;
     let stats = store.stats()?;
@@ -134,15 +137,16 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts everything but the store.
-fn start(
+/// Starts everything but the store: the drain, a worker per bus, the beat, the status
+/// socket and the store's maintenance, as children of `root`.
+pub fn start(
     config: &Config,
     options: &Options,
     store: Arc<dyn Store>,
     clock: SharedClock,
     started_at: Timestamp,
     root: &CancellationToken,
-) -> anyhow::Result<Generation> {
+) -> anyhow::Result<Running> {
     let token = root.child_token();
     let mut tasks = JoinSet::new();
     let wake = Arc::new(Notify::new());
@@ -225,17 +229,24 @@ fn start(
         }
     });
 
-    Ok(Generation {
+    Ok(Running {
         token,
         tasks,
         drain: drain_status,
+        router,
     })
 }
 
-/// Stops a generation: every task finishes what it has in hand. A task stuck past the
-/// deadline (a serial read with long timeouts) is abandoned; what it had not stored is not
-/// marked read, so it is read again after the restart.
-async fn stop(mut g: Generation) {
+impl Running {
+    /// Stops every task; each finishes what it has in hand. A task stuck past the deadline
+    /// (a serial read with long timeouts) is abandoned; what it had not stored is not marked
+    /// read, so it is read again after the restart.
+    pub async fn stop(self) {
+        stop(self).await
+    }
+}
+
+async fn stop(mut g: Running) {
     g.token.cancel();
     let deadline = tokio::time::sleep(Duration::from_secs(30));
     tokio::pin!(deadline);

@@ -48,6 +48,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Serve simulated Modbus meters (for tests and benchmarks without hardware).
+    Simulate(cmd::simulate::Args),
     /// Buffer depth, age of the oldest unsent reading, evictions, last drain, meter health.
     Status {
         #[arg(long, short)]
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
             Command::Poll(args) => cmd::poll::run(args).await,
             Command::Check { config } => cmd::check::run(&config),
             Command::Status { config, json } => cmd::status::run(&config, json).await,
+            Command::Simulate(args) => cmd::simulate::run(args).await,
         }
     });
     match result {

@@ -728,27 +728,43 @@ pub struct Value {
 /// Reads, stores and reports one poll.
 async fn run_poll(ctx: Arc<PollContext>, mut slot: Slot, plan: Plan, req: PollRequest) -> Done {
     let info = PollInfo::from(&req);
+    let mut reset_link = false;
     let (meter, values, failure, refused) = match plan {
         Plan::Modbus { unit, plan, meter } => {
             let rtu = slot.is_serial();
-            match slot.modbus().await {
-                Ok((client, wire)) => {
-                    let out =
-                        modbus::read(client, wire, rtu, unit, &plan, ctx.timeout, ctx.retries)
-                            .await;
-                    let values = out
-                        .values
-                        .into_iter()
-                        .map(|(r, v)| Value {
-                            series: r.series,
-                            value: v,
-                            unit: r.unit,
-                            meter_time: None,
-                        })
-                        .collect();
-                    (meter, values, out.failure, out.refused)
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let out = match slot.modbus().await {
+                    Ok((client, wire)) => {
+                        modbus::read(client, wire, rtu, unit, &plan, ctx.timeout, ctx.retries).await
+                    }
+                    Err(f) => modbus::ReadOutcome {
+                        failure: Some(f),
+                        ..Default::default()
+                    },
+                };
+                reset_link = out.reset_link;
+                // A garbled answer leaves the client unusable: reopen the link and read
+                // again, as many times as the bus allows retries.
+                let garbled =
+                    out.reset_link && !matches!(out.failure, Some(Failure::Link(_)) | None);
+                if garbled && attempt <= ctx.retries {
+                    tracing::debug!(bus = %ctx.bus, meter = %meter.id, attempt, "Garbled answer, reopening the link to retry");
+                    slot.reset();
+                    continue;
                 }
-                Err(f) => (meter, Vec::new(), Some(f), Vec::new()),
+                let values = out
+                    .values
+                    .into_iter()
+                    .map(|(r, v)| Value {
+                        series: r.series,
+                        value: v,
+                        unit: r.unit,
+                        meter_time: None,
+                    })
+                    .collect();
+                break (meter, values, out.failure, out.refused);
             }
         }
         Plan::Iec { meter, selection } => {
@@ -762,17 +778,15 @@ async fn run_poll(ctx: Arc<PollContext>, mut slot: Slot, plan: Plan, req: PollRe
             (meter, out.values, out.failure, out.refused)
         }
     };
-    let link_failed = matches!(
-        failure,
-        Some(
-            Failure::Link(_)
-                | Failure::Timeout(_)
-                | Failure::Malformed(_)
-                | Failure::Checksum(_)
-                | Failure::WrongDevice { .. }
-        )
-    ) && !slot.is_serial()
-        || matches!(failure, Some(Failure::Link(_)));
+    // Drop the connection after a failure that may leave it out of step: a port that is
+    // gone, or on TCP any garbled or late answer (it could be taken for the next one). A
+    // serial line resynchronises by itself (tokio-modbus clears its buffer per request).
+    let link_failed = reset_link
+        || match &failure {
+            Some(Failure::Link(_)) => true,
+            None | Some(Failure::Exception { .. } | Failure::Refused(_)) => false,
+            Some(_) => !slot.is_serial(),
+        };
     let now = ctx.clock.now();
     let unsynced = ctx.clock.synchronized() == Some(false);
     let batch = assemble(

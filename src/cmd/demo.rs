@@ -18,6 +18,12 @@ pub struct Args {
     /// The broker to drain to.
     #[arg(long, default_value = "amqp://guest:guest@localhost:5672/%2f")]
     amqp: String,
+    /// The queue to drain to (declared if missing).
+    #[arg(long, default_value = "utilitarian.tasks.commits.meter_readings")]
+    queue: String,
+    /// The queue for system events (declared if missing).
+    #[arg(long, default_value = "utilitarian.tasks.commits.meter_system_events")]
+    events_queue: String,
     /// How often every meter is read.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     every: Duration,
@@ -77,6 +83,8 @@ data_dir = "{data_dir}"
 
 [amqp]
 url = "{amqp}"
+queue = "{queue}"
+events_queue = "{events_queue}"
 declare_queues = true
 max_backoff = "10s"
 
@@ -115,11 +123,16 @@ reads = {{ quarterly = "all" }}
 "#,
         data_dir = data_dir.display(),
         amqp = args.amqp,
+        queue = args.queue,
+        events_queue = args.events_queue,
         host = addr.ip(),
         port = addr.port(),
         pty = pty.path().display(),
     );
-    let config = Config::from_toml(&text, std::path::Path::new("<demo>"))
+    std::fs::create_dir_all(&data_dir)?;
+    let config_path = data_dir.join("demo.toml");
+    std::fs::write(&config_path, &text)?;
+    let config = Config::from_toml(&text, &config_path)
         .map_err(|e| anyhow::anyhow!("the demo config is invalid (a bug):\n{e}"))?;
     eprintln!("amr-edge demo");
     eprintln!(
@@ -143,7 +156,12 @@ reads = {{ quarterly = "all" }}
         redact_url(&args.amqp),
         config.amqp.queue
     );
-    eprintln!("  Ctrl-C to stop; `amr-edge status` works against the data dir while it runs.\n");
+    eprintln!(
+        "  config  {} (try: amr-edge status --config {})",
+        config_path.display(),
+        config_path.display()
+    );
+    eprintln!("  Ctrl-C to stop.\n");
     agent::run(
         config,
         Options {

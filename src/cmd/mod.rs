@@ -4,6 +4,7 @@ pub mod check;
 pub mod demo;
 pub mod poll;
 pub mod run;
+pub mod simulate;
 pub mod status;
 
 use std::path::Path;

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -162,33 +163,50 @@ impl Publisher for AmqpPublisher {
             .with_delivery_mode(2)
             .with_priority(0)
             .with_headers(headers);
-        let confirm = channel
-            .basic_publish(
-                "",
-                queue,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &msg.body,
-                props,
-            )
-            .await
-            .map_err(classify)?;
+        let channel = channel.clone();
+        let queue = queue.to_owned();
+        let mut send = Box::pin(async move {
+            channel
+                .basic_publish(
+                    "",
+                    &queue,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &msg.body,
+                    props,
+                )
+                .await
+        });
+        // The first poll queues the frames on the channel (and takes the delivery tag); only
+        // then does lapin wait for its I/O loop to write them. Polling once here keeps the
+        // messages in call order without waiting for each write: the window of unconfirmed
+        // messages stays full.
+        let early = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+        if let Poll::Ready(Err(e)) = early {
+            return Err(classify(e));
+        }
         Ok(Box::pin(async move {
-            match confirm.await {
-                Ok(LapinConfirmation::Ack(None)) => Confirmation::Ack,
-                Ok(LapinConfirmation::Ack(Some(ret))) | Ok(LapinConfirmation::Nack(Some(ret))) => {
-                    Confirmation::Returned {
+            let sent = match early {
+                Poll::Ready(r) => r,
+                Poll::Pending => send.await,
+            };
+            match sent {
+                Ok(confirm) => match confirm.await {
+                    Ok(LapinConfirmation::Ack(None)) => Confirmation::Ack,
+                    Ok(LapinConfirmation::Ack(Some(ret)))
+                    | Ok(LapinConfirmation::Nack(Some(ret))) => Confirmation::Returned {
                         code: ret.reply_code,
                         text: ret.reply_text.to_string(),
+                    },
+                    Ok(LapinConfirmation::Nack(None)) => Confirmation::Nack,
+                    // Confirm mode is always on for our channel; treat the impossible as a loss.
+                    Ok(LapinConfirmation::NotRequested) => {
+                        Confirmation::Lost("channel not in confirm mode".into())
                     }
-                }
-                Ok(LapinConfirmation::Nack(None)) => Confirmation::Nack,
-                // Confirm mode is always on for our channel; treat the impossible as a loss.
-                Ok(LapinConfirmation::NotRequested) => {
-                    Confirmation::Lost("channel not in confirm mode".into())
-                }
+                    Err(e) => Confirmation::Lost(e.to_string()),
+                },
                 Err(e) => Confirmation::Lost(e.to_string()),
             }
         }))

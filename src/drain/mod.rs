@@ -26,8 +26,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -381,6 +381,9 @@ impl<P: Publisher> Drain<P> {
         }
         let mut pacer = Pacer::new(self.settings.rate_limit);
         let mut progress = Progress::default();
+        // Records taken from the store ahead of publishing, a few messages' worth per stream:
+        // one store call per several messages. Handed back on any way out of the session.
+        let mut ahead: [std::collections::VecDeque<Entry>; 2] = Default::default();
         let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
         let mut failure: Option<PublishError> = None;
         let mut stopping = false;
@@ -395,18 +398,23 @@ impl<P: Publisher> Drain<P> {
                 && idle_streams < 2
             {
                 let stream = streams.next().unwrap_or(Stream::Readings);
-                let entries = match self.take(stream).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Cannot read the store");
-                        failure = Some(PublishError::Unreachable(format!("store: {e}")));
-                        break;
+                let buf = &mut ahead[stream as usize];
+                if buf.is_empty() {
+                    match self.take(stream).await {
+                        Ok(e) => buf.extend(e),
+                        Err(e) => {
+                            tracing::error!(error = %e, "Cannot read the store");
+                            failure = Some(PublishError::Unreachable(format!("store: {e}")));
+                            break;
+                        }
                     }
-                };
-                if entries.is_empty() {
+                }
+                if buf.is_empty() {
                     idle_streams += 1;
                     continue;
                 }
+                let n = buf.len().min(self.per_message(stream));
+                let entries: Vec<Entry> = buf.drain(..n).collect();
                 idle_streams = 0;
                 tokio::select! {
                     () = pacer.ready() => {}
@@ -431,6 +439,9 @@ impl<P: Publisher> Drain<P> {
             }
             if in_flight.is_empty() {
                 progress.log(true);
+                if failure.is_some() || stopping {
+                    self.hand_back(&mut ahead);
+                }
                 if let Some(e) = failure {
                     return SessionEnd::Failed(e);
                 }
@@ -447,35 +458,46 @@ impl<P: Publisher> Drain<P> {
                 continue;
             }
             tokio::select! {
-                Some((ids, n, confirmation)) = in_flight.next() => {
-                    match confirmation {
-                        Confirmation::Ack => {
-                            if let Err(e) = self.ack(&ids).await {
-                                // Delivered but not removed: it will be sent again (same ids).
-                                tracing::error!(error = %e, "Cannot remove delivered records from the store");
+                Some(first) = in_flight.next() => {
+                    // Confirmations come in bursts (RabbitMQ acks several at once): take all
+                    // that are ready and remove them from the store in one write.
+                    let mut done = vec![first];
+                    while let Some(Some(more)) = in_flight.next().now_or_never() {
+                        done.push(more);
+                    }
+                    let mut delivered: Vec<EntryId> = Vec::new();
+                    for (ids, n, confirmation) in done {
+                        match confirmation {
+                            Confirmation::Ack => {
+                                progress.add(stream_of(&ids), n);
+                                self.status.send_modify(|s| {
+                                    s.messages += 1;
+                                    s.records += n as u64;
+                                    s.last_error = None;
+                                });
+                                delivered.extend(ids);
                             }
-                            backoff.reset();
-                            progress.add(stream_of(&ids), n);
-                            progress.log(false);
-                            self.status.send_modify(|s| {
-                                s.messages += 1;
-                                s.records += n as u64;
-                                s.last_error = None;
-                            });
-                            tracing::debug!(records = n, "Delivered");
+                            Confirmation::Returned { code, text } => {
+                                self.store.nack(&ids);
+                                failure.get_or_insert(PublishError::MissingQueue(format!("{text} ({code})")));
+                            }
+                            Confirmation::Nack => {
+                                self.store.nack(&ids);
+                                failure.get_or_insert(PublishError::Unreachable("the broker nacked a message".into()));
+                            }
+                            Confirmation::Lost(why) => {
+                                self.store.nack(&ids);
+                                failure.get_or_insert(PublishError::Unreachable(why));
+                            }
                         }
-                        Confirmation::Returned { code, text } => {
-                            self.store.nack(&ids);
-                            failure.get_or_insert(PublishError::MissingQueue(format!("{text} ({code})")));
+                    }
+                    if !delivered.is_empty() {
+                        if let Err(e) = self.ack(&delivered).await {
+                            // Delivered but not removed: it will be sent again (same ids).
+                            tracing::error!(error = %e, "Cannot remove delivered records from the store");
                         }
-                        Confirmation::Nack => {
-                            self.store.nack(&ids);
-                            failure.get_or_insert(PublishError::Unreachable("the broker nacked a message".into()));
-                        }
-                        Confirmation::Lost(why) => {
-                            self.store.nack(&ids);
-                            failure.get_or_insert(PublishError::Unreachable(why));
-                        }
+                        backoff.reset();
+                        progress.log(false);
                     }
                 }
                 () = shutdown.cancelled() => {
@@ -492,18 +514,32 @@ impl<P: Publisher> Drain<P> {
                             () = &mut deadline => break,
                         }
                     }
+                    self.hand_back(&mut ahead);
                     return SessionEnd::Shutdown;
                 }
             }
         }
     }
 
-    async fn take(&self, stream: Stream) -> Result<Vec<Entry>, StoreError> {
-        let store = self.store.clone();
-        let max = match stream {
+    fn per_message(&self, stream: Stream) -> usize {
+        match stream {
             Stream::Readings => self.settings.readings_per_message,
             Stream::Events => self.settings.readings_per_message.min(100),
-        };
+        }
+    }
+
+    /// Returns records taken ahead but not published to the store.
+    fn hand_back(&self, ahead: &mut [std::collections::VecDeque<Entry>; 2]) {
+        for buf in ahead {
+            let ids: Vec<EntryId> = buf.drain(..).map(|e| e.id).collect();
+            self.store.nack(&ids);
+        }
+    }
+
+    async fn take(&self, stream: Stream) -> Result<Vec<Entry>, StoreError> {
+        let store = self.store.clone();
+        // A few messages' worth, but never more than the window can carry.
+        let max = self.per_message(stream) * 8.min(self.settings.max_unconfirmed);
         tokio::task::spawn_blocking(move || store.take(stream, max))
             .await
             .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))

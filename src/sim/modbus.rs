@@ -4,8 +4,9 @@
 //! Faults can be switched on per unit, for the fault-handling tests: silence, an exception.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::{Ready, ready};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -25,6 +26,8 @@ pub enum Fault {
     Silent,
     /// Answers every read with this exception.
     Exception(ExceptionCode),
+    /// Answers, but only after this many milliseconds (a slow meter, a long line).
+    Delay(u64),
 }
 
 /// One simulated meter.
@@ -64,6 +67,28 @@ impl Unit {
         } else {
             base
         }
+    }
+
+    /// What the meter answers to a read of `count` registers at `addr`, `elapsed` seconds
+    /// after it started.
+    pub fn read(
+        &self,
+        function: Function,
+        addr: u16,
+        count: u16,
+        elapsed: f64,
+    ) -> Result<Vec<u16>, ExceptionCode> {
+        if count == 0 || count > 125 || u32::from(addr) + u32::from(count) > 0x1_0000 {
+            return Err(ExceptionCode::IllegalDataValue);
+        }
+        let bank = self.bank(function, elapsed);
+        (addr..addr + count)
+            .map(|a| match bank.get(&a) {
+                Some(w) => Ok(*w),
+                None if self.gaps_readable => Ok(0),
+                None => Err(ExceptionCode::IllegalDataAddress),
+            })
+            .collect()
     }
 
     fn bank(&self, function: Function, elapsed: f64) -> BTreeMap<u16, u16> {
@@ -143,7 +168,7 @@ impl Meters {
             return Ok(None);
         };
         match unit.fault {
-            Fault::None => {}
+            Fault::None | Fault::Delay(_) => {}
             Fault::Silent => return Ok(None),
             Fault::Exception(e) => return Err(e),
         }
@@ -153,18 +178,7 @@ impl Meters {
             Request::ReadHoldingRegisters(a, c) => (Function::Holding, a, c),
             _ => return Err(ExceptionCode::IllegalFunction),
         };
-        if count == 0 || count > 125 || u32::from(addr) + u32::from(count) > 0x1_0000 {
-            return Err(ExceptionCode::IllegalDataValue);
-        }
-        let bank = unit.bank(function, elapsed);
-        let mut words = Vec::with_capacity(usize::from(count));
-        for a in addr..addr + count {
-            match bank.get(&a) {
-                Some(w) => words.push(*w),
-                None if unit.gaps_readable => words.push(0),
-                None => return Err(ExceptionCode::IllegalDataAddress),
-            }
-        }
+        let words = unit.read(function, addr, count, elapsed)?;
         Ok(Some(match function {
             Function::Input => Response::ReadInputRegisters(words),
             Function::Holding => Response::ReadHoldingRegisters(words),
@@ -176,10 +190,20 @@ impl Service for Meters {
     type Request = SlaveRequest<'static>;
     type Response = Option<Response>;
     type Exception = ExceptionCode;
-    type Future = Ready<Result<Self::Response, Self::Exception>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Exception>> + Send>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
-        ready(self.answer(req))
+        let delay = match self.lock().get(&req.slave).map(|u| u.fault) {
+            Some(Fault::Delay(ms)) => ms,
+            _ => 0,
+        };
+        let answer = self.answer(req);
+        Box::pin(async move {
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
+            answer
+        })
     }
 }
 

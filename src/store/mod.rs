@@ -316,8 +316,9 @@ pub(crate) fn encode(record: &Record) -> Vec<u8> {
     postcard::to_stdvec(record).unwrap_or_default()
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<Record, postcard::Error> {
-    postcard::from_bytes(bytes)
+/// The size of a record as the store encodes it (for benchmarks and capacity planning).
+pub fn encoded_len(record: &Record) -> usize {
+    encode(record).len()
 }
 
 #[cfg(test)]

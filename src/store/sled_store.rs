@@ -2,30 +2,38 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `r` range seq(8, big-endian) | a record, postcard |
+//! | `r` range first-seq(8, big-endian) | a chunk: the records of one range from one append |
 //! | `m` | [`Meta`]: counters, next sequence number |
 //! | `b` meter `\0` cadence | last boundary read, Unix ms (8, big-endian) |
 //! | `l` meter | last reading stored, Unix ms |
 //! | `f` meter | last failure: (Unix ms, kind, message), postcard |
 //!
-//! Records that cannot be decoded are moved to a second tree, `aside`, and reported.
+//! Records are kept in chunks, one sled value per range per append (a poll's readings), not
+//! one per record: sled spends about 8 µs and 140 bytes of log on every item it stores, which
+//! for a 60-byte reading would triple the disk use and cap appends well below the rate a
+//! backlog needs. A chunk is `count (u32 LE)` followed by the postcard of
+//! `[(offset from first-seq, record)]`. Acknowledging part of a chunk rewrites it without the
+//! acknowledged records (in the same atomic batch as the counters); the last record acknowledged
+//! removes it. Evictions take whole chunks, oldest first.
+//!
+//! Chunks that cannot be decoded are moved to a second tree, `aside`, and reported.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sled::{Batch, IVec, Tree};
 
 use super::{
     Append, Appended, Depth, Entry, EntryId, MeterState, Range, Record, Stats, Store, StoreConfig,
-    StoreError, Stream, decode, encode, initial_sequence,
+    StoreError, Stream, initial_sequence,
 };
 use crate::clock::SharedClock;
 use crate::reading::{Cadence, EventKind, Flags, Stamp, SystemEvent};
 
 const META: &[u8] = b"m";
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Meta {
@@ -50,15 +58,43 @@ struct Unreported {
     by_age: u64,
 }
 
+/// A decoded chunk's records with their sequence numbers, shared with the cache.
+type Items = Arc<Vec<(u64, Record)>>;
+
 #[derive(Debug, Default)]
 struct State {
     meta: Meta,
     /// Highest sequence number whose append has been fsynced.
     durable: u64,
-    /// Per range, the last sequence number handed out by `take`.
-    cursor: [u64; 3],
+    /// Per range, the last sequence number handed out by `take`, and the chunk holding it.
+    cursor: [(u64, u64); 3],
+    /// Per range, the chunk `take` last decoded: the next take usually continues in it.
+    /// Chunks never change on disk (they are only removed), so the copy stays right.
+    cached: [Option<(u64, Items)>; 3],
     /// Taken, then not delivered: handed out again first.
     retry: BTreeSet<EntryId>,
+    /// Acknowledged records of chunks that still hold unacknowledged ones, by (range, first
+    /// seq). Kept in memory only: a chunk is removed when its last record is acknowledged.
+    /// A crash forgets these, and they are delivered again (same ids) — duplicates, never loss.
+    partial: BTreeMap<(Range, u64), BTreeSet<u64>>,
+    /// Per range, how many records `partial` holds (not yet subtracted on disk).
+    partial_count: [u64; 3],
+}
+
+impl State {
+    /// Forgets what is known of a chunk that left the store.
+    fn forget_chunk(&mut self, range: Range, first: u64) {
+        if let Some(set) = self.partial.remove(&(range, first)) {
+            let c = &mut self.partial_count[range as usize];
+            *c = c.saturating_sub(set.len() as u64);
+        }
+        if self.cached[range as usize]
+            .as_ref()
+            .is_some_and(|(f, _)| *f == first)
+        {
+            self.cached[range as usize] = None;
+        }
+    }
 }
 
 impl State {
@@ -86,7 +122,7 @@ fn rkey(range: Range, seq: u64) -> [u8; 10] {
     k
 }
 
-fn range_of_key(k: &[u8]) -> Option<EntryId> {
+fn parse_key(k: &[u8]) -> Option<(Range, u64)> {
     if k.len() != 10 || k[0] != b'r' {
         return None;
     }
@@ -96,8 +132,7 @@ fn range_of_key(k: &[u8]) -> Option<EntryId> {
         2 => Range::Billing,
         _ => return None,
     };
-    let seq = u64::from_be_bytes(k[2..].try_into().ok()?);
-    Some(EntryId { seq, range })
+    Some((range, u64::from_be_bytes(k[2..].try_into().ok()?)))
 }
 
 fn mark_key(meter: &str, cadence: Cadence) -> Vec<u8> {
@@ -120,20 +155,45 @@ fn io(e: sled::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// What an eviction pass removed, for its system event.
-#[derive(Default)]
-struct Evicted {
-    per_range: [u64; 3],
-    first_seq: Option<u64>,
-    last_seq: u64,
-    /// Victims and the size of their values.
-    keys: BTreeMap<EntryId, usize>,
+/// Encodes a chunk whose first record has sequence number `first`.
+fn encode_chunk(first: u64, items: &[(u64, &Record)]) -> Vec<u8> {
+    let body: Vec<(u32, &Record)> = items
+        .iter()
+        .map(|(seq, r)| ((seq - first) as u32, *r))
+        .collect();
+    let mut v = (items.len() as u32).to_le_bytes().to_vec();
+    // Encoding our own types into a Vec cannot fail.
+    v.extend(postcard::to_stdvec(&body).unwrap_or_default());
+    v
 }
 
-impl Evicted {
-    fn count(&self) -> u64 {
-        self.per_range.iter().sum()
-    }
+/// The records of a chunk with their sequence numbers.
+fn decode_chunk(first: u64, v: &[u8]) -> Result<Vec<(u64, Record)>, postcard::Error> {
+    let body = v
+        .get(4..)
+        .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+    let items: Vec<(u32, Record)> = postcard::from_bytes(body)?;
+    Ok(items
+        .into_iter()
+        .map(|(off, r)| (first + u64::from(off), r))
+        .collect())
+}
+
+/// The record count from a chunk's header, without decoding it.
+fn chunk_count(v: &[u8]) -> u64 {
+    v.get(..4)
+        .and_then(|h| h.try_into().ok())
+        .map_or(0, |h| u64::from(u32::from_le_bytes(h)))
+}
+
+/// A chunk chosen for eviction.
+struct Victim {
+    key: [u8; 10],
+    range: Range,
+    count: u64,
+    bytes: u64,
+    first: u64,
+    last: u64,
 }
 
 impl SledStore {
@@ -145,13 +205,25 @@ impl SledStore {
             reason,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(&path)
             .cache_capacity(config.cache.0)
             .flush_every_ms(Some(config.ack_flush.0.as_millis().max(1) as u64))
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|e| open_err(e.to_string()))?;
+            .mode(sled::Mode::LowSpace);
+        // sled locks its files and lets go of them from a background thread a moment after
+        // the last handle is dropped (by `status`, or a test that filled the store): wait a
+        // little rather than fail. The agent's own lock keeps a second agent out.
+        let mut attempts = 0;
+        let db = loop {
+            match sled_config.open() {
+                Ok(db) => break db,
+                Err(e) if e.to_string().contains("could not acquire lock") && attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(open_err(e.to_string())),
+            }
+        };
         let tree = db
             .open_tree("buffer")
             .map_err(|e| open_err(e.to_string()))?;
@@ -172,7 +244,7 @@ impl SledStore {
             },
             None => None,
         };
-        let meta = match meta {
+        let mut meta = match meta {
             Some(m) => m,
             None if tree.is_empty() => Meta {
                 format: FORMAT,
@@ -181,13 +253,13 @@ impl SledStore {
             },
             None => recount(&tree, clock.now_ms()).map_err(|e| open_err(e.to_string()))?,
         };
-        let mut meta = meta;
         // A sequence number is never handed out twice, even if the counters were written by
-        // a buggy or older build: stay above the highest key present.
+        // a buggy or older build: stay above the highest record present.
         for range in Range::ALL {
-            if let Some(Ok((k, _))) = tree.scan_prefix([b'r', range as u8]).next_back() {
-                if let Some(id) = range_of_key(&k) {
-                    meta.next_seq = meta.next_seq.max(id.seq + 1);
+            if let Some(Ok((k, v))) = tree.scan_prefix([b'r', range as u8]).next_back() {
+                if let (Some((_, first)), Ok(items)) = (parse_key(&k), decode_chunk(0, &v)) {
+                    let last = items.last().map_or(first, |(off, _)| first + off);
+                    meta.next_seq = meta.next_seq.max(last + 1);
                 }
             }
         }
@@ -217,15 +289,26 @@ impl SledStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Picks victims, oldest first in eviction order, until the buffer is `need` bytes
-    /// smaller, or until `too_old` says the oldest record is young enough.
+    /// The chunk of `range` that holds `seq`, if it is still there.
+    fn chunk_of(&self, range: Range, seq: u64) -> Result<Option<(u64, IVec)>, StoreError> {
+        let found = self
+            .tree
+            .range(rkey(range, 0)..=rkey(range, seq))
+            .next_back()
+            .transpose()
+            .map_err(io)?;
+        Ok(found.and_then(|(k, v)| parse_key(&k).map(|(_, first)| (first, v))))
+    }
+
+    /// Picks whole chunks to evict, oldest first in eviction order, until the buffer is
+    /// `need_bytes` smaller, or (with `cutoff_ms`) while chunks are older than the cutoff.
     fn choose_victims(
         &self,
         meta: &Meta,
         need_bytes: u64,
         cutoff_ms: Option<i64>,
-    ) -> Result<Evicted, StoreError> {
-        let mut ev = Evicted::default();
+    ) -> Result<Vec<Victim>, StoreError> {
+        let mut out = Vec::new();
         let mut freed = 0u64;
         for range in Range::ALL {
             if cutoff_ms.is_none() && freed >= need_bytes {
@@ -235,32 +318,42 @@ impl SledStore {
                 continue;
             }
             for item in self.tree.scan_prefix([b'r', range as u8]) {
-                let (k, v) = item.map_err(io)?;
-                let Some(id) = range_of_key(&k) else { continue };
-                match cutoff_ms {
-                    Some(cutoff) => {
-                        // Age eviction: records are in time order within a range, so stop at
-                        // the first young one. A reading taken on an unsynchronised clock has
-                        // no trustworthy age and is left to the size cap.
-                        match decode(&v) {
-                            Ok(Record::Reading(r)) if r.flags.contains(Flags::CLOCK_UNSYNCED) => {
-                                continue;
-                            }
-                            Ok(rec) if rec.at_ms() >= cutoff => break,
-                            _ => {}
-                        }
-                    }
-                    None if freed >= need_bytes => break,
-                    None => {}
+                if cutoff_ms.is_none() && freed >= need_bytes {
+                    break;
                 }
-                freed += (k.len() + v.len()) as u64;
-                ev.per_range[range as usize] += 1;
-                ev.first_seq = Some(ev.first_seq.map_or(id.seq, |s| s.min(id.seq)));
-                ev.last_seq = ev.last_seq.max(id.seq);
-                ev.keys.insert(id, v.len());
+                let (k, v) = item.map_err(io)?;
+                let Some((_, first)) = parse_key(&k) else {
+                    continue;
+                };
+                let items = decode_chunk(first, &v).unwrap_or_default();
+                if let Some(cutoff) = cutoff_ms {
+                    // Age eviction: chunks are in time order within a range, so stop at the
+                    // first young one. A reading taken on an unsynchronised clock has no
+                    // trustworthy age and is left to the size cap.
+                    let unsynced = items.iter().any(|(_, r)| {
+                        matches!(r, Record::Reading(r) if r.flags.contains(Flags::CLOCK_UNSYNCED))
+                    });
+                    if unsynced {
+                        continue;
+                    }
+                    let youngest = items.iter().map(|(_, r)| r.at_ms()).max().unwrap_or(0);
+                    if youngest >= cutoff {
+                        break;
+                    }
+                }
+                let bytes = (k.len() + v.len()) as u64;
+                freed += bytes;
+                out.push(Victim {
+                    key: rkey(range, first),
+                    range,
+                    count: chunk_count(&v),
+                    bytes,
+                    first,
+                    last: items.last().map_or(first, |(s, _)| *s),
+                });
             }
         }
-        Ok(ev)
+        Ok(out)
     }
 
     /// Removes victims in `batch` and counts them for the next eviction report.
@@ -269,33 +362,32 @@ impl SledStore {
         st: &mut State,
         meta: &mut Meta,
         batch: &mut Batch,
-        ev: &Evicted,
+        victims: &[Victim],
         by_age: bool,
-    ) {
-        for (id, len) in &ev.keys {
-            let k = rkey(id.range, id.seq);
-            batch.remove(&k[..]);
-            let d = &mut meta.depth[id.range as usize];
-            d.count = d.count.saturating_sub(1);
-            d.bytes = d.bytes.saturating_sub((k.len() + len) as u64);
-            st.retry.remove(id);
-        }
-        let n = ev.count();
-        meta.evicted += n;
+    ) -> u64 {
+        let mut n = 0;
         let u = &mut meta.unreported;
-        for (total, add) in u.per_range.iter_mut().zip(ev.per_range) {
-            *total += add;
+        for v in victims {
+            batch.remove(&v.key[..]);
+            let d = &mut meta.depth[v.range as usize];
+            d.count = d.count.saturating_sub(v.count);
+            d.bytes = d.bytes.saturating_sub(v.bytes);
+            u.per_range[v.range as usize] += v.count;
+            u.first_seq = Some(u.first_seq.map_or(v.first, |f| f.min(v.first)));
+            u.last_seq = u.last_seq.max(v.last);
+            st.retry
+                .retain(|id| !(id.range == v.range && (v.first..=v.last).contains(&id.seq)));
+            st.forget_chunk(v.range, v.first);
+            n += v.count;
         }
-        if let Some(first) = ev.first_seq {
-            u.first_seq = Some(u.first_seq.map_or(first, |f| f.min(first)));
-        }
-        u.last_seq = u.last_seq.max(ev.last_seq);
+        meta.evicted += n;
         if by_age {
-            u.by_age += n;
+            meta.unreported.by_age += n;
         } else {
-            u.by_size += n;
+            meta.unreported.by_size += n;
         }
         tracing::debug!(count = n, by_age, "Evicted buffered records");
+        n
     }
 
     /// Stages the system event that reports the evictions counted so far.
@@ -333,34 +425,99 @@ impl SledStore {
         .detail("billing", u.per_range[2])
         .detail("first_seq", u.first_seq.unwrap_or(0))
         .detail("last_seq", u.last_seq);
-        Some(self.stage(meta, batch, Record::Event(event)))
-    }
-
-    /// Adds a record to `batch` with the next sequence number.
-    fn stage(&self, meta: &mut Meta, batch: &mut Batch, record: Record) -> u64 {
         let seq = meta.next_seq;
         meta.next_seq += 1;
-        let range = Range::of(&record);
-        let k = rkey(range, seq);
-        let v = encode(&record);
+        self.stage(
+            meta,
+            batch,
+            Range::Events,
+            seq,
+            &[(seq, &Record::Event(event))],
+        );
+        Some(seq)
+    }
+
+    /// Adds a chunk to `batch` and counts it.
+    fn stage(
+        &self,
+        meta: &mut Meta,
+        batch: &mut Batch,
+        range: Range,
+        first: u64,
+        items: &[(u64, &Record)],
+    ) {
+        let k = rkey(range, first);
+        let v = encode_chunk(first, items);
         let d = &mut meta.depth[range as usize];
-        d.count += 1;
+        d.count += items.len() as u64;
         d.bytes += (k.len() + v.len()) as u64;
         batch.insert(&k[..], v);
-        seq
     }
 
     fn write(&self, st: &mut State, mut meta: Meta, mut batch: Batch) -> Result<(), StoreError> {
+        meta.format = FORMAT;
         batch.insert(META, postcard::to_stdvec(&meta).unwrap_or_default());
         self.tree.apply_batch(batch).map_err(io)?;
-        meta.format = FORMAT;
         st.meta = meta;
         Ok(())
     }
 
     fn first_at_ms(&self, range: Range) -> Option<i64> {
-        let (_, v) = self.tree.scan_prefix([b'r', range as u8]).next()?.ok()?;
-        decode(&v).ok().map(|r| r.at_ms())
+        let (k, v) = self.tree.scan_prefix([b'r', range as u8]).next()?.ok()?;
+        let (_, first) = parse_key(&k)?;
+        let items = decode_chunk(first, &v).ok()?;
+        items.iter().map(|(_, r)| r.at_ms()).min()
+    }
+
+    /// Moves an undecodable chunk to the `aside` tree, counts it and reports it. Called with
+    /// the state locked; flushes, since it is rare and its report must be durable before
+    /// anything can take it.
+    fn set_aside(
+        &self,
+        st: &mut State,
+        range: Range,
+        first: u64,
+        v: &IVec,
+        e: &postcard::Error,
+    ) -> Result<(), StoreError> {
+        let k = rkey(range, first);
+        // Copied first: a crash between the two writes leaves it in both places, and the next
+        // take sets it aside again.
+        self.aside.insert(k, v.clone()).map_err(io)?;
+        let mut meta = st.meta.clone();
+        let mut batch = Batch::default();
+        batch.remove(&k[..]);
+        let lost = chunk_count(v).max(1);
+        let d = &mut meta.depth[range as usize];
+        d.count = d.count.saturating_sub(lost);
+        d.bytes = d.bytes.saturating_sub((k.len() + v.len()) as u64);
+        meta.set_aside += lost;
+        tracing::error!(first_seq = first, range = range.name(), records = lost, error = %e, "Buffered records unreadable, set aside");
+        let event = SystemEvent::new(
+            EventKind::StoreCorruption,
+            Stamp::in_zone(self.clock.now(), &jiff::tz::TimeZone::UTC),
+            format!("{lost} buffered records could not be read and were set aside"),
+        )
+        .detail("count", lost)
+        .detail("first_seq", first)
+        .detail("range", range.name());
+        let seq = meta.next_seq;
+        meta.next_seq += 1;
+        self.stage(
+            &mut meta,
+            &mut batch,
+            Range::Events,
+            seq,
+            &[(seq, &Record::Event(event))],
+        );
+        st.retry.retain(|id| {
+            !(id.range == range && id.seq >= first && id.seq < first + lost.max(1 << 20))
+        });
+        st.forget_chunk(range, first);
+        self.write(st, meta, batch)?;
+        self.db.flush().map_err(io)?;
+        st.durable_through(seq);
+        Ok(())
     }
 }
 
@@ -373,14 +530,79 @@ fn recount(tree: &Tree, now_ms: i64) -> sled::Result<Meta> {
     };
     for item in tree.scan_prefix(b"r") {
         let (k, v) = item?;
-        if let Some(id) = range_of_key(&k) {
-            let d = &mut meta.depth[id.range as usize];
-            d.count += 1;
+        if let Some((range, first)) = parse_key(&k) {
+            let d = &mut meta.depth[range as usize];
+            d.count += chunk_count(&v);
             d.bytes += (k.len() + v.len()) as u64;
-            meta.next_seq = meta.next_seq.max(id.seq + 1);
+            meta.next_seq = meta.next_seq.max(first + chunk_count(&v).max(1));
         }
     }
     Ok(meta)
+}
+
+impl SledStore {
+    /// Writes the partial acknowledgements kept in memory: each partly delivered chunk is
+    /// rewritten without its delivered records. Done on flush (shutdown) and once a minute,
+    /// which bounds what a crash can make the drain send twice.
+    fn persist_partial(&self, st: &mut State) -> Result<(), StoreError> {
+        if st.partial.is_empty() {
+            return Ok(());
+        }
+        let mut meta = st.meta.clone();
+        let mut batch = Batch::default();
+        let partial = std::mem::take(&mut st.partial);
+        for ((range, first), acked) in &partial {
+            let k = rkey(*range, *first);
+            let Some(v) = self.tree.get(k).map_err(io)? else {
+                continue;
+            };
+            let Ok(items) = decode_chunk(*first, &v) else {
+                continue;
+            };
+            let keep: Vec<(u64, &Record)> = items
+                .iter()
+                .filter(|(s, _)| !acked.contains(s))
+                .map(|(s, r)| (*s, r))
+                .collect();
+            let d = &mut meta.depth[*range as usize];
+            d.count = d.count.saturating_sub((items.len() - keep.len()) as u64);
+            d.bytes = d.bytes.saturating_sub((k.len() + v.len()) as u64);
+            if keep.is_empty() {
+                batch.remove(&k[..]);
+            } else {
+                let nv = encode_chunk(*first, &keep);
+                d.bytes += (k.len() + nv.len()) as u64;
+                batch.insert(&k[..], nv);
+            }
+            if st.cached[*range as usize]
+                .as_ref()
+                .is_some_and(|(f, _)| f == first)
+            {
+                st.cached[*range as usize] = None;
+            }
+        }
+        match self.write(st, meta, batch) {
+            Ok(()) => {
+                st.partial_count = [0; 3];
+                Ok(())
+            }
+            Err(e) => {
+                st.partial = partial;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        let mut st = self.lock();
+        if let Err(e) = self.persist_partial(&mut st) {
+            tracing::warn!(error = %e, "Could not record the last acknowledgements; they will be delivered again");
+        }
+        drop(st);
+        let _ = self.db.flush();
+    }
 }
 
 impl Store for SledStore {
@@ -404,13 +626,11 @@ impl Store for SledStore {
         }
         for e in &events {
             if let Some(meter) = &e.meter {
-                if e.kind != EventKind::Eviction {
-                    let failure = (e.at.ms, e.kind.as_str(), e.message.as_str());
-                    batch.insert(
-                        meter_key(b'f', meter),
-                        postcard::to_stdvec(&failure).unwrap_or_default(),
-                    );
-                }
+                let failure = (e.at.ms, e.kind.as_str(), e.message.as_str());
+                batch.insert(
+                    meter_key(b'f', meter),
+                    postcard::to_stdvec(&failure).unwrap_or_default(),
+                );
             }
         }
         for m in &marks {
@@ -419,26 +639,35 @@ impl Store for SledStore {
                 &m.boundary_ms.to_be_bytes()[..],
             );
         }
+        drop(last_read);
+        let records: Vec<Record> = readings
+            .into_iter()
+            .map(Record::Reading)
+            .chain(events.into_iter().map(Record::Event))
+            .collect();
 
         let mut st = self.lock();
         let mut meta = st.meta.clone();
         let first_new = meta.next_seq;
-        let mut seqs = Vec::with_capacity(readings.len() + events.len());
-        for r in readings {
-            seqs.push(self.stage(&mut meta, &mut batch, Record::Reading(r)));
-        }
-        for e in events {
-            seqs.push(self.stage(&mut meta, &mut batch, Record::Event(e)));
+        let seqs: Vec<u64> = (first_new..first_new + records.len() as u64).collect();
+        meta.next_seq += records.len() as u64;
+        for range in Range::ALL {
+            let items: Vec<(u64, &Record)> = seqs
+                .iter()
+                .zip(&records)
+                .filter(|(_, r)| Range::of(r) == range)
+                .map(|(s, r)| (*s, r))
+                .collect();
+            if let Some((first, _)) = items.first() {
+                self.stage(&mut meta, &mut batch, range, *first, &items);
+            }
         }
         let total: u64 = meta.depth.iter().map(|d| d.bytes).sum();
         let mut evicted = 0;
         if total > self.config.max_bytes.0 {
             // Victims come from what is already on disk; this batch is not in the tree yet.
-            let ev = self.choose_victims(&meta, total - self.config.max_bytes.0, None)?;
-            if !ev.keys.is_empty() {
-                evicted = ev.count();
-                self.evict_into(&mut st, &mut meta, &mut batch, &ev, false);
-            }
+            let victims = self.choose_victims(&meta, total - self.config.max_bytes.0, None)?;
+            evicted = self.evict_into(&mut st, &mut meta, &mut batch, &victims, false);
         }
         let last = meta.next_seq - 1;
         let snapshot = st.meta.clone();
@@ -450,9 +679,9 @@ impl Store for SledStore {
             // also leave this copy behind to be flushed later.
             let mut st = self.lock();
             let mut undo = Batch::default();
-            for seq in first_new..=last {
-                for range in Range::ALL {
-                    undo.remove(&rkey(range, seq)[..]);
+            for range in Range::ALL {
+                for seq in &seqs {
+                    undo.remove(&rkey(range, *seq)[..]);
                 }
             }
             let _ = self.write(&mut st, snapshot, undo);
@@ -468,7 +697,8 @@ impl Store for SledStore {
             Stream::Readings => &[Range::Profile, Range::Billing],
             Stream::Events => &[Range::Events],
         };
-        let mut found: Vec<(EntryId, IVec, bool)> = Vec::with_capacity(max);
+        // (id, chunk first-seq, record, from retry)
+        let mut found: Vec<(EntryId, u64, Record, bool)> = Vec::with_capacity(max);
         let retry: Vec<EntryId> = st
             .retry
             .iter()
@@ -476,46 +706,82 @@ impl Store for SledStore {
             .take(max)
             .copied()
             .collect();
+        let mut decoded: BTreeMap<(Range, u64), Vec<(u64, Record)>> = BTreeMap::new();
         for id in retry {
-            match self.tree.get(rkey(id.range, id.seq)).map_err(io)? {
-                Some(v) => found.push((id, v, true)),
+            let chunk = self.chunk_of(id.range, id.seq)?;
+            let record = chunk.and_then(|(first, v)| {
+                let items = decoded
+                    .entry((id.range, first))
+                    .or_insert_with(|| decode_chunk(first, &v).unwrap_or_default());
+                items
+                    .iter()
+                    .find(|(s, _)| *s == id.seq)
+                    .map(|(_, r)| (first, r.clone()))
+            });
+            match record {
+                Some((first, r)) => found.push((id, first, r, true)),
                 None => {
                     st.retry.remove(&id);
                 }
             }
         }
+        let mut bad = Vec::new();
         for &range in ranges {
-            let from = rkey(range, st.cursor[range as usize].saturating_add(1));
-            let to = rkey(range, st.durable);
-            if from > to {
+            let (cursor, cursor_chunk) = st.cursor[range as usize];
+            if cursor_chunk > st.durable {
                 continue;
             }
-            for item in self.tree.range(from..=to).take(max) {
-                let (k, v) = item.map_err(io)?;
-                if let Some(id) = range_of_key(&k) {
-                    found.push((id, v, false));
+            let mut n = 0;
+            let mut last_decoded = None;
+            for item in self
+                .tree
+                .range(rkey(range, cursor_chunk)..=rkey(range, st.durable))
+            {
+                if n >= max {
+                    break;
                 }
+                let (k, v) = item.map_err(io)?;
+                let Some((_, first)) = parse_key(&k) else {
+                    continue;
+                };
+                let items = match &st.cached[range as usize] {
+                    Some((f, items)) if *f == first => items.clone(),
+                    _ => match decode_chunk(first, &v) {
+                        Ok(items) => Arc::new(items),
+                        Err(e) => {
+                            bad.push((range, first, v, e));
+                            continue;
+                        }
+                    },
+                };
+                for (seq, r) in items.iter() {
+                    if *seq > cursor && n < max {
+                        found.push((EntryId { seq: *seq, range }, first, r.clone(), false));
+                        n += 1;
+                    }
+                }
+                last_decoded = Some((first, items));
+            }
+            if last_decoded.is_some() {
+                st.cached[range as usize] = last_decoded;
             }
         }
-        found.sort_by_key(|(id, _, _)| id.seq);
+        found.sort_by_key(|(id, _, _, _)| id.seq);
         found.truncate(max);
-
         let mut out = Vec::with_capacity(found.len());
-        let mut bad = Vec::new();
-        for (id, v, from_retry) in found {
+        for (id, first, record, from_retry) in found {
             if from_retry {
                 st.retry.remove(&id);
             } else {
                 let c = &mut st.cursor[id.range as usize];
-                *c = (*c).max(id.seq);
+                if id.seq > c.0 {
+                    *c = (id.seq, first);
+                }
             }
-            match decode(&v) {
-                Ok(record) => out.push(Entry { id, record }),
-                Err(e) => bad.push((id, v, e)),
-            }
+            out.push(Entry { id, record });
         }
-        if !bad.is_empty() {
-            self.set_aside(&mut st, bad)?;
+        for (range, first, v, e) in bad {
+            self.set_aside(&mut st, range, first, &v, &e)?;
         }
         Ok(out)
     }
@@ -524,19 +790,89 @@ impl Store for SledStore {
         if ids.is_empty() {
             return Ok(());
         }
+        /// A chunk some of whose records are being acknowledged.
+        struct Touched {
+            range: Range,
+            first: u64,
+            last: u64,
+            old_len: usize,
+            items: Arc<Vec<(u64, Record)>>,
+            acked: BTreeSet<u64>,
+        }
         let mut st = self.lock();
         let mut meta = st.meta.clone();
         let mut batch = Batch::default();
-        let ids: BTreeSet<&EntryId> = ids.iter().collect();
-        for id in ids {
-            let k = rkey(id.range, id.seq);
-            if let Some(v) = self.tree.get(k).map_err(io)? {
-                batch.remove(&k[..]);
-                let d = &mut meta.depth[id.range as usize];
-                d.count = d.count.saturating_sub(1);
-                d.bytes = d.bytes.saturating_sub((k.len() + v.len()) as u64);
+        let mut sorted: Vec<EntryId> = ids.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        // Ids in sequence order meet their chunks in order: one read per chunk touched.
+        let mut touched: Vec<Touched> = Vec::new();
+        let mut current: [Option<usize>; 3] = [None; 3];
+        for id in sorted {
+            st.retry.remove(&id);
+            let r = id.range as usize;
+            let hit =
+                current[r].filter(|&i| (touched[i].first..=touched[i].last).contains(&id.seq));
+            let i = match hit {
+                Some(i) => i,
+                None => {
+                    let Some((first, v)) = self.chunk_of(id.range, id.seq)? else {
+                        continue;
+                    };
+                    let items = match &st.cached[r] {
+                        Some((f, items)) if *f == first => items.clone(),
+                        _ => match decode_chunk(first, &v) {
+                            Ok(items) => Arc::new(items),
+                            Err(_) => continue,
+                        },
+                    };
+                    let last = items.last().map_or(first, |(s, _)| *s);
+                    if id.seq > last {
+                        // Already acknowledged (or evicted): nothing holds it any more.
+                        continue;
+                    }
+                    touched.push(Touched {
+                        range: id.range,
+                        first,
+                        last,
+                        old_len: v.len(),
+                        items,
+                        acked: BTreeSet::new(),
+                    });
+                    current[r] = Some(touched.len() - 1);
+                    touched.len() - 1
+                }
+            };
+            touched[i].acked.insert(id.seq);
+        }
+        for t in touched {
+            let k = rkey(t.range, t.first);
+            let newly: BTreeSet<u64> = {
+                let known = st.partial.get(&(t.range, t.first));
+                t.items
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .filter(|s| t.acked.contains(s) && !known.is_some_and(|k| k.contains(s)))
+                    .collect()
+            };
+            if newly.is_empty() {
+                continue;
             }
-            st.retry.remove(id);
+            let set = st.partial.entry((t.range, t.first)).or_default();
+            set.extend(newly.iter().copied());
+            if set.len() == t.items.len() {
+                // The last of the chunk: remove it, and count that on disk.
+                let before = set.len() as u64 - newly.len() as u64;
+                st.partial.remove(&(t.range, t.first));
+                let pc = &mut st.partial_count[t.range as usize];
+                *pc = pc.saturating_sub(before);
+                batch.remove(&k[..]);
+                let d = &mut meta.depth[t.range as usize];
+                d.count = d.count.saturating_sub(t.items.len() as u64);
+                d.bytes = d.bytes.saturating_sub((k.len() + t.old_len) as u64);
+            } else {
+                st.partial_count[t.range as usize] += newly.len() as u64;
+            }
         }
         meta.last_drain_ms = Some(self.clock.now_ms());
         self.write(&mut st, meta, batch)
@@ -545,14 +881,20 @@ impl Store for SledStore {
     fn nack(&self, ids: &[EntryId]) {
         let mut st = self.lock();
         for id in ids {
-            if id.seq <= st.cursor[id.range as usize] {
+            if id.seq <= st.cursor[id.range as usize].0 {
                 st.retry.insert(*id);
             }
         }
     }
 
     fn stats(&self) -> Result<Stats, StoreError> {
-        let meta = self.lock().meta.clone();
+        let (mut meta, partial) = {
+            let st = self.lock();
+            (st.meta.clone(), st.partial_count)
+        };
+        for (d, p) in meta.depth.iter_mut().zip(partial) {
+            d.count = d.count.saturating_sub(p);
+        }
         let oldest_ms = Range::ALL
             .iter()
             .filter(|r| meta.depth[**r as usize].count > 0)
@@ -606,13 +948,11 @@ impl Store for SledStore {
     fn maintain(&self) -> Result<u64, StoreError> {
         let cutoff = self.clock.now_ms() - self.config.max_age.0.as_millis() as i64;
         let mut st = self.lock();
+        self.persist_partial(&mut st)?;
         let mut meta = st.meta.clone();
-        let ev = self.choose_victims(&meta, 0, Some(cutoff))?;
-        let n = ev.count();
+        let victims = self.choose_victims(&meta, 0, Some(cutoff))?;
         let mut batch = Batch::default();
-        if n > 0 {
-            self.evict_into(&mut st, &mut meta, &mut batch, &ev, true);
-        }
+        let n = self.evict_into(&mut st, &mut meta, &mut batch, &victims, true);
         if self.report_evictions(&mut meta, &mut batch).is_none() {
             return Ok(0);
         }
@@ -625,53 +965,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        self.persist_partial(&mut self.lock())?;
         self.db.flush().map(|_| ()).map_err(io)
-    }
-}
-
-impl SledStore {
-    /// Moves undecodable records to the `aside` tree, counts them and reports them.
-    fn set_aside(
-        &self,
-        st: &mut State,
-        bad: Vec<(EntryId, IVec, postcard::Error)>,
-    ) -> Result<(), StoreError> {
-        let mut meta = st.meta.clone();
-        let mut batch = Batch::default();
-        for (id, v, e) in &bad {
-            let k = rkey(id.range, id.seq);
-            // Copied first: a crash between the two writes leaves it in both places, and the
-            // next take sets it aside again.
-            self.aside.insert(k, v.clone()).map_err(io)?;
-            batch.remove(&k[..]);
-            let d = &mut meta.depth[id.range as usize];
-            d.count = d.count.saturating_sub(1);
-            d.bytes = d.bytes.saturating_sub((k.len() + v.len()) as u64);
-            meta.set_aside += 1;
-            tracing::error!(seq = id.seq, range = id.range.name(), error = %e, "Buffered record unreadable, set aside");
-        }
-        let event = SystemEvent::new(
-            EventKind::StoreCorruption,
-            Stamp::in_zone(self.clock.now(), &jiff::tz::TimeZone::UTC),
-            format!(
-                "{} buffered records could not be read and were set aside",
-                bad.len()
-            ),
-        )
-        .detail("count", bad.len())
-        .detail(
-            "seqs",
-            bad.iter()
-                .map(|(id, _, _)| id.seq.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        let seq = self.stage(&mut meta, &mut batch, Record::Event(event));
-        self.write(st, meta, batch)?;
-        // A rare path: flush under the lock, so the report is durable before it can be taken.
-        // Everything applied before this flush is durable after it.
-        self.db.flush().map_err(io)?;
-        st.durable_through(seq);
-        Ok(())
     }
 }

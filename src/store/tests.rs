@@ -184,15 +184,18 @@ fn max_age_should_evict_old_records_but_not_unsynchronised_ones() {
     let day = 86_400_000;
     let mut unsynced = reading("m", Cadence::Daily, 1, now - 200 * day);
     unsynced.flags.insert(Flags::CLOCK_UNSYNCED);
-    s.append(Append {
-        readings: vec![
-            reading("m", Cadence::Daily, 2, now - 100 * day),
-            unsynced,
-            reading("m", Cadence::Daily, 3, now - 10 * day),
-        ],
-        ..Append::default()
-    })
-    .unwrap();
+    // One poll, one append: as the bus worker writes them.
+    for r in [
+        reading("m", Cadence::Daily, 2, now - 100 * day),
+        unsynced,
+        reading("m", Cadence::Daily, 3, now - 10 * day),
+    ] {
+        s.append(Append {
+            readings: vec![r],
+            ..Append::default()
+        })
+        .unwrap();
+    }
     assert_eq!(s.maintain().unwrap(), 1);
     let st = s.stats().unwrap();
     assert_eq!((st.billing.count, st.evicted), (2, 1));
@@ -203,26 +206,33 @@ fn an_undecodable_record_should_be_set_aside_and_reported_not_crash() {
     let dir = tempfile::tempdir().unwrap();
     let c = clock();
     let s = open(dir.path(), &StoreConfig::default(), c.clone());
-    let a = s
-        .append(Append {
-            readings: vec![
-                reading("m", Cadence::Daily, 1, c.now_ms()),
-                reading("m", Cadence::Daily, 2, c.now_ms()),
-            ],
-            ..Append::default()
-        })
-        .unwrap();
-    // Scribble over the first record as a bad sector would.
+    let mut seqs = Vec::new();
+    for v in [1, 2] {
+        let a = s
+            .append(Append {
+                readings: vec![reading("m", Cadence::Daily, v, c.now_ms())],
+                ..Append::default()
+            })
+            .unwrap();
+        seqs.extend(a.seqs);
+    }
+    // Scribble over the first poll's records as a bad sector would.
     let mut k = vec![b'r', Range::Billing as u8];
-    k.extend_from_slice(&a.seqs[0].to_be_bytes());
-    s.tree.insert(k, &[0xff, 0xff, 0xff][..]).unwrap();
+    k.extend_from_slice(&seqs[0].to_be_bytes());
+    s.tree
+        .insert(k, &[1, 0, 0, 0, 0xff, 0xff, 0xff][..])
+        .unwrap();
     let got = s.take(Stream::Readings, 10).unwrap();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].id.seq, a.seqs[1]);
+    assert_eq!(got[0].id.seq, seqs[1]);
     let st = s.stats().unwrap();
     assert_eq!((st.set_aside, st.billing.count), (1, 1));
     let events = s.take(Stream::Events, 10).unwrap();
     assert!(matches!(&events[0].record, Record::Event(e) if e.kind == EventKind::StoreCorruption));
+    // Reopening does not bring it back.
+    drop(s);
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    assert_eq!(s.take(Stream::Readings, 10).unwrap().len(), 1);
 }
 
 #[test]
@@ -231,7 +241,7 @@ fn a_second_open_of_the_same_dir_should_fail_cleanly() {
     let _s = open(dir.path(), &StoreConfig::default(), clock());
     let e = SledStore::open(dir.path(), &StoreConfig::default(), clock())
         .err()
-        .unwrap();
+        .expect("a second open must fail");
     assert!(matches!(e, StoreError::Open { .. }), "{e}");
 }
 

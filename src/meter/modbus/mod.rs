@@ -112,6 +112,8 @@ pub struct ReadOutcome {
     /// Requests the meter refused with an exception (a wrong profile, a register it lacks):
     /// the rest of the read is still good.
     pub refused: Vec<Failure>,
+    /// The client can no longer be used: the bus worker must reopen the link.
+    pub reset_link: bool,
 }
 
 /// The name the Modbus specification gives an exception code.
@@ -128,6 +130,39 @@ pub fn exception_name(code: ExceptionCode) -> &'static str {
         ExceptionCode::GatewayTargetDevice => "gateway target device failed to respond",
         _ => "unknown exception",
     }
+}
+
+fn last_answer(wire: &SharedWire) -> Vec<u8> {
+    wire.lock()
+        .map(|w| w.last_answer.clone())
+        .unwrap_or_default()
+}
+
+/// What the bytes that came back after a request say about its failure; `None` if nothing
+/// came back.
+fn diagnose(rtu: bool, unit: u8, function: u8, answer: &[u8]) -> Option<Failure> {
+    if answer.is_empty() {
+        return None;
+    }
+    if !rtu {
+        return Some(Failure::Malformed(format!(
+            "{} bytes and no complete frame",
+            answer.len()
+        )));
+    }
+    Some(match wire::diagnose_rtu(unit, function, answer) {
+        RtuDiagnosis::Silence => return None,
+        RtuDiagnosis::BadCrc { expected, got } => {
+            Failure::Checksum(format!("CRC {got:#06x}, expected {expected:#06x}"))
+        }
+        RtuDiagnosis::OtherUnit(u) => Failure::WrongDevice {
+            expected: unit.to_string(),
+            got: u.to_string(),
+        },
+        RtuDiagnosis::Garbage(n) => {
+            Failure::Malformed(format!("{n} bytes that are not a Modbus frame"))
+        }
+    })
 }
 
 /// The unit id that answered, from tokio-modbus' header-mismatch message
@@ -167,6 +202,9 @@ pub async fn read(
         let mut attempt = 0;
         let words = loop {
             attempt += 1;
+            if let Ok(mut w) = wire.lock() {
+                w.last_answer.clear();
+            }
             let call = async {
                 match req.function {
                     Function::Input => ctx.read_input_registers(req.start, req.count).await,
@@ -206,41 +244,26 @@ pub async fn read(
                     }
                     other => Failure::Malformed(other.to_string()),
                 },
-                Ok(Err(tokio_modbus::Error::Transport(e)))
-                    if e.kind() == std::io::ErrorKind::InvalidData =>
-                {
-                    Failure::Malformed(e.to_string())
-                }
                 Ok(Err(tokio_modbus::Error::Transport(e))) => {
-                    // The link itself is gone: no point in retrying on it.
-                    out.failure = Some(Failure::Link(e.to_string()));
+                    // tokio-modbus' frame stream is finished after any transport error: no
+                    // retry on this client; the bus worker reopens the link (and retries).
+                    // Bytes that came back say what went wrong (garbage, a bad CRC); none
+                    // means the link itself is gone.
+                    out.reset_link = true;
+                    out.failure = Some(
+                        diagnose(rtu, unit, req.function.code(), &last_answer(wire))
+                            .unwrap_or_else(|| {
+                                if e.kind() == std::io::ErrorKind::InvalidData {
+                                    Failure::Malformed(e.to_string())
+                                } else {
+                                    Failure::Link(e.to_string())
+                                }
+                            }),
+                    );
                     break 'requests;
                 }
-                Err(_elapsed) => {
-                    let answer = wire
-                        .lock()
-                        .map(|w| w.last_answer.clone())
-                        .unwrap_or_default();
-                    if rtu {
-                        match wire::diagnose_rtu(unit, req.function.code(), &answer) {
-                            RtuDiagnosis::Silence => Failure::Timeout(timeout),
-                            RtuDiagnosis::BadCrc { expected, got } => Failure::Checksum(format!(
-                                "CRC {got:#06x}, expected {expected:#06x}"
-                            )),
-                            RtuDiagnosis::OtherUnit(u) => Failure::WrongDevice {
-                                expected: unit.to_string(),
-                                got: u.to_string(),
-                            },
-                            RtuDiagnosis::Garbage(n) => {
-                                Failure::Malformed(format!("{n} bytes that are not a Modbus frame"))
-                            }
-                        }
-                    } else if answer.is_empty() {
-                        Failure::Timeout(timeout)
-                    } else {
-                        Failure::Malformed(format!("{} bytes and no complete frame", answer.len()))
-                    }
-                }
+                Err(_elapsed) => diagnose(rtu, unit, req.function.code(), &last_answer(wire))
+                    .unwrap_or(Failure::Timeout(timeout)),
             };
             if attempt > retries {
                 out.failure = Some(failure);

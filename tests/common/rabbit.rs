@@ -1,0 +1,98 @@
+//! A plain AMQP client on the test side: declare, count, fetch and delete queues.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use super::AMQP_URL;
+
+pub struct Rabbit {
+    _conn: Connection,
+    ch: Channel,
+}
+
+/// One message as it sits in the queue.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub body: serde_json::Value,
+    pub headers: FieldTable,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+    pub delivery_mode: Option<u8>,
+}
+
+impl Msg {
+    /// The readings (or events) the task carries.
+    pub fn items(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.body[1][kind].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Rabbit {
+    pub async fn connect() -> Rabbit {
+        let props = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio::current());
+        let conn = Connection::connect(AMQP_URL, props)
+            .await
+            .expect("RabbitMQ must run on 127.0.0.1:5672 (guest/guest); .ci/run starts it");
+        let ch = conn.create_channel().await.expect("channel");
+        Rabbit { _conn: conn, ch }
+    }
+
+    /// Declares a durable queue, as Celery would.
+    pub async fn declare(&self, queue: &str) {
+        self.ch
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue_declare");
+    }
+
+    pub async fn delete(&self, queue: &str) {
+        let _ = self
+            .ch
+            .queue_delete(queue, QueueDeleteOptions::default())
+            .await;
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn count(&self, queue: &str) -> u32 {
+        self.ch
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
+
+    /// Takes (and acks) every message now in `queue`.
+    pub async fn take_all(&self, queue: &str) -> Vec<Msg> {
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = self.ch.basic_get(queue, BasicGetOptions::default()).await {
+            let d = &m.delivery;
+            let p = &d.properties;
+            out.push(Msg {
+                body: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
+                headers: p.headers().clone().unwrap_or_default(),
+                correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+                content_type: p.content_type().as_ref().map(|s| s.to_string()),
+                delivery_mode: *p.delivery_mode(),
+            });
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+        }
+        out
+    }
+}
