@@ -1,11 +1,15 @@
 //! IEC 62056-21 end to end: simulated meters behind a pseudo-terminal, the real bus worker
 //! with the real driver opening the pty as its serial port, and a sled store in a temporary
-//! directory. Several meters share the line as on an RS-485 bus, addressed by sign-on.
+//! directory. Several meters share the line as on an RS-485 bus, addressed by sign-on. The
+//! last test runs the whole pipeline (store, drain) to a real Celery worker on RabbitMQ.
+
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use amr_edge::agent::{self, BeatMode, Options};
 use amr_edge::bus::{BusWorker, PollReport, PollRequest};
 use amr_edge::clock::SystemClock;
 use amr_edge::config::Config;
@@ -14,6 +18,8 @@ use amr_edge::meter::modbus::profile::Profiles;
 use amr_edge::reading::{Cadence, EventKind, Reading, SystemEvent};
 use amr_edge::sim::iec::{Clock, Fault, SimBus, SimMeter, spawn_pty};
 use amr_edge::store::{Record, SledStore, Store, StoreConfig, Stream};
+use common::celery::Celery;
+use common::{AMQP_URL, unique};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -380,4 +386,102 @@ reads = { daily = "all" }
     assert_eq!(events[0].kind, EventKind::MeterNotAnswering);
     assert_eq!(events[0].meter.as_deref(), Some("sdm"));
     agent.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readouts_should_arrive_at_a_celery_worker_with_exact_values_and_meter_time() {
+    let queue = unique("amr.iec");
+    let celery = Celery::start(
+        &[&queue, &format!("{queue}.events")],
+        "utilitarian.commits.meter_readings",
+        "utilitarian.commits.meter_system_events",
+    )
+    .await;
+    let sim = three_meters();
+    let pty = spawn_pty(sim.clone()).expect("pty");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The whole agent pipeline in this process (store, drain, bus workers), no beat.
+    let mut config = config(pty.path(), dir.path(), "");
+    config.amqp = toml::from_str(&format!(
+        "url = \"{AMQP_URL}\"\nqueue = \"{queue}\"\nevents_queue = \"{queue}.events\"\nmax_backoff = \"2s\""
+    ))
+    .expect("amqp config");
+    let clock = Arc::new(SystemClock);
+    let store = Arc::new(
+        SledStore::open(
+            &dir.path().join("store"),
+            &StoreConfig::default(),
+            clock.clone(),
+        )
+        .expect("store"),
+    );
+    let root = CancellationToken::new();
+    let running = agent::start(
+        &config,
+        &Options {
+            beat: BeatMode::Schedule,
+            config_path: None,
+            summary_every: Duration::from_secs(3600),
+            stop_after: None,
+        },
+        store,
+        clock,
+        jiff::Timestamp::now(),
+        &root,
+    )
+    .expect("agent");
+    for m in ["lgz", "isk"] {
+        let (tx, rx) = oneshot::channel();
+        let mut req = PollRequest::new(m, Cadence::OnDemand);
+        req.reply = Some(tx);
+        running.router.poll(req).await.expect("queued");
+        let report = tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .expect("poll finished in time")
+            .expect("report");
+        assert!(report.errors.is_empty(), "{m}: {:?}", report.errors);
+    }
+    let got = celery.wait_readings(9 + 3, Duration::from_secs(60)).await;
+    let mut at_celery: Vec<(String, String, String, String, String)> = got
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (
+                s("meter"),
+                s("series"),
+                s("value"),
+                s("unit"),
+                s("timestamp"),
+            )
+        })
+        .collect();
+    at_celery.sort();
+    at_celery.dedup();
+    let lgz = "2026-03-21T12:34:56+01:00";
+    let isk = "2026-07-01T08:00:00+00:00";
+    let mut want = rows(&[
+        ("lgz", "1-0-0-0-0-255", "61234567", "", lgz),
+        ("lgz", "1-0-96-1-0-255", "61234567", "", lgz),
+        ("lgz", "1-0-1-8-0-255", "1234.567", "kWh", lgz),
+        ("lgz", "1-0-1-8-1-255", "800.123", "kWh", lgz),
+        ("lgz", "1-0-1-8-2-255", "434.444", "kWh", lgz),
+        ("lgz", "1-0-2-8-0-255", "12.345", "kWh", lgz),
+        (
+            "lgz",
+            "1-0-1-6-0-255",
+            "2.345",
+            "kW",
+            "2026-03-20T14:15:00+01:00",
+        ),
+        ("lgz", "1-0-96-7-0-255", "3", "", lgz),
+        ("lgz", "1-0-32-7-0-255", "231.2", "V", lgz),
+        ("isk", "1-0-0-0-0-255", "61234568", "", isk),
+        ("isk", "1-0-1-8-0-255", "42.1", "kWh", isk),
+        ("isk", "1-0-2-8-0-255", "0.0", "kWh", isk),
+    ]);
+    want.sort();
+    assert_eq!(at_celery, want);
+    assert!(got.iter().all(|r| r["cadence"] == "on_demand"));
+    running.stop().await;
+    drop(pty);
 }
