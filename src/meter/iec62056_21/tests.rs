@@ -307,3 +307,34 @@ async fn meter_that_keeps_300_baud_and_then_fails_should_report_both() {
     );
     assert!(matches!(out.refused.as_slice(), [Failure::Refused(_)]));
 }
+
+#[test]
+fn config_with_bad_values_should_name_each_key() {
+    let config: IecMeterConfig = toml::from_str(
+        r#"address = "12/34"
+max_baud = 115200
+medium = "electricity"
+timezone = "Mars/Olympus"
+readout_timeout = "10h""#,
+    )
+    .expect("parses");
+    let mut p = Problems::default();
+    config.validate("meter[0].iec62056_21", &mut p);
+    let keys: Vec<&str> = p.0.iter().map(|x| x.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "meter[0].iec62056_21.address",
+            "meter[0].iec62056_21.max_baud",
+            "meter[0].iec62056_21.medium",
+            "meter[0].iec62056_21.readout_timeout",
+            "meter[0].iec62056_21.timezone",
+        ]
+    );
+    let good: IecMeterConfig = toml::from_str(r#"medium = "6-1""#).expect("parses");
+    let mut p = Problems::default();
+    good.validate("m", &mut p);
+    assert!(p.0.is_empty(), "{:?}", p.0);
+    assert_eq!(good.ab(), [6, 1]);
+    assert_eq!(good.readout_timeout.0, Duration::from_secs(60));
+}
