@@ -34,6 +34,8 @@ pub enum BeatMode {
     Schedule,
     /// A `quarterly` read of every meter every so often (`demo`).
     Every(Duration),
+    /// No beat: meters are read on demand only (tests, `poll`).
+    Off,
 }
 
 /// What `run` and `demo` differ in.
@@ -193,7 +195,18 @@ pub fn start(
                 token.clone(),
             ));
         }
-        BeatMode::Schedule => {}
+        BeatMode::Schedule => {
+            let beat = crate::beat::Beat::new(
+                config.beat.clone(),
+                &config.meter,
+                router.clone(),
+                store.clone(),
+                clock.clone(),
+                tz.clone(),
+            );
+            tasks.spawn(beat.run(token.clone()));
+        }
+        BeatMode::Off => {}
     }
 
     tasks.spawn(

@@ -94,7 +94,7 @@ impl Pipeline {
             Arc::new(SledStore::open(dir.path(), &StoreConfig::default(), clock.clone()).unwrap());
         let root = CancellationToken::new();
         let options = Options {
-            beat: BeatMode::Schedule,
+            beat: BeatMode::Off,
             config_path: None,
             summary_every: Duration::from_secs(3600),
             stop_after: None,

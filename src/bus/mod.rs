@@ -337,6 +337,19 @@ pub struct BusHandle {
 pub struct Busy(pub PollRequest);
 
 impl BusHandle {
+    /// A handle and the inbox it feeds, for a stand-in worker (tests of the beat and the
+    /// control).
+    pub fn channel(name: &str, size: usize) -> (BusHandle, mpsc::Receiver<BusCommand>) {
+        let (tx, rx) = mpsc::channel(size.max(1));
+        (
+            BusHandle {
+                name: name.to_owned(),
+                tx,
+            },
+            rx,
+        )
+    }
+
     /// Queues a poll without waiting; a full inbox hands the request back.
     pub fn try_poll(&self, req: PollRequest) -> Result<(), Busy> {
         self.tx

@@ -169,7 +169,39 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
             }
         }
     }
-    let _ = Cadence::SCHEDULED;
+    writeln!(s)?;
+    let tz = config.gateway.tz();
+    writeln!(s, "next reads ({})", g.timezone)?;
+    let used: Vec<Cadence> = config
+        .meter
+        .iter()
+        .flat_map(|m| m.reads.cadences())
+        .collect();
+    for (c, boundary, fire) in amr_edge::beat::next_fires(&config.beat, &tz, jiff::Timestamp::now())
+    {
+        let n = config
+            .meter
+            .iter()
+            .filter(|m| m.reads.get(c).is_some() && c != Cadence::OnDemand)
+            .count();
+        let when = boundary
+            .to_zoned(tz.clone())
+            .strftime("%Y-%m-%d %H:%M %Z")
+            .to_string();
+        let delay = if fire != boundary {
+            format!(
+                ", read at {}",
+                fire.to_zoned(tz.clone()).strftime("%H:%M:%S")
+            )
+        } else {
+            String::new()
+        };
+        if used.contains(&c) {
+            writeln!(s, "  {:<10} {when}{delay}: {n} meter(s)", c.as_str())?;
+        } else {
+            writeln!(s, "  {:<10} {when}: no meter reads it", c.as_str())?;
+        }
+    }
     Ok(s)
 }
 
