@@ -154,7 +154,8 @@ fn the_demo_should_poll_and_buffer_without_a_broker() {
     ]);
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(j["buffer"]["readings"].as_u64().unwrap() >= 22, "{j}");
-    assert_eq!(j["meters"].as_array().unwrap().len(), 3);
+    // Three Modbus meters and the IEC 62056-21 one.
+    assert_eq!(j["meters"].as_array().unwrap().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,6 +194,10 @@ async fn the_demo_should_drain_to_the_broker_when_one_answers() {
     assert!(
         logs.iter()
             .any(|l| l["message"] == "Polled and buffered" && l["meter"] == "demo-sdm630")
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l["message"] == "Polled and buffered" && l["meter"] == "demo-lgz")
     );
     let rabbit = Rabbit::connect().await;
     let msgs = rabbit.take_all(&queue).await;

@@ -1,5 +1,11 @@
 //! The physical side of a bus: serial ports (with RS-485 direction control) and TCP
 //! connections, opened lazily and reopened after a failure.
+//!
+//! A serial bus may carry Modbus RTU and IEC 62056-21 meters together. They frame characters
+//! differently (the bus's settings, 8N1 typically, against 7E1 starting at 300 Bd), so the slot
+//! holds the port in one framing at a time: the Modbus client or the IEC port. Switching
+//! protocol closes one before opening the other (the port is opened exclusively); consecutive
+//! meters of the same protocol share the open port.
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,6 +23,8 @@ pub enum Slot {
     Serial {
         config: SerialConfig,
         modbus: Option<(Context, SharedWire)>,
+        /// The port in IEC 62056-21 framing (7E1); its rate is whatever the last session left.
+        iec: Option<SerialStream>,
     },
     Tcp {
         addr: String,
@@ -32,6 +40,7 @@ impl Slot {
             vec![Slot::Serial {
                 config: s.clone(),
                 modbus: None,
+                iec: None,
             }]
         } else if let Some(t) = &bus.tcp {
             (0..t.concurrency.max(1))
@@ -53,8 +62,14 @@ impl Slot {
     /// A Modbus client on this link, connecting or opening the port if needed.
     pub async fn modbus(&mut self) -> Result<(&mut Context, &SharedWire), Failure> {
         match self {
-            Slot::Serial { config, modbus } => {
+            Slot::Serial {
+                config,
+                modbus,
+                iec,
+            } => {
                 if modbus.is_none() {
+                    // One owner: the IEC framing lets go of the port first.
+                    *iec = None;
                     let port = open_serial(
                         config,
                         config.baud,
@@ -106,15 +121,25 @@ impl Slot {
         }
     }
 
-    /// The serial port itself, for a protocol that drives it directly (IEC 62056-21).
-    /// Closes the Modbus client that held it, if any.
-    pub fn take_serial(&mut self) -> Option<&SerialConfig> {
+    /// The port in IEC 62056-21 framing: 7E1, opened at 300 Bd (each session sets its own
+    /// rate). Closes the Modbus client that held it, if any; stays open for the next IEC meter.
+    pub fn iec_port(&mut self) -> Result<&mut SerialStream, Failure> {
         match self {
-            Slot::Serial { config, modbus } => {
-                *modbus = None;
-                Some(config)
+            Slot::Serial {
+                config,
+                modbus,
+                iec,
+            } => {
+                if iec.is_none() {
+                    *modbus = None;
+                    *iec = Some(open_serial(config, 300, Parity::Even, 7, 1)?);
+                }
+                iec.as_mut()
+                    .ok_or_else(|| Failure::Link("port closed".into()))
             }
-            Slot::Tcp { .. } => None,
+            Slot::Tcp { addr, .. } => Err(Failure::Link(format!(
+                "IEC 62056-21 needs a serial port; {addr} is a TCP link"
+            ))),
         }
     }
 
@@ -123,7 +148,11 @@ impl Slot {
     /// answer to the next request.
     pub fn reset(&mut self) {
         match self {
-            Slot::Serial { modbus, .. } | Slot::Tcp { modbus, .. } => *modbus = None,
+            Slot::Serial { modbus, iec, .. } => {
+                *modbus = None;
+                *iec = None;
+            }
+            Slot::Tcp { modbus, .. } => *modbus = None,
         }
     }
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
 use crate::config::{Duration as HumanDuration, Problems};
+use crate::meter::iec62056_21;
 use crate::meter::modbus::profile::Profiles;
 use crate::meter::modbus::{self, ReadPlan};
 use crate::meter::{Failure, MeterConfig, Selection};
@@ -665,6 +666,16 @@ impl MeterRuntime {
             }
             Driver::Iec => Plan::Iec {
                 meter: self.config.clone(),
+                // A readout always brings every data set; the selection only filters.
+                selection: match &req.series {
+                    Some(series) => Selection::Series(series.clone()),
+                    None => self
+                        .config
+                        .reads
+                        .get(req.cadence)
+                        .cloned()
+                        .unwrap_or(Selection::All),
+                },
             },
         }
     }
@@ -701,6 +712,7 @@ enum Plan {
     },
     Iec {
         meter: MeterConfig,
+        selection: Selection,
     },
 }
 
@@ -717,6 +729,7 @@ fn reply_error(req: PollRequest, why: &str) {
 }
 
 /// One value a driver read.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Value {
     pub series: Obis,
     pub value: crate::reading::Decimal,
@@ -767,12 +780,15 @@ async fn run_poll(ctx: Arc<PollContext>, mut slot: Slot, plan: Plan, req: PollRe
                 break (meter, values, out.failure, out.refused);
             }
         }
-        Plan::Iec { meter } => {
-            let f = crate::meter::iec62056_21::read(&mut slot, &meter, ctx.timeout).await;
-            match f {
-                Ok(values) => (meter, values, None, Vec::new()),
-                Err(f) => (meter, Vec::new(), Some(f), Vec::new()),
-            }
+        Plan::Iec { meter, selection } => {
+            let params = iec62056_21::ReadParams {
+                selection: &selection,
+                gateway_tz: &ctx.tz,
+                timeout: ctx.timeout,
+                retries: ctx.retries,
+            };
+            let out = iec62056_21::read(&mut slot, &meter, &params).await;
+            (meter, out.values, out.failure, out.refused)
         }
     };
     // Drop the connection after a failure that may leave it out of step: a port that is

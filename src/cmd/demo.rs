@@ -7,6 +7,7 @@ use std::time::Duration;
 use amr_edge::agent::{self, BeatMode, Options};
 use amr_edge::config::{Config, redact_url};
 use amr_edge::meter::modbus::profile::Profiles;
+use amr_edge::sim::iec::{Clock, SimBus, SimMeter, spawn_pty};
 use amr_edge::sim::modbus::{Meters, Unit, spawn_tcp};
 
 #[derive(clap::Args)]
@@ -45,6 +46,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         meters.insert(unit, u);
     }
     let addr = spawn_tcp(meters).await?;
+
+    // An IEC 62056-21 meter behind a pseudo-terminal, as behind an optical probe: signed on
+    // at 300 Bd, read at the 9600 Bd it offers.
+    let iec = SimBus::new();
+    let mut lgz = SimMeter::landis_gyr(None, "61234567");
+    lgz.clock = Some(Clock::Live(jiff::tz::TimeZone::UTC));
+    lgz.energy_rate = 0.5;
+    let ident = String::from_utf8_lossy(&amr_edge::meter::iec62056_21::codec::identification(
+        &lgz.identification,
+    ))
+    .trim_end()
+    .to_owned();
+    iec.add(lgz);
+    let pty = spawn_pty(iec)?;
 
     let temp = match &args.data_dir {
         Some(_) => None,
@@ -94,6 +109,17 @@ id = "demo-em24"
 bus = "lan"
 modbus = {{ unit = 3, profile = "carlo-gavazzi-em24" }}
 reads = {{ quarterly = ["1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"] }}
+
+[[bus]]
+name = "optical"
+serial = {{ device = "{pty}" }}
+timeout = "2s"
+
+[[meter]]
+id = "demo-lgz"
+bus = "optical"
+iec62056_21 = {{ max_baud = 9600 }}
+reads = {{ quarterly = "all" }}
 "#,
         data_dir = data_dir.display(),
         amqp = args.amqp,
@@ -101,6 +127,7 @@ reads = {{ quarterly = ["1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"] }}
         events_queue = args.events_queue,
         host = addr.ip(),
         port = addr.port(),
+        pty = pty.path().display(),
     );
     std::fs::create_dir_all(&data_dir)?;
     let config_path = data_dir.join("demo.toml");
@@ -110,6 +137,10 @@ reads = {{ quarterly = ["1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"] }}
     eprintln!("amr-edge demo");
     eprintln!(
         "  meters  3 simulated Modbus TCP meters on {addr}: SDM630 (unit 1), SDM120 (unit 2), EM24 (unit 3)"
+    );
+    eprintln!(
+        "          1 simulated IEC 62056-21 meter on {} (optical probe, plain sign-on): {ident}, 300 → 9600 Bd, read `all`",
+        pty.path().display()
     );
     eprintln!(
         "  beat    every meter every {}",
@@ -141,6 +172,7 @@ reads = {{ quarterly = ["1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"] }}
         },
     )
     .await?;
+    drop(pty);
     drop(temp);
     Ok(ExitCode::SUCCESS)
 }

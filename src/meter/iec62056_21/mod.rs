@@ -1,8 +1,54 @@
 //! IEC 62056-21 (mode C) meters on a serial bus or an optical probe.
+//!
+//! # Protocol rules (IEC 62056-21:2002, clause 6)
+//!
+//! * Characters are 7E1: 7 data bits, even parity, one stop bit — 10 bits on the wire each.
+//!   Every exchange starts at 300 Bd.
+//! * The agent signs on with `/?address!CR LF`. On an RS-485 bus each meter has an address and
+//!   only the addressed one answers; an optical probe sees one meter and sends `/?!`.
+//! * The meter answers `/XXXZ[\W]ident CR LF`: its manufacturer (three letters; a lower-case
+//!   third letter says it can react within 20 ms instead of 200 ms), the highest rate it offers
+//!   (`Z`: `0`-`6` for 300-19200 Bd in mode C; `A`-`F` mode B; anything else mode A), an
+//!   optional enhanced-capability escape `\W` (`\2`: it also speaks HDLC, mode E), and its
+//!   type.
+//! * The agent picks a rate no faster than the meter's offer and its own `max_baud`, and
+//!   answers `ACK 0 Z 0 CR LF` (normal procedure, rate Z, data readout). Both sides then switch
+//!   to Z; the timing of that switch is explained in [`session`].
+//! * The meter sends its readout, `STX data ! CR LF ETX BCC`, the BCC being the XOR of every
+//!   byte after STX up to and including ETX. The data are lines of data sets,
+//!   `address(value*unit)` ([`dataset`]).
+//! * The agent ends the session with the break message `SOH B 0 ETX BCC`.
+//!
+//! # Layout
+//!
+//! The protocol is sans-IO: [`codec`] turns bytes into frames and back, [`dataset`] the
+//! readout's text into data sets, [`session`] is the exchange as a state machine that says what
+//! to send, when to switch the rate and what to wait for. [`transport`] is the thin I/O layer
+//! that runs a session on a serial port (or a fake [`transport::Line`]); [`mapping`] turns the
+//! data sets into values. [`read`], called by the bus worker, ties them together: retries,
+//! and a second sign-on at 300 Bd when a meter does not follow the baud switch.
+//!
+//! The bus's port stays open in IEC framing across the IEC meters of a bus, each session
+//! starting at 300 Bd with a clean input buffer; a Modbus meter on the same bus takes the port
+//! over (see [`crate::bus::link::Slot`]).
 
+pub mod codec;
+pub mod dataset;
+pub mod mapping;
+pub mod session;
+pub mod transport;
+
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
 use serde::Deserialize;
 
-use crate::config::Problems;
+use crate::bus::Value;
+use crate::bus::link::Slot;
+use crate::config::{Duration as HumanDuration, Problems};
+use crate::meter::{Failure, MeterConfig, Selection};
+use session::{Session, SessionConfig, SessionError};
+use transport::Line;
 
 /// `iec62056_21 = { address = "61234567", max_baud = 9600 }`.
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +66,10 @@ pub struct IecMeterConfig {
     /// The zone of the meter's own clock, for its time and date registers (0.9.1, 0.9.2).
     /// Defaults to the gateway's.
     pub timezone: Option<String>,
+    /// The longest a readout's data message may take, from the baud switch to its last byte.
+    /// A readout of a few KiB takes seconds at 9600 Bd and minutes at 300 Bd.
+    #[serde(default = "default_readout_timeout")]
+    pub readout_timeout: HumanDuration,
 }
 
 fn default_max_baud() -> u32 {
@@ -27,6 +77,9 @@ fn default_max_baud() -> u32 {
 }
 fn default_medium() -> String {
     "1-0".into()
+}
+fn default_readout_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
 }
 
 impl IecMeterConfig {
@@ -59,6 +112,11 @@ impl IecMeterConfig {
                 ),
             );
         }
+        if self.readout_timeout.0 < Duration::from_secs(1)
+            || self.readout_timeout.0 > Duration::from_secs(3600)
+        {
+            p.push(format!("{at}.readout_timeout"), "must be between 1s and 1h");
+        }
         if let Some(tz) = &self.timezone {
             if jiff::tz::TimeZone::get(tz).is_err() {
                 p.push(
@@ -70,13 +128,171 @@ impl IecMeterConfig {
     }
 }
 
-/// Reads an IEC 62056-21 meter on `slot`.
-pub async fn read(
-    _slot: &mut crate::bus::link::Slot,
-    _meter: &crate::meter::MeterConfig,
-    _timeout: std::time::Duration,
-) -> Result<Vec<crate::bus::Value>, crate::meter::Failure> {
-    Err(crate::meter::Failure::Link(
-        "IEC 62056-21 driver not built yet".into(),
-    ))
+impl IecMeterConfig {
+    /// The OBIS medium and channel (A-B) of `medium`.
+    pub fn ab(&self) -> [u8; 2] {
+        crate::reading::Obis::parse_with(&format!("{}:1.8.0", self.medium), [1, 0])
+            .map(|o| [o.0[0], o.0[1]])
+            .unwrap_or(crate::reading::Obis::DEFAULT_AB)
+    }
+
+    /// The zone of the meter's clock: its own, else the gateway's.
+    pub fn tz(&self, gateway: &TimeZone) -> TimeZone {
+        self.timezone
+            .as_deref()
+            .and_then(|t| TimeZone::get(t).ok())
+            .unwrap_or_else(|| gateway.clone())
+    }
 }
+
+/// What a read produced: values, or why not; and problems that did not stop it.
+#[derive(Debug, Default)]
+pub struct ReadOutcome {
+    pub values: Vec<Value>,
+    /// Why the read failed; no values then.
+    pub failure: Option<Failure>,
+    /// Problems the read got past (a refused baud switch, read again at 300 Bd).
+    pub refused: Vec<Failure>,
+}
+
+impl ReadOutcome {
+    fn failed(failure: Failure) -> Self {
+        ReadOutcome {
+            failure: Some(failure),
+            ..ReadOutcome::default()
+        }
+    }
+}
+
+/// How the bus runs a read.
+#[derive(Clone, Debug)]
+pub struct ReadParams<'a> {
+    /// Which series to keep.
+    pub selection: &'a Selection,
+    /// The gateway's zone, for meters without their own.
+    pub gateway_tz: &'a TimeZone,
+    /// The bus's answer timeout (raised to the standard's 1.5 s if shorter).
+    pub timeout: Duration,
+    /// Further sign-ons after a failed one.
+    pub retries: u32,
+}
+
+/// Reads an IEC 62056-21 meter on `slot`: the bus's port, in IEC framing.
+pub async fn read(slot: &mut Slot, meter: &MeterConfig, params: &ReadParams<'_>) -> ReadOutcome {
+    let Some(config) = meter.iec62056_21.as_ref() else {
+        return ReadOutcome::failed(Failure::Link(format!(
+            "meter {} has no iec62056_21 section",
+            meter.id
+        )));
+    };
+    match slot.iec_port() {
+        Ok(port) => read_line(port, &meter.id, config, params).await,
+        Err(f) => ReadOutcome::failed(f),
+    }
+}
+
+/// Reads a meter on any [`Line`]: sign-on, retries, fallback to 300 Bd, mapping.
+pub async fn read_line<L: Line>(
+    line: &mut L,
+    meter: &str,
+    config: &IecMeterConfig,
+    params: &ReadParams<'_>,
+) -> ReadOutcome {
+    let mut session = SessionConfig {
+        address: config.address.clone(),
+        max_baud: config.max_baud,
+        switch_baud: config.max_baud > 300,
+        answer_timeout: transport::answer_timeout(params.timeout),
+        gap_timeout: session::TR_MAX,
+        readout_timeout: config.readout_timeout.0,
+        max_block: codec::DEFAULT_MAX_BLOCK,
+    };
+    let mut refused: Option<(SessionError, Failure)> = None;
+    let mut failed = 0;
+    let readout = loop {
+        let error = match transport::run(line, Session::new(session.clone())).await {
+            Err(e) => {
+                return ReadOutcome::failed(Failure::Link(format!("serial line: {e}")));
+            }
+            Ok(Ok(readout)) => break readout,
+            Ok(Err(e)) => e,
+        };
+        if let SessionError::SwitchRefused { baud, how } = &error {
+            if session.switch_baud {
+                // Sign on again and stay at 300 Bd. This does not count as a retry: the meter
+                // answers, just not at the rate it offered.
+                tracing::warn!(meter, baud, how = %how, "Meter did not follow the baud switch, reading at 300 Bd");
+                let f = Failure::Refused(format!(
+                    "{error}; read at 300 Bd instead (set max_baud = 300 to skip the attempt)"
+                ));
+                refused = Some((error, f));
+                session.switch_baud = false;
+                continue;
+            }
+        }
+        failed += 1;
+        if failed > params.retries {
+            let mut out = ReadOutcome::failed(failure(&error));
+            // Only a refusal the meter made plain is worth reporting beside the failure;
+            // silence after the switch may as well have been a meter that went away.
+            if let Some((SessionError::SwitchRefused { how, .. }, f)) = refused {
+                if how != session::Refusal::Silence {
+                    out.refused.push(f);
+                }
+            }
+            return out;
+        }
+        tracing::debug!(meter, failed, error = %error, "IEC readout failed, retrying");
+    };
+    let tz = config.tz(params.gateway_tz);
+    let mapped = mapping::values(&readout.sets, config.ab(), params.selection, &tz);
+    if let Selection::Series(wanted) = params.selection {
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|w| !mapped.values.iter().any(|v| v.series == **w))
+            .map(|w| w.to_string())
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(meter, missing = %missing.join(", "), "Series asked for are not in the meter's readout");
+        }
+    }
+    tracing::debug!(
+        meter,
+        manufacturer = %readout.identification.manufacturer,
+        ident = %readout.identification.ident,
+        baud = readout.baud,
+        sets = readout.sets.len(),
+        values = mapped.values.len(),
+        left_out = mapped.left_out.len(),
+        meter_time = ?mapped.meter_time.map(|t| t.rfc3339()),
+        "IEC readout"
+    );
+    ReadOutcome {
+        values: mapped.values,
+        failure: None,
+        refused: refused.map(|(_, f)| f).into_iter().collect(),
+    }
+}
+
+/// The failure the centre hears about.
+pub fn failure(error: &SessionError) -> Failure {
+    match error {
+        SessionError::NoAnswer { after, .. } => Failure::Timeout(*after),
+        SessionError::Decode {
+            error: codec::DecodeError::Bcc { .. },
+            ..
+        } => Failure::Checksum(error.to_string()),
+        SessionError::SwitchRefused { .. } => Failure::Refused(error.to_string()),
+        SessionError::OutOfOrder(_) => Failure::Link(error.to_string()),
+        SessionError::Stalled { .. }
+        | SessionError::Overdue { .. }
+        | SessionError::Noise { .. }
+        | SessionError::Decode { .. }
+        | SessionError::Data(_)
+        | SessionError::Unexpected { .. }
+        | SessionError::ReservedBaud(_) => Failure::Malformed(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

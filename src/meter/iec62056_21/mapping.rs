@@ -1,0 +1,289 @@
+//! From a readout's data sets to values: OBIS series, exact decimals, the meter's own time.
+//!
+//! * **Series**: a data-set address is an OBIS code without medium and channel (`1.8.0`,
+//!   `C.1.0`, `1.8.0*19` for a stored billing period); the meter's `medium` (A-B, default
+//!   `1-0`) completes it and a missing billing period is 255, so `1.8.0` is `1-0-1-8-0-255`.
+//!   Addresses that carry A-B (`1-0:1.8.0*255`) keep theirs. Addresses that are not OBIS
+//!   codes (`F.F`, manufacturer registers) are left out.
+//! * **Values** are the first value of a set, as an exact decimal in the digits the meter sent
+//!   (`001234.567` → `1234.567`); sets whose value is not a number (texts, the time and date
+//!   themselves) are left out. The unit is the meter's, as written (`kWh`); none is `""`.
+//! * **Time**: the meter's clock, time `0.9.1` and date `0.9.2`, read in the meter's time zone,
+//!   is the timestamp of every value. A set with a second value that is a time stamp
+//!   (`1.6.0(0.235*kW)(2311301415)`, a maximum demand and when it occurred) has that time
+//!   instead.
+
+use std::collections::HashSet;
+
+use jiff::civil::DateTime;
+use jiff::tz::TimeZone;
+
+use super::dataset::DataSet;
+use crate::bus::Value;
+use crate::meter::Selection;
+use crate::reading::{Decimal, Obis, Stamp};
+
+/// What became of a readout.
+#[derive(Debug, Default)]
+pub struct Mapped {
+    pub values: Vec<Value>,
+    /// The meter's clock (0.9.1 and 0.9.2), if it sent both and they are a valid time.
+    pub meter_time: Option<Stamp>,
+    /// Addresses of sets that are not OBIS codes or not numbers.
+    pub left_out: Vec<String>,
+}
+
+/// The values of `sets` that `selection` wants. `ab` is the meter's medium and channel; `tz`
+/// the zone of its clock.
+pub fn values(sets: &[DataSet], ab: [u8; 2], selection: &Selection, tz: &TimeZone) -> Mapped {
+    let mut out = Mapped::default();
+    let parsed: Vec<(Option<Obis>, &DataSet)> = sets
+        .iter()
+        .map(|s| {
+            let obis = s
+                .address
+                .as_deref()
+                .and_then(|a| Obis::parse_with(a, ab).ok());
+            (obis, s)
+        })
+        .collect();
+    let clock = |e: u8| {
+        parsed.iter().find_map(|(o, s)| match o {
+            Some(Obis([_, _, 0, 9, ee, _])) if *ee == e => s.values.first(),
+            _ => None,
+        })
+    };
+    out.meter_time = match (clock(1), clock(2)) {
+        (Some(time), Some(date)) => parse_date(&date.value)
+            .zip(parse_time(&time.value))
+            .and_then(|((y, mo, d), (h, mi, s))| stamp(tz, y, mo, d, h, mi, s)),
+        _ => None,
+    };
+    let mut seen = HashSet::new();
+    for (obis, set) in parsed {
+        let Some(series) = obis else {
+            if let Some(a) = &set.address {
+                out.left_out.push(a.clone());
+            }
+            continue;
+        };
+        if matches!(series.0[2..5], [0, 9, 1] | [0, 9, 2]) {
+            continue;
+        }
+        let Some(first) = set.values.first() else {
+            continue;
+        };
+        let Ok(value) = Decimal::parse(&first.value) else {
+            out.left_out.push(set.address.clone().unwrap_or_default());
+            continue;
+        };
+        if !selection.wants(&series) || !seen.insert(series) {
+            continue;
+        }
+        let own_time = set
+            .values
+            .get(1)
+            .and_then(|v| parse_stamp(&v.value))
+            .and_then(|(y, mo, d, h, mi)| stamp(tz, y, mo, d, h, mi, 0));
+        out.values.push(Value {
+            series,
+            value,
+            unit: first.unit.clone().unwrap_or_default(),
+            meter_time: own_time.or(out.meter_time),
+        });
+    }
+    out
+}
+
+/// The digits of a time or date value, without separators and a trailing season flag
+/// (`13:23:08S` → `132308`). `None` if anything else is in it.
+fn digits(s: &str) -> Option<String> {
+    let s = s.trim();
+    let s = s
+        .strip_suffix(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(s);
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '0'..='9' => out.push(c),
+            ':' | '-' | '.' | '/' | ' ' => {}
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn num(s: &str) -> Option<i16> {
+    s.parse().ok()
+}
+
+/// `hhmmss`, `hh:mm:ss`, `hhmm`.
+fn parse_time(s: &str) -> Option<(i8, i8, i8)> {
+    let d = digits(s)?;
+    let (h, m, sec) = match d.len() {
+        6 => (&d[0..2], &d[2..4], &d[4..6]),
+        4 => (&d[0..2], &d[2..4], "0"),
+        _ => return None,
+    };
+    Some((num(h)? as i8, num(m)? as i8, num(sec)? as i8))
+}
+
+/// `YYMMDD`, `YY-MM-DD`, `YYYYMMDD`, `YYYY-MM-DD`. Two-digit years are 2000-2099.
+fn parse_date(s: &str) -> Option<(i16, i8, i8)> {
+    let d = digits(s)?;
+    let (y, m, day) = match d.len() {
+        6 => (2000 + num(&d[0..2])?, &d[2..4], &d[4..6]),
+        8 => (num(&d[0..4])?, &d[4..6], &d[6..8]),
+        _ => return None,
+    };
+    Some((y, num(m)? as i8, num(day)? as i8))
+}
+
+/// `YYMMDDhhmm` (the time stamp of a maximum or a stored value), with or without separators.
+fn parse_stamp(s: &str) -> Option<(i16, i8, i8, i8, i8)> {
+    let d = digits(s)?;
+    if d.len() != 10 {
+        return None;
+    }
+    Some((
+        2000 + num(&d[0..2])?,
+        num(&d[2..4])? as i8,
+        num(&d[4..6])? as i8,
+        num(&d[6..8])? as i8,
+        num(&d[8..10])? as i8,
+    ))
+}
+
+/// A wall-clock time in `tz`. In the hour that repeats when clocks go back, the earlier
+/// instant is taken (a meter without a season flag does not say which).
+fn stamp(tz: &TimeZone, y: i16, mo: i8, d: i8, h: i8, mi: i8, s: i8) -> Option<Stamp> {
+    let dt = DateTime::new(y, mo, d, h, mi, s, 0).ok()?;
+    let ts = tz.to_ambiguous_timestamp(dt).compatible().ok()?;
+    Some(Stamp::in_zone(ts, tz))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::iec62056_21::dataset::parse_readout;
+
+    fn stockholm() -> TimeZone {
+        TimeZone::get("Europe/Stockholm").unwrap()
+    }
+
+    fn obis(s: &str) -> Obis {
+        s.parse().unwrap()
+    }
+
+    const LGZ: &str = "F.F(00000000)\r\n0.0.0(61234567)\r\n0.9.1(123456)\r\n0.9.2(260321)\r\n\
+        C.1.0(61234567)\r\n1.8.0(001234.567*kWh)\r\n1.8.1(000800.123*kWh)\r\n\
+        1.6.0(02.345*kW)(2603201415)\r\nC.7.0(0003)\r\n32.7.0(231.2*V)\r\nC.90.2(LGZ V1.2)\r\n!\r\n";
+
+    #[test]
+    fn readout_should_map_to_series_exact_values_units_and_meter_time() {
+        let sets = parse_readout(LGZ).unwrap();
+        let m = values(&sets, [1, 0], &Selection::All, &stockholm());
+        // 2026-03-21 12:34:56 in Stockholm is CET, +01:00.
+        let clock = Stamp {
+            ms: jiff::Timestamp::from_second(1_774_092_896)
+                .unwrap()
+                .as_millisecond(),
+            offset: 3600,
+        };
+        assert_eq!(clock.rfc3339(), "2026-03-21T12:34:56+01:00");
+        assert_eq!(m.meter_time, Some(clock));
+        let got: Vec<(String, &str, &str)> = m
+            .values
+            .iter()
+            .map(|v| (v.series.to_string(), v.value.as_str(), v.unit.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("1-0-0-0-0-255".into(), "61234567", ""),
+                ("1-0-96-1-0-255".into(), "61234567", ""),
+                ("1-0-1-8-0-255".into(), "1234.567", "kWh"),
+                ("1-0-1-8-1-255".into(), "800.123", "kWh"),
+                ("1-0-1-6-0-255".into(), "2.345", "kW"),
+                ("1-0-96-7-0-255".into(), "3", ""),
+                ("1-0-32-7-0-255".into(), "231.2", "V"),
+            ]
+        );
+        // The maximum has its own time; the rest the meter's clock.
+        let max = m.values.iter().find(|v| v.series == obis("1.6.0")).unwrap();
+        assert_eq!(
+            max.meter_time.map(|t| t.rfc3339()),
+            Some("2026-03-20T14:15:00+01:00".into())
+        );
+        assert!(
+            m.values
+                .iter()
+                .filter(|v| v.series != obis("1.6.0"))
+                .all(|v| v.meter_time == Some(clock))
+        );
+        // `F.F` is no OBIS code, the firmware text no number.
+        assert_eq!(m.left_out, vec!["F.F".to_owned(), "C.90.2".to_owned()]);
+    }
+
+    #[test]
+    fn selection_should_keep_only_the_listed_series() {
+        let sets = parse_readout(LGZ).unwrap();
+        let sel = Selection::Series(vec![obis("1-0:1.8.0"), obis("1-0:32.7.0")]);
+        let m = values(&sets, [1, 0], &sel, &stockholm());
+        let series: Vec<Obis> = m.values.iter().map(|v| v.series).collect();
+        assert_eq!(series, vec![obis("1.8.0"), obis("32.7.0")]);
+    }
+
+    #[test]
+    fn addresses_with_medium_and_billing_period_should_keep_them() {
+        // jonkerj/go-iec62056 pkg/samples/iskra_mt382_1000_dsmr5.go (gas on channel 1).
+        let sets = parse_readout(
+            "1-0:1.8.1(000004.426*kWh)\r\n0-1:24.2.1(170102161005W)(00000.107*m3)\r\n\
+             1.8.0*19(000101.71*kWh)\r\n!\r\n",
+        )
+        .unwrap();
+        let m = values(&sets, [6, 0], &Selection::All, &TimeZone::UTC);
+        assert_eq!(m.values[0].series, Obis([1, 0, 1, 8, 1, 255]));
+        // A code without A-B takes the meter's medium; `*19` is billing period 19.
+        assert_eq!(m.values[1].series, Obis([6, 0, 1, 8, 0, 19]));
+        assert_eq!(m.values[1].value.as_str(), "101.71");
+        // The gas set's first value is a time stamp with a season flag, not a number: the
+        // value is not guessed from its second.
+        assert_eq!(m.left_out, vec!["0-1:24.2.1".to_owned()]);
+        assert_eq!(m.meter_time, None);
+    }
+
+    #[test]
+    fn clock_with_separators_and_season_flag_should_parse() {
+        let sets =
+            parse_readout("0.9.1(13:23:08S)\r\n0.9.2(17-11-03)\r\n1.8.0(1*kWh)\r\n!\r\n").unwrap();
+        let m = values(&sets, [1, 0], &Selection::All, &TimeZone::UTC);
+        assert_eq!(
+            m.meter_time.map(|t| t.rfc3339()),
+            Some("2017-11-03T13:23:08+00:00".into())
+        );
+    }
+
+    #[test]
+    fn impossible_clock_should_leave_no_meter_time() {
+        for (t, d) in [("256161", "260321"), ("123456", "261332"), ("12", "260321")] {
+            let text = format!("0.9.1({t})\r\n0.9.2({d})\r\n1.8.0(1*kWh)\r\n!\r\n");
+            let m = values(
+                &parse_readout(&text).unwrap(),
+                [1, 0],
+                &Selection::All,
+                &TimeZone::UTC,
+            );
+            assert_eq!(m.meter_time, None, "{t} {d}");
+            assert_eq!(m.values[0].meter_time, None);
+        }
+    }
+
+    #[test]
+    fn repeated_series_should_keep_the_first() {
+        let sets = parse_readout("1.8.0(1*kWh)\r\n1.8.0(2*kWh)\r\n!\r\n").unwrap();
+        let m = values(&sets, [1, 0], &Selection::All, &TimeZone::UTC);
+        assert_eq!(m.values.len(), 1);
+        assert_eq!(m.values[0].value.as_str(), "1");
+    }
+}

@@ -1,0 +1,340 @@
+//! The driver ([`read_line`]) against the simulated meter, over an in-memory line with paused
+//! time: retries, the fallback to 300 Bd, fault mapping and the timing of the baud switch.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::time::Instant;
+
+use super::*;
+use crate::meter::iec62056_21::codec::ACK;
+use crate::sim::iec::{Clock, Fault, SimBus, SimMeter};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Event {
+    Baud(u32),
+    Sent(Vec<u8>),
+    Received(Vec<u8>),
+}
+
+/// A line whose far end is the simulated meter. `switch_delay` makes the UART take that long
+/// to change to a faster rate, like a sluggish driver.
+struct FakeLine {
+    io: DuplexStream,
+    baud: Arc<AtomicU32>,
+    switch_delay: Duration,
+    events: Arc<Mutex<Vec<(Instant, Event)>>>,
+}
+
+impl FakeLine {
+    fn log(&self, e: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((Instant::now(), e));
+    }
+}
+
+impl Line for FakeLine {
+    fn set_baud(&mut self, baud: u32) -> std::io::Result<()> {
+        self.log(Event::Baud(baud));
+        if self.switch_delay.is_zero() || baud <= self.baud.load(Ordering::SeqCst) {
+            self.baud.store(baud, Ordering::SeqCst);
+        } else {
+            let (b, d) = (self.baud.clone(), self.switch_delay);
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                b.store(baud, Ordering::SeqCst);
+            });
+        }
+        Ok(())
+    }
+
+    fn discard_input(&mut self) -> std::io::Result<()> {
+        let mut buf = [0u8; 256];
+        while let Some(Ok(n)) = self.io.read(&mut buf).now_or_never() {
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.log(Event::Sent(bytes.to_vec()));
+        self.io.write_all(bytes).await
+    }
+
+    async fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.io.read(buf).await?;
+        self.log(Event::Received(buf[..n].to_vec()));
+        Ok(n)
+    }
+}
+
+fn line_to(bus: &SimBus, switch_delay: Duration) -> FakeLine {
+    let (agent, meter) = tokio::io::duplex(64 * 1024);
+    let baud = Arc::new(AtomicU32::new(300));
+    let peer = baud.clone();
+    tokio::spawn(crate::sim::iec::serve(
+        meter,
+        move || Some(peer.load(Ordering::SeqCst)),
+        bus.clone(),
+    ));
+    FakeLine {
+        io: agent,
+        baud,
+        switch_delay,
+        events: Arc::default(),
+    }
+}
+
+fn meter_config(address: &str) -> IecMeterConfig {
+    IecMeterConfig {
+        address: Some(address.into()),
+        max_baud: 9600,
+        medium: "1-0".into(),
+        timezone: Some("Europe/Stockholm".into()),
+        readout_timeout: HumanDuration(Duration::from_secs(60)),
+    }
+}
+
+fn bus_with(address: &str, fault: Fault) -> SimBus {
+    let bus = SimBus::new();
+    let mut m = SimMeter::landis_gyr(Some(address), "61234567");
+    m.clock = Some(Clock::Fixed(
+        jiff::civil::date(2026, 3, 21).at(12, 34, 56, 0),
+    ));
+    m.fault = fault;
+    bus.add(m);
+    bus
+}
+
+async fn read_once(line: &mut FakeLine, retries: u32) -> ReadOutcome {
+    let params = ReadParams {
+        selection: &Selection::All,
+        gateway_tz: &TimeZone::UTC,
+        timeout: Duration::from_secs(1),
+        retries,
+    };
+    read_line(line, "m1", &meter_config("61234567"), &params).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn healthy_meter_should_give_its_values_at_9600_baud() {
+    let bus = bus_with("61234567", Fault::None);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert_eq!(out.failure, None);
+    assert!(out.refused.is_empty());
+    let e = out
+        .values
+        .iter()
+        .find(|v| v.series.to_string() == "1-0-1-8-0-255")
+        .expect("1.8.0");
+    assert_eq!(e.value.as_str(), "1234.567");
+    assert_eq!(e.unit, "kWh");
+    assert_eq!(
+        e.meter_time.map(|t| t.rfc3339()),
+        Some("2026-03-21T12:34:56+01:00".into())
+    );
+    assert_eq!(line.baud.load(Ordering::SeqCst), 9600);
+    assert_eq!(bus.readouts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn agent_should_keep_tr_before_the_ack_and_switch_right_after_it() {
+    let bus = bus_with("61234567", Fault::None);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert_eq!(out.failure, None);
+    let events = line.events.lock().unwrap().clone();
+    let ident_end = events
+        .iter()
+        .find(|(_, e)| matches!(e, Event::Received(b) if b.ends_with(b"\r\n") && b.starts_with(b"/LGZ")))
+        .map(|(t, _)| *t)
+        .expect("identification");
+    let (ack_at, ack_index) = events
+        .iter()
+        .enumerate()
+        .find(|(_, (_, e))| matches!(e, Event::Sent(b) if b.first() == Some(&ACK)))
+        .map(|(i, (t, _))| (*t, i))
+        .expect("option select");
+    // tr (200 ms for LGZ) between the identification and the option select.
+    assert!(ack_at - ident_end >= Duration::from_millis(200));
+    // The switch is the very next thing after the option select, at no time lost.
+    assert_eq!(events[ack_index + 1], (ack_at, Event::Baud(9600)));
+    // The break ends the session.
+    assert!(matches!(&events.last().unwrap().1, Event::Sent(b) if *b == codec::break_message()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn agent_that_switches_too_late_should_not_get_the_readout_at_the_new_rate() {
+    // A UART that takes longer to change than the meter's tr: the meter starts at 9600 Bd
+    // while the agent still listens at 300. The simulated line must make that fail.
+    let bus = bus_with("61234567", Fault::None);
+    let mut line = line_to(&bus, Duration::from_millis(300));
+    let out = read_once(&mut line, 0).await;
+    // The switch looked refused; the reading at 300 Bd works.
+    assert_eq!(out.failure, None);
+    assert!(matches!(out.refused.as_slice(), [Failure::Refused(_)]));
+    assert_eq!(bus.readouts(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn meter_that_keeps_300_baud_should_be_read_at_300_with_a_refused_event() {
+    let bus = bus_with("61234567", Fault::KeepsBaud);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert_eq!(out.failure, None);
+    assert!(!out.values.is_empty());
+    match out.refused.as_slice() {
+        [Failure::Refused(m)] => assert!(m.contains("9600 Bd") && m.contains("noise"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The second sign-on asked for 300 Bd.
+    let events = line.events.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .any(|(_, e)| *e == Event::Sent(b"\x06000\r\n".to_vec()))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn meter_that_naks_the_switch_should_be_read_at_300_with_a_refused_event() {
+    let bus = bus_with("61234567", Fault::RefusesBaudSwitch);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert_eq!(out.failure, None);
+    assert!(matches!(out.refused.as_slice(), [Failure::Refused(_)]));
+    assert_eq!(bus.readouts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_meter_should_time_out_after_every_retry() {
+    let bus = bus_with("61234567", Fault::Silent);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let started = Instant::now();
+    let out = read_once(&mut line, 2).await;
+    assert!(matches!(out.failure, Some(Failure::Timeout(_))));
+    assert!(out.values.is_empty());
+    assert_eq!(bus.requests(), 3);
+    // Each attempt waits the standard's 1.5 s (the bus's 1 s is too short) plus a character.
+    let each = Duration::from_millis(1500) + codec::wire_time(1, 300);
+    assert!(started.elapsed() >= each * 3);
+    assert!(started.elapsed() < each * 3 + Duration::from_millis(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn faulty_meters_should_give_their_failure_kinds() {
+    use crate::reading::EventKind as K;
+    for (fault, kind) in [
+        (Fault::BadBcc, K::ChecksumError),
+        (Fault::Truncated, K::MalformedResponse),
+        (Fault::Garbage, K::MalformedResponse),
+    ] {
+        let bus = bus_with("61234567", fault);
+        let mut line = line_to(&bus, Duration::ZERO);
+        let out = read_once(&mut line, 1).await;
+        let f = out.failure.unwrap_or_else(|| panic!("{fault:?} read fine"));
+        assert_eq!(f.event_kind(), kind, "{fault:?}: {f}");
+        assert!(out.values.is_empty());
+        assert_eq!(bus.requests(), 2, "{fault:?} retried once");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn meter_not_addressed_should_stay_silent() {
+    let bus = bus_with("99999999", Fault::None);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert!(matches!(out.failure, Some(Failure::Timeout(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_baud_300_should_never_switch() {
+    let bus = bus_with("61234567", Fault::None);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let mut config = meter_config("61234567");
+    config.max_baud = 300;
+    let params = ReadParams {
+        selection: &Selection::All,
+        gateway_tz: &TimeZone::UTC,
+        timeout: Duration::from_secs(1),
+        retries: 0,
+    };
+    let out = read_line(&mut line, "m1", &config, &params).await;
+    assert_eq!(out.failure, None);
+    let events = line.events.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .all(|(_, e)| !matches!(e, Event::Baud(b) if *b != 300))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_to_300_baud_should_not_use_up_a_retry() {
+    // Retries 0: the second sign-on (at 300 Bd) is still made.
+    let bus = bus_with("61234567", Fault::KeepsBaud);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert_eq!(out.failure, None);
+    assert_eq!(bus.requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn meter_that_keeps_300_baud_and_then_fails_should_report_both() {
+    // Keeps 300 Bd at the switch, then its readout at 300 Bd has a bad BCC.
+    let bus = bus_with("61234567", Fault::KeepsBaud);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let watcher = bus.clone();
+    let flip = tokio::spawn(async move {
+        while watcher.requests() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        watcher.set_fault("61234567", Fault::BadBcc);
+    });
+    let out = read_once(&mut line, 0).await;
+    flip.abort();
+    assert!(
+        matches!(out.failure, Some(Failure::Checksum(_))),
+        "{:?}",
+        out.failure
+    );
+    assert!(matches!(out.refused.as_slice(), [Failure::Refused(_)]));
+}
+
+#[test]
+fn config_with_bad_values_should_name_each_key() {
+    let config: IecMeterConfig = toml::from_str(
+        r#"address = "12/34"
+max_baud = 115200
+medium = "electricity"
+timezone = "Mars/Olympus"
+readout_timeout = "10h""#,
+    )
+    .expect("parses");
+    let mut p = Problems::default();
+    config.validate("meter[0].iec62056_21", &mut p);
+    let keys: Vec<&str> = p.0.iter().map(|x| x.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "meter[0].iec62056_21.address",
+            "meter[0].iec62056_21.max_baud",
+            "meter[0].iec62056_21.medium",
+            "meter[0].iec62056_21.readout_timeout",
+            "meter[0].iec62056_21.timezone",
+        ]
+    );
+    let good: IecMeterConfig = toml::from_str(r#"medium = "6-1""#).expect("parses");
+    let mut p = Problems::default();
+    good.validate("m", &mut p);
+    assert!(p.0.is_empty(), "{:?}", p.0);
+    assert_eq!(good.ab(), [6, 1]);
+    assert_eq!(good.readout_timeout.0, Duration::from_secs(60));
+}
