@@ -45,6 +45,10 @@ use crate::status::StatusReport;
 use crate::store::Store;
 use command::{Command, Rejection, Request, Rules};
 
+/// The largest MQTT packet read at all; commands over `max_payload` are rejected with a
+/// reply, commands over this cannot be read (and the broker keeps redelivering them).
+const HARD_PACKET_LIMIT: usize = 4 << 20;
+
 /// `[mqtt]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -248,7 +252,10 @@ impl Control {
             .set_clean_session(false)
             .set_keep_alive(config.keep_alive.0)
             .set_manual_acks(true)
-            .set_max_packet_size(config.max_payload.0 as usize + 1024, 256 << 10)
+            // rumqttc drops the connection on a packet over its limit, and the broker would
+            // deliver that command again on every reconnect: keep the hard limit well above
+            // `max_payload`, which rejects oversized commands politely.
+            .set_max_packet_size(HARD_PACKET_LIMIT, 256 << 10)
             .set_last_will(LastWill::new(
                 &topics.status,
                 offline_doc(gateway, "connection lost", None).to_string(),
@@ -314,8 +321,11 @@ impl Control {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 64);
+        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 256);
         let (commands, inbox) = mpsc::channel::<Publish>(self.config.max_pending);
+        // Commands turned away (a flood) are answered by their own task, so that answering
+        // never holds up the event loop; past this many, they are only acknowledged.
+        let (turned_away, busy_inbox) = mpsc::channel::<Publish>(256);
         let status_now = Arc::new(Notify::new());
         let tasks = CancellationToken::new();
         let rules_key = self.key.clone();
@@ -329,6 +339,11 @@ impl Control {
             window,
             tasks.clone(),
         ));
+        tokio::spawn(
+            self.handler
+                .clone()
+                .turn_away(client.clone(), busy_inbox, tasks.clone()),
+        );
         tokio::spawn(self.handler.clone().status(
             client.clone(),
             self.config.status_interval.0,
@@ -370,20 +385,11 @@ impl Control {
                         continue;
                     }
                     if let Err(mpsc::error::TrySendError::Full(p)) = commands.try_send(p) {
-                        // A flood: answer at once, and acknowledge, so it is not redelivered.
-                        let id = request_id_of(&p.payload);
-                        tracing::warn!(request_id = ?id, "Command rejected: too many pending");
-                        let reply = rejected(
-                            id.as_deref(),
-                            "busy: too many commands pending, try again later",
-                        );
-                        let _ = client.try_publish(
-                            &self.topics.replies,
-                            QoS::AtLeastOnce,
-                            false,
-                            reply.to_string(),
-                        );
-                        let _ = client.try_ack(&p);
+                        // A flood: the extra commands are answered `busy` and acknowledged, so
+                        // they are not redelivered.
+                        if let Err(mpsc::error::TrySendError::Full(p)) = turned_away.try_send(p) {
+                            let _ = client.try_ack(&p);
+                        }
                     }
                 }
                 Ok(_) => {}
@@ -531,6 +537,29 @@ impl Handler {
             if let Err(e) = client.ack(&publish).await {
                 tracing::warn!(error = %e, "Could not acknowledge a command");
             }
+        }
+    }
+
+    /// Answers `busy` to the commands a flood brought beyond `max_pending`.
+    async fn turn_away(
+        self: Arc<Self>,
+        client: AsyncClient,
+        mut inbox: mpsc::Receiver<Publish>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let p = tokio::select! {
+                p = inbox.recv() => match p { Some(p) => p, None => return },
+                () = stop.cancelled() => return,
+            };
+            let id = request_id_of(&p.payload);
+            tracing::warn!(request_id = ?id, "Command rejected: too many pending");
+            let reply = rejected(
+                id.as_deref(),
+                "busy: too many commands pending, try again later",
+            );
+            self.reply(&client, reply).await;
+            let _ = client.ack(&p).await;
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod celery;
+pub mod mqtt;
 pub mod proxy;
 pub mod rabbit;
 
