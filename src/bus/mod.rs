@@ -824,7 +824,14 @@ async fn run_poll(ctx: Arc<PollContext>, mut slot: Slot, plan: Plan, req: PollRe
     let n = readings.len();
     let stored = store_append(&ctx, batch).await;
     if stored {
-        tracing::info!(bus = %ctx.bus, meter = %meter.id, cadence = %req.cadence, readings = n, "Polled and buffered");
+        // One value in the log line, so an operator sees numbers, not just counts: the
+        // import energy register where there is one.
+        let sample = readings
+            .iter()
+            .find(|r| r.series.0[2..5] == [1, 8, 0])
+            .or(readings.first())
+            .map(|r| format!("{}={} {}", r.series, r.value, r.unit));
+        tracing::info!(bus = %ctx.bus, meter = %meter.id, cadence = %req.cadence, readings = n, sample = sample.as_deref().unwrap_or("-"), "Polled and buffered");
     }
     let ok = failure.is_none();
     if let Some(reply) = req.reply {
