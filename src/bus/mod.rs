@@ -12,6 +12,7 @@
 
 pub mod link;
 pub mod queue;
+pub mod spill;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,7 +35,7 @@ use crate::meter::modbus::profile::Profiles;
 use crate::meter::modbus::{self, ReadPlan};
 use crate::meter::{Failure, MeterConfig, Selection};
 use crate::reading::{Cadence, EventKind, Flags, Obis, Reading, Stamp, SystemEvent};
-use crate::store::{Append, Mark, Store};
+use crate::store::{Append, Mark, Store, StoreError};
 use link::Slot;
 use queue::{PollQueue, Pushed};
 
@@ -419,7 +420,13 @@ struct PollContext {
     wake: Arc<Notify>,
     clock: SharedClock,
     tz: TimeZone,
+    /// What the store could not take yet. The lock also serialises this bus's writes, so
+    /// they reach the store in order.
+    spill: tokio::sync::Mutex<spill::Spill>,
 }
+
+/// Readings kept in memory per bus while the store cannot write (about 10 MiB).
+const SPILL_READINGS: usize = 100_000;
 
 /// The long-lived task of one bus.
 pub struct BusWorker {
@@ -501,6 +508,7 @@ impl BusWorker {
             wake,
             clock,
             tz,
+            spill: tokio::sync::Mutex::new(spill::Spill::new(SPILL_READINGS)),
         });
         let handle = BusHandle {
             name: bus.name.clone(),
@@ -525,6 +533,10 @@ impl BusWorker {
         > = FuturesUnordered::new();
         let mut active_info: Vec<PollInfo> = Vec::new();
         let mut stopping = false;
+        // Readings kept while the store could not write are retried now and then, not only
+        // when the next poll ends.
+        let mut spill_retry = tokio::time::interval(Duration::from_secs(5));
+        spill_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Start what can start.
             while !stopping && !free.is_empty() {
@@ -574,6 +586,16 @@ impl BusWorker {
                         m.record(ok, error, max, &self.ctx.clock);
                     }
                 }
+                _ = spill_retry.tick() => {
+                    let ctx = self.ctx.clone();
+                    let pending = ctx.spill.try_lock().is_ok_and(|s| !s.is_empty());
+                    if pending {
+                        tokio::spawn(async move {
+                            let mut spill = ctx.spill.lock().await;
+                            flush_spill(&ctx, &mut spill).await;
+                        });
+                    }
+                }
                 cmd = self.inbox.recv(), if !stopping => match cmd {
                     None => stopping = true,
                     Some(BusCommand::Poll(req)) => self.enqueue(&mut queue, req),
@@ -590,6 +612,10 @@ impl BusWorker {
                     }
                 },
             }
+        }
+        let mut spill = self.ctx.spill.lock().await;
+        if !flush_spill(&self.ctx, &mut spill).await {
+            tracing::error!(bus = %self.config.name, readings = spill.readings(), "Stopping with readings the store could not take: they are lost");
         }
         tracing::debug!(bus = %self.config.name, "Bus worker stopped");
     }
@@ -925,33 +951,80 @@ fn assemble(
     }
 }
 
-/// Appends, retrying a failing store a few times. Gives up with an error log: the data is
-/// lost only if the disk stays unwritable through every retry.
+/// Writes a poll's batch to the store, behind anything the store could not take before.
+/// If the store cannot write now (a full or failing disk), the batch waits in the bus's
+/// spill and `false` is returned: not durable yet, but not lost either.
 async fn store_append(ctx: &PollContext, batch: Append) -> bool {
     if batch.is_empty() {
         return true;
     }
-    let mut delay = Duration::from_millis(200);
-    for attempt in 1..=5 {
-        let store = ctx.store.clone();
-        let b = batch.clone();
-        match tokio::task::spawn_blocking(move || store.append(b)).await {
-            Ok(Ok(_)) => {
-                ctx.wake.notify_one();
-                return true;
-            }
-            Ok(Err(e)) if attempt < 5 => {
-                tracing::warn!(bus = %ctx.bus, error = %e, attempt, "Store write failed, retrying");
-            }
-            Ok(Err(e)) => {
-                tracing::error!(bus = %ctx.bus, error = %e, readings = batch.readings.len(), "Store write failed, readings lost");
-            }
-            Err(e) => tracing::error!(error = %e, "Store task panicked"),
-        }
-        tokio::time::sleep(delay).await;
-        delay *= 2;
+    let mut spill = ctx.spill.lock().await;
+    if !flush_spill(ctx, &mut spill).await {
+        keep(ctx, &mut spill, batch);
+        return false;
     }
-    false
+    match append(ctx, batch.clone()).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(bus = %ctx.bus, error = %e, readings = batch.readings.len(), "Store cannot write: keeping the readings in memory until it can");
+            keep(ctx, &mut spill, batch);
+            false
+        }
+    }
+}
+
+fn keep(ctx: &PollContext, spill: &mut spill::Spill, batch: Append) {
+    let dropped = spill.push(batch);
+    if dropped > 0 {
+        tracing::error!(bus = %ctx.bus, dropped, kept = spill.readings(), "Readings lost: the store cannot write and the memory spill is full");
+    }
+}
+
+/// Writes what the spill holds, oldest first; `true` once it is empty. Reports readings the
+/// spill had to give up, once the store takes writes again.
+async fn flush_spill(ctx: &PollContext, spill: &mut spill::Spill) -> bool {
+    let had = spill.readings();
+    while let Some(front) = spill.front() {
+        if append(ctx, front.clone()).await.is_err() {
+            return false;
+        }
+        spill.pop_front();
+    }
+    if had > 0 {
+        tracing::info!(bus = %ctx.bus, readings = had, "The store takes writes again: kept readings stored");
+    }
+    let dropped = spill.take_dropped();
+    if dropped > 0 {
+        let now = Stamp::in_zone(ctx.clock.now(), &ctx.tz);
+        let event = SystemEvent::new(
+            EventKind::StoreError,
+            now,
+            format!("{dropped} readings were lost on bus {}: the store could not write and the memory spill was full", ctx.bus),
+        )
+        .bus(ctx.bus.clone())
+        .detail("lost_readings", dropped);
+        let _ = append(
+            ctx,
+            Append {
+                events: vec![event],
+                ..Append::default()
+            },
+        )
+        .await;
+    }
+    true
+}
+
+async fn append(ctx: &PollContext, batch: Append) -> Result<(), StoreError> {
+    let store = ctx.store.clone();
+    match tokio::task::spawn_blocking(move || store.append(batch)).await {
+        Ok(Ok(_)) => {
+            ctx.wake.notify_one();
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(StoreError::Unavailable(format!("store task failed: {e}"))),
+    }
 }
 
 #[cfg(test)]

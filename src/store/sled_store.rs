@@ -21,7 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sled::{Batch, IVec, Tree};
@@ -106,13 +107,26 @@ impl State {
 }
 
 pub struct SledStore {
-    db: sled::Db,
-    pub(super) tree: Tree,
-    aside: Tree,
+    /// The open database. Replaced by [`SledStore::reopen`] after a write error: sled stops
+    /// writing for good after one (a full disk), until it is opened again.
+    handles: RwLock<Option<Handles>>,
+    /// A write failed; reopen before the next operation (at most every few seconds).
+    broken: AtomicBool,
+    last_reopen: Mutex<Option<std::time::Instant>>,
+    /// The cap actually applied: `max_bytes`, or less if the filesystem has less room.
+    cap: Mutex<(u64, Option<std::time::Instant>)>,
+    dir: PathBuf,
     config: StoreConfig,
     clock: SharedClock,
     state: Mutex<State>,
     path: PathBuf,
+}
+
+#[derive(Clone)]
+struct Handles {
+    db: sled::Db,
+    tree: Tree,
+    aside: Tree,
 }
 
 fn rkey(range: Range, seq: u64) -> [u8; 10] {
@@ -201,74 +215,22 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, config: &StoreConfig, clock: SharedClock) -> Result<Self, StoreError> {
         let path = dir.join("store");
-        let open_err = |reason: String| StoreError::Open {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let handles = open_db(&path, config)?;
+        let meta = load_meta(&handles.tree, clock.now_ms()).map_err(|reason| StoreError::Open {
             path: path.clone(),
             reason,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let sled_config = sled::Config::new()
-            .path(&path)
-            .cache_capacity(config.cache.0)
-            .flush_every_ms(Some(config.ack_flush.0.as_millis().max(1) as u64))
-            .mode(sled::Mode::LowSpace);
-        // sled locks its files and lets go of them from a background thread a moment after
-        // the last handle is dropped (by `status`, or a test that filled the store): wait a
-        // little rather than fail. The agent's own lock keeps a second agent out.
-        let mut attempts = 0;
-        let db = loop {
-            match sled_config.open() {
-                Ok(db) => break db,
-                Err(e) if e.to_string().contains("could not acquire lock") && attempts < 50 => {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                Err(e) => return Err(open_err(e.to_string())),
-            }
-        };
-        let tree = db
-            .open_tree("buffer")
-            .map_err(|e| open_err(e.to_string()))?;
-        let aside = db.open_tree("aside").map_err(|e| open_err(e.to_string()))?;
-        let meta = match tree.get(META).map_err(|e| open_err(e.to_string()))? {
-            Some(v) => match postcard::from_bytes::<Meta>(&v) {
-                Ok(m) if m.format == FORMAT => Some(m),
-                Ok(m) => {
-                    return Err(open_err(format!(
-                        "store format {} is not format {FORMAT}: written by another version",
-                        m.format
-                    )));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Store counters unreadable, recounting");
-                    None
-                }
-            },
-            None => None,
-        };
-        let mut meta = match meta {
-            Some(m) => m,
-            None if tree.is_empty() => Meta {
-                format: FORMAT,
-                next_seq: initial_sequence(clock.now_ms()),
-                ..Meta::default()
-            },
-            None => recount(&tree, clock.now_ms()).map_err(|e| open_err(e.to_string()))?,
-        };
-        // A sequence number is never handed out twice, even if the counters were written by
-        // a buggy or older build: stay above the highest record present.
-        for range in Range::ALL {
-            if let Some(Ok((k, v))) = tree.scan_prefix([b'r', range as u8]).next_back() {
-                if let (Some((_, first)), Ok(items)) = (parse_key(&k), decode_chunk(0, &v)) {
-                    let last = items.last().map_or(first, |(off, _)| first + off);
-                    meta.next_seq = meta.next_seq.max(last + 1);
-                }
-            }
-        }
+        })?;
         let durable = meta.next_seq.saturating_sub(1);
-        Ok(SledStore {
-            db,
-            tree,
-            aside,
+        let store = SledStore {
+            handles: RwLock::new(Some(handles)),
+            broken: AtomicBool::new(false),
+            last_reopen: Mutex::new(None),
+            cap: Mutex::new((config.max_bytes.0, None)),
+            dir: dir.to_owned(),
             config: config.clone(),
             clock,
             state: Mutex::new(State {
@@ -277,7 +239,106 @@ impl SledStore {
                 ..State::default()
             }),
             path,
-        })
+        };
+        store.effective_cap();
+        Ok(store)
+    }
+
+    fn h(&self) -> Result<Handles, StoreError> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the store is being reopened".into()))
+    }
+
+    pub(super) fn tree(&self) -> Result<Tree, StoreError> {
+        self.h().map(|h| h.tree)
+    }
+
+    /// After a write error: drop the database and open it again, at most every 2 s. What a
+    /// reopen finds is what reached the disk; the in-memory bookkeeping starts afresh, as
+    /// after a restart (taken records are handed out again).
+    fn reopen_if_broken(&self) -> Result<(), StoreError> {
+        if !self.broken.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2)) {
+                return Err(StoreError::Unavailable(
+                    "the store could not write; retrying shortly".into(),
+                ));
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        // Lock order everywhere: state, then handles, then cap.
+        let mut st = self.lock();
+        let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        // Let go of the old database first: sled holds a file lock until its last handle goes.
+        drop(handles.take());
+        let fresh = open_db(&self.path, &self.config)?;
+        let meta = load_meta(&fresh.tree, self.clock.now_ms()).map_err(StoreError::Unavailable)?;
+        let durable = meta.next_seq.saturating_sub(1);
+        *st = State {
+            meta,
+            durable,
+            ..State::default()
+        };
+        *handles = Some(fresh);
+        self.broken.store(false, Ordering::SeqCst);
+        tracing::warn!(path = %self.path.display(), "Store reopened after a write error");
+        drop(handles);
+        drop(st);
+        // The filesystem may have changed (space freed, or not): size the cap again.
+        self.cap.lock().unwrap_or_else(|p| p.into_inner()).1 = None;
+        self.effective_cap();
+        Ok(())
+    }
+
+    /// Runs a store operation: reopens a broken store first, and marks it broken when the
+    /// operation fails to write.
+    fn guard<T>(&self, op: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.reopen_if_broken()?;
+        let r = op();
+        if let Err(StoreError::Unavailable(e)) = &r {
+            tracing::warn!(error = %e, "Store write failed");
+            self.broken.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// `max_bytes`, or less when the filesystem cannot hold that much: sled's files take
+    /// about twice the bytes buffered, more for small stores (whole 512 KiB segments), so
+    /// the buffer may use a third of the room it has, keeping a reserve for everyone else.
+    /// Measured from the filesystem at most once a second (a statvfs call).
+    fn effective_cap(&self) -> u64 {
+        let mut cap = self.cap.lock().unwrap_or_else(|p| p.into_inner());
+        if cap
+            .1
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1))
+        {
+            return cap.0;
+        }
+        let configured = self.config.max_bytes.0;
+        let value = match (fs_space(&self.dir), self.h().map(|h| h.db.size_on_disk())) {
+            (Some((avail, total)), Ok(Ok(ours))) => {
+                let reserve = (8u64 << 20).min(total / 10);
+                let room = (avail + ours).saturating_sub(reserve) / 3;
+                if room < configured && cap.0 >= configured {
+                    tracing::warn!(
+                        max_bytes = configured,
+                        room,
+                        dir = %self.dir.display(),
+                        "The filesystem has less room than store.max_bytes: buffering less"
+                    );
+                }
+                configured.min(room.max(64 << 10))
+            }
+            _ => configured,
+        };
+        *cap = (value, Some(std::time::Instant::now()));
+        value
     }
 
     pub fn path(&self) -> &Path {
@@ -293,7 +354,7 @@ impl SledStore {
     /// The chunk of `range` that holds `seq`, if it is still there.
     fn chunk_of(&self, range: Range, seq: u64) -> Result<Option<(u64, IVec)>, StoreError> {
         let found = self
-            .tree
+            .tree()?
             .range(rkey(range, 0)..=rkey(range, seq))
             .next_back()
             .transpose()
@@ -318,7 +379,7 @@ impl SledStore {
             if meta.depth[range as usize].count == 0 {
                 continue;
             }
-            for item in self.tree.scan_prefix([b'r', range as u8]) {
+            for item in self.tree()?.scan_prefix([b'r', range as u8]) {
                 if cutoff_ms.is_none() && freed >= need_bytes {
                     break;
                 }
@@ -458,13 +519,18 @@ impl SledStore {
     fn write(&self, st: &mut State, mut meta: Meta, mut batch: Batch) -> Result<(), StoreError> {
         meta.format = FORMAT;
         batch.insert(META, postcard::to_stdvec(&meta).unwrap_or_default());
-        self.tree.apply_batch(batch).map_err(io)?;
+        self.tree()?.apply_batch(batch).map_err(io)?;
         st.meta = meta;
         Ok(())
     }
 
     fn first_at_ms(&self, range: Range) -> Option<i64> {
-        let (k, v) = self.tree.scan_prefix([b'r', range as u8]).next()?.ok()?;
+        let (k, v) = self
+            .tree()
+            .ok()?
+            .scan_prefix([b'r', range as u8])
+            .next()?
+            .ok()?;
         let (_, first) = parse_key(&k)?;
         let items = decode_chunk(first, &v).ok()?;
         items.iter().map(|(_, r)| r.at_ms()).min()
@@ -484,7 +550,7 @@ impl SledStore {
         let k = rkey(range, first);
         // Copied first: a crash between the two writes leaves it in both places, and the next
         // take sets it aside again.
-        self.aside.insert(k, v.clone()).map_err(io)?;
+        self.h()?.aside.insert(k, v.clone()).map_err(io)?;
         let mut meta = st.meta.clone();
         let mut batch = Batch::default();
         batch.remove(&k[..]);
@@ -516,10 +582,95 @@ impl SledStore {
         });
         st.forget_chunk(range, first);
         self.write(st, meta, batch)?;
-        self.db.flush().map_err(io)?;
+        self.h()?.db.flush().map_err(io)?;
         st.durable_through(seq);
         Ok(())
     }
+}
+
+fn open_db(path: &Path, config: &StoreConfig) -> Result<Handles, StoreError> {
+    let open_err = |reason: String| StoreError::Open {
+        path: path.to_owned(),
+        reason,
+    };
+    let sled_config = sled::Config::new()
+        .path(path)
+        .cache_capacity(config.cache.0)
+        .flush_every_ms(Some(config.ack_flush.0.as_millis().max(1) as u64))
+        .mode(sled::Mode::LowSpace);
+    // sled locks its files and lets go of them from a background thread a moment after the
+    // last handle is dropped (by `status`, a test that filled the store, or a reopen): wait
+    // a little rather than fail. The agent's own lock keeps a second agent out.
+    let mut attempts = 0;
+    let db = loop {
+        match sled_config.open() {
+            Ok(db) => break db,
+            Err(e) if e.to_string().contains("could not acquire lock") && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(open_err(e.to_string())),
+        }
+    };
+    let tree = db
+        .open_tree("buffer")
+        .map_err(|e| open_err(e.to_string()))?;
+    let aside = db.open_tree("aside").map_err(|e| open_err(e.to_string()))?;
+    Ok(Handles { db, tree, aside })
+}
+
+/// The counters as last written, made safe: recounted if unreadable, and the next sequence
+/// number kept above every record present.
+fn load_meta(tree: &Tree, now_ms: i64) -> Result<Meta, String> {
+    let meta = match tree.get(META).map_err(|e| e.to_string())? {
+        Some(v) => match postcard::from_bytes::<Meta>(&v) {
+            Ok(m) if m.format == FORMAT => Some(m),
+            Ok(m) => {
+                return Err(format!(
+                    "store format {} is not format {FORMAT}: written by another version",
+                    m.format
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Store counters unreadable, recounting");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut meta = match meta {
+        Some(m) => m,
+        None if tree.is_empty() => Meta {
+            format: FORMAT,
+            next_seq: initial_sequence(now_ms),
+            ..Meta::default()
+        },
+        None => recount(tree, now_ms).map_err(|e| e.to_string())?,
+    };
+    // A sequence number is never handed out twice, even if the counters were written by a
+    // buggy or older build: stay above the highest record present.
+    for range in Range::ALL {
+        if let Some(Ok((k, v))) = tree.scan_prefix([b'r', range as u8]).next_back() {
+            if let (Some((_, first)), Ok(items)) = (parse_key(&k), decode_chunk(0, &v)) {
+                let last = items.last().map_or(first, |(off, _)| first + off);
+                meta.next_seq = meta.next_seq.max(last + 1);
+            }
+        }
+    }
+    Ok(meta)
+}
+
+/// Bytes available to us and the filesystem's size, for the directory `dir`.
+fn fs_space(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the struct we own; `c` is a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    let frag = s.f_frsize as u64;
+    Some((s.f_bavail as u64 * frag, s.f_blocks as u64 * frag))
 }
 
 /// Rebuilds the counters by scanning, when they were lost. Slow, and only on a damaged store.
@@ -554,7 +705,7 @@ impl SledStore {
         let partial = std::mem::take(&mut st.partial);
         for ((range, first), acked) in &partial {
             let k = rkey(*range, *first);
-            let Some(v) = self.tree.get(k).map_err(io)? else {
+            let Some(v) = self.tree()?.get(k).map_err(io)? else {
                 continue;
             };
             let Ok(items) = decode_chunk(*first, &v) else {
@@ -603,14 +754,15 @@ fn cutoff_commands(now_ms: i64) -> i64 {
 impl SledStore {
     fn forget_old_commands(&self, cutoff_ms: i64) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        for item in self.tree.scan_prefix(b"c") {
+        let tree = self.tree()?;
+        for item in tree.scan_prefix(b"c") {
             let (k, v) = item.map_err(io)?;
             let at = v.as_ref().try_into().map(i64::from_be_bytes).unwrap_or(0);
             if at < cutoff_ms {
                 batch.remove(k);
             }
         }
-        self.tree.apply_batch(batch).map_err(io)
+        tree.apply_batch(batch).map_err(io)
     }
 }
 
@@ -621,12 +773,14 @@ impl Drop for SledStore {
             tracing::warn!(error = %e, "Could not record the last acknowledgements; they will be delivered again");
         }
         drop(st);
-        let _ = self.db.flush();
+        if let Ok(h) = self.h() {
+            let _ = h.db.flush();
+        }
     }
 }
 
-impl Store for SledStore {
-    fn append(&self, batch_in: Append) -> Result<Appended, StoreError> {
+impl SledStore {
+    fn append_inner(&self, batch_in: Append) -> Result<Appended, StoreError> {
         if batch_in.is_empty() {
             return Ok(Appended::default());
         }
@@ -683,10 +837,11 @@ impl Store for SledStore {
             }
         }
         let total: u64 = meta.depth.iter().map(|d| d.bytes).sum();
+        let cap = self.effective_cap();
         let mut evicted = 0;
-        if total > self.config.max_bytes.0 {
+        if total > cap {
             // Victims come from what is already on disk; this batch is not in the tree yet.
-            let victims = self.choose_victims(&meta, total - self.config.max_bytes.0, None)?;
+            let victims = self.choose_victims(&meta, total - cap, None)?;
             evicted = self.evict_into(&mut st, &mut meta, &mut batch, &victims, false);
         }
         let last = meta.next_seq - 1;
@@ -694,7 +849,7 @@ impl Store for SledStore {
         self.write(&mut st, meta, batch)?;
         drop(st);
 
-        if let Err(e) = self.db.flush() {
+        if let Err(e) = self.h()?.db.flush() {
             // Not on disk, so not stored: undo in memory so a retry by the caller does not
             // also leave this copy behind to be flushed later.
             let mut st = self.lock();
@@ -711,7 +866,7 @@ impl Store for SledStore {
         Ok(Appended { seqs, evicted })
     }
 
-    fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
+    fn take_inner(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
         let mut st = self.lock();
         let ranges: &[Range] = match stream {
             Stream::Readings => &[Range::Profile, Range::Billing],
@@ -754,7 +909,7 @@ impl Store for SledStore {
             let mut n = 0;
             let mut last_decoded = None;
             for item in self
-                .tree
+                .tree()?
                 .range(rkey(range, cursor_chunk)..=rkey(range, st.durable))
             {
                 if n >= max {
@@ -806,7 +961,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError> {
+    fn ack_inner(&self, ids: &[EntryId]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -898,7 +1053,7 @@ impl Store for SledStore {
         self.write(&mut st, meta, batch)
     }
 
-    fn nack(&self, ids: &[EntryId]) {
+    fn nack_inner(&self, ids: &[EntryId]) {
         let mut st = self.lock();
         for id in ids {
             if id.seq <= st.cursor[id.range as usize].0 {
@@ -907,7 +1062,7 @@ impl Store for SledStore {
         }
     }
 
-    fn stats(&self) -> Result<Stats, StoreError> {
+    fn stats_inner(&self) -> Result<Stats, StoreError> {
         let (mut meta, partial) = {
             let st = self.lock();
             (st.meta.clone(), st.partial_count)
@@ -929,27 +1084,32 @@ impl Store for SledStore {
             oldest_ms,
             last_drain_ms: meta.last_drain_ms,
             next_seq: meta.next_seq,
-            disk_bytes: self.db.size_on_disk().unwrap_or(0),
+            disk_bytes: self
+                .h()
+                .ok()
+                .and_then(|h| h.db.size_on_disk().ok())
+                .unwrap_or(0),
         })
     }
 
-    fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
+    fn boundary_inner(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
         Ok(self
-            .tree
+            .tree()?
             .get(mark_key(meter, cadence))
             .map_err(io)?
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
-    fn meters(&self) -> Result<Vec<MeterState>, StoreError> {
+    fn meters_inner(&self) -> Result<Vec<MeterState>, StoreError> {
         let mut by_meter: BTreeMap<String, MeterState> = BTreeMap::new();
-        for item in self.tree.scan_prefix(b"l") {
+        let tree = self.tree()?;
+        for item in tree.scan_prefix(b"l") {
             let (k, v) = item.map_err(io)?;
             let meter = String::from_utf8_lossy(&k[1..]).into_owned();
             let ms = v.as_ref().try_into().ok().map(i64::from_be_bytes);
             by_meter.entry(meter.clone()).or_default().last_read_ms = ms;
         }
-        for item in self.tree.scan_prefix(b"f") {
+        for item in tree.scan_prefix(b"f") {
             let (k, v) = item.map_err(io)?;
             let meter = String::from_utf8_lossy(&k[1..]).into_owned();
             if let Ok(f) = postcard::from_bytes::<(i64, String, String)>(&v) {
@@ -965,7 +1125,7 @@ impl Store for SledStore {
             .collect())
     }
 
-    fn maintain(&self) -> Result<u64, StoreError> {
+    fn maintain_inner(&self) -> Result<u64, StoreError> {
         let cutoff = self.clock.now_ms() - self.config.max_age.0.as_millis() as i64;
         self.forget_old_commands(cutoff_commands(self.clock.now_ms()))?;
         let mut st = self.lock();
@@ -980,26 +1140,64 @@ impl Store for SledStore {
         let last = meta.next_seq - 1;
         self.write(&mut st, meta, batch)?;
         drop(st);
-        self.db.flush().map_err(io)?;
+        self.h()?.db.flush().map_err(io)?;
         self.lock().durable_through(last);
         Ok(n)
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
+    fn flush_inner(&self) -> Result<(), StoreError> {
         self.persist_partial(&mut self.lock())?;
-        self.db.flush().map(|_| ()).map_err(io)
+        self.h()?.db.flush().map(|_| ()).map_err(io)
     }
 
-    fn first_time(&self, key: &str) -> Result<bool, StoreError> {
+    fn first_time_inner(&self, key: &str) -> Result<bool, StoreError> {
         let now = self.clock.now_ms().to_be_bytes();
         let fresh = self
-            .tree
+            .tree()?
             .compare_and_swap(meter_key(b'c', key), None as Option<&[u8]>, Some(&now[..]))
             .map_err(io)?
             .is_ok();
         if fresh {
-            self.db.flush().map_err(io)?;
+            self.h()?.db.flush().map_err(io)?;
         }
         Ok(fresh)
+    }
+}
+
+impl Store for SledStore {
+    fn append(&self, batch: Append) -> Result<Appended, StoreError> {
+        self.guard(|| self.append_inner(batch))
+    }
+    fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
+        self.guard(|| self.take_inner(stream, max))
+    }
+    fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError> {
+        self.guard(|| self.ack_inner(ids))
+    }
+    fn nack(&self, ids: &[EntryId]) {
+        self.nack_inner(ids)
+    }
+    fn stats(&self) -> Result<Stats, StoreError> {
+        self.stats_inner()
+    }
+    fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
+        self.boundary_inner(meter, cadence)
+    }
+    fn meters(&self) -> Result<Vec<MeterState>, StoreError> {
+        self.meters_inner()
+    }
+    fn maintain(&self) -> Result<u64, StoreError> {
+        self.guard(|| {
+            // Look at the filesystem again: someone may have filled it, or freed it.
+            self.cap.lock().unwrap_or_else(|p| p.into_inner()).1 = None;
+            self.effective_cap();
+            self.maintain_inner()
+        })
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.guard(|| self.flush_inner())
+    }
+    fn first_time(&self, key: &str) -> Result<bool, StoreError> {
+        self.guard(|| self.first_time_inner(key))
     }
 }

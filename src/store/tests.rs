@@ -219,7 +219,8 @@ fn an_undecodable_record_should_be_set_aside_and_reported_not_crash() {
     // Scribble over the first poll's records as a bad sector would.
     let mut k = vec![b'r', Range::Billing as u8];
     k.extend_from_slice(&seqs[0].to_be_bytes());
-    s.tree
+    s.tree()
+        .unwrap()
         .insert(k, &[1, 0, 0, 0, 0xff, 0xff, 0xff][..])
         .unwrap();
     let got = s.take(Stream::Readings, 10).unwrap();
