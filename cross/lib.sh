@@ -124,35 +124,60 @@ ensure_zig() {
 }
 
 # Debian's Rust (rustc-web) and the target's standard library from Debian, of the same version
-# (ARM.md path C). Installing libstd-rust-web-dev:<arch> as a foreign package has unmet
-# dependencies, so it is unpacked into /.
+# (ARM.md path C): the newest version that the Debian archive has both for the build machine
+# (rustc-web, cargo-web) and for the target (libstd-rust-web-dev:<arch>); bookworm has 1.85, and
+# bookworm-security may have newer ones. Installing libstd-rust-web-dev:<arch> as a foreign
+# package has unmet dependencies, so it is unpacked into /; a stamp in the cache says which
+# version is there, and a different one replaces it (two std versions in one sysroot clash).
 use_debian_rust() {
-	apt_install rustc-web cargo-web
-	local version std_dir
-	version=$(dpkg-query -W -f='${Version}' rustc-web)
-	std_dir=/usr/lib/rustlib/$TARGET/lib
-	if ! compgen -G "$std_dir/libstd-*.rlib" >/dev/null; then
-		log "Unpacking libstd-rust-web-dev:$DEB_ARCH $version into / (once)"
-		if ! dpkg --print-foreign-architectures | grep -qx "$DEB_ARCH"; then
-			"${SUDO[@]}" dpkg --add-architecture "$DEB_ARCH" >&2
-			APT_UPDATED=
-		fi
-		if [[ -z $APT_UPDATED ]]; then
-			"${SUDO[@]}" apt-get update -qq >&2
-			APT_UPDATED=1
-		fi
-		local dl
+	export RUSTC=/usr/bin/rustc
+	CARGO=/usr/bin/cargo
+	local stamp=$AMR_EDGE_CACHE/debian-std-$TARGET.version
+	# Set up by an earlier run, and nothing changed since: no apt at all.
+	if [[ -f $stamp && $(dpkg-query -W -f='${Version}\n' rustc-web cargo-web 2>/dev/null | sort -u) == "$(cat "$stamp")" ]] &&
+		compgen -G "/usr/lib/rustlib/$TARGET/lib/libstd-*.rlib" >/dev/null; then
+		return 0
+	fi
+	command -v apt-get >/dev/null || die "AMR_EDGE_RUST=debian needs apt-get"
+	if ! dpkg --print-foreign-architectures | grep -qx "$DEB_ARCH"; then
+		log "Adding the foreign architecture $DEB_ARCH to dpkg (for apt-get download of its std)"
+		"${SUDO[@]}" dpkg --add-architecture "$DEB_ARCH" >&2
+		APT_UPDATED=
+	fi
+	if [[ -z $APT_UPDATED ]]; then
+		# A mirror caught mid-sync fails one index; apt then uses the others, and so do we.
+		"${SUDO[@]}" apt-get update -qq >&2 || warn "apt-get update reported errors; going on with the indexes it has"
+		APT_UPDATED=1
+	fi
+	local version
+	version=$(comm -12 \
+		<(apt-cache madison rustc-web | awk -F' *[|] *' '{print $2}' | sort -u) \
+		<(apt-cache madison "libstd-rust-web-dev:$DEB_ARCH" | awk -F' *[|] *' '{print $2}' | sort -u) |
+		sort -V | tail -n 1)
+	[[ -n $version ]] || die "the apt indexes have no rustc-web version that also has libstd-rust-web-dev:$DEB_ARCH"
+	if [[ $(dpkg-query -W -f='${Version}' rustc-web 2>/dev/null) != "$version" ||
+		$(dpkg-query -W -f='${Version}' cargo-web 2>/dev/null) != "$version" ]]; then
+		log "Installing rustc-web and cargo-web $version (apt)"
+		DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends --allow-downgrades \
+			"rustc-web=$version" "cargo-web=$version" "libstd-rust-web-dev=$version" >&2 ||
+			die "apt-get install rustc-web=$version cargo-web=$version failed"
+	fi
+	if [[ ! -f $stamp || $(cat "$stamp") != "$version" ]]; then
+		log "Unpacking libstd-rust-web-dev:$DEB_ARCH $version into /"
+		local dl deb
 		dl=$(mktemp -d)
 		(cd "$dl" && apt-get download -qq "libstd-rust-web-dev:$DEB_ARCH=$version" >&2) ||
 			die "cannot download libstd-rust-web-dev:$DEB_ARCH=$version"
-		local deb
+		"${SUDO[@]}" rm -rf "/usr/lib/rustlib/$TARGET"
 		for deb in "$dl"/*.deb; do
 			"${SUDO[@]}" dpkg -x "$deb" / >&2
 		done
 		rm -rf "$dl"
+		compgen -G "/usr/lib/rustlib/$TARGET/lib/libstd-*.rlib" >/dev/null ||
+			die "libstd-rust-web-dev:$DEB_ARCH has no std for $TARGET in /usr/lib/rustlib"
+		mkdir -p "$AMR_EDGE_CACHE"
+		echo "$version" >"$stamp"
 	fi
-	export RUSTC=/usr/bin/rustc
-	CARGO=/usr/bin/cargo
 }
 
 # Picks the toolchain (rustup or Debian) and makes the target's std available. Sets CARGO.
