@@ -99,9 +99,12 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
     )?;
     Watchdog::ready();
     let watchdog = Watchdog::from_env();
-    // Ping twice per watchdog interval; without a watchdog the branch below is disabled.
+    // Ping twice per watchdog interval (never a zero period, which `interval` rejects); without
+    // a watchdog the branch below is disabled.
     let mut watchdog_tick =
-        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| w.interval() / 2));
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| {
+            (w.interval() / 2).max(Duration::from_millis(1))
+        }));
     watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut summary = tokio::time::interval(options.summary_every);
     summary.tick().await;
