@@ -16,7 +16,6 @@ bin=$CARGO_TARGET_DIR/$TARGET/release/amr-edge
 [[ -x $bin ]] || die "no $bin: run cross/build.sh $TARGET first"
 CARGO=${CARGO:-cargo}
 cargo_tool cargo-deb "$CARGO_DEB_VERSION"
-apt_install dpkg-dev
 
 out=$CARGO_TARGET_DIR/$TARGET/debian
 mkdir -p "$out"

@@ -85,8 +85,10 @@ apt_install() {
 
 # The cross linker, the target's libc (headers for ring's C code; loader and libc for qemu),
 # binutils for readelf/objdump, and qemu.
+# A host C compiler too: build scripts and proc macros are linked for the build machine.
 ensure_cross_packages() {
 	apt_install "gcc-$GNU_TRIPLET" "libc6-dev-$DEB_ARCH-cross" "binutils-$GNU_TRIPLET" qemu-user-static
+	command -v cc >/dev/null || apt_install gcc libc6-dev
 }
 
 # cargo_tool NAME VERSION: makes `NAME` available, installing the pinned version into the
@@ -229,9 +231,10 @@ setup_build() {
 	esac
 }
 
-# The highest GLIBC_x.y symbol version FILE needs, from its version-needs section.
+# The highest GLIBC_x.y symbol version FILE needs, from its version-needs section (the cross
+# binutils' readelf: installed with the cross packages, unlike the host's binutils).
 max_glibc() {
-	readelf -V --wide "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sort -u -V | tail -n 1
+	"$GNU_TRIPLET-readelf" -V --wide "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sort -u -V | tail -n 1
 }
 
 # Seconds since the epoch, for timings.
