@@ -26,6 +26,7 @@ use crate::lock::DirLock;
 use crate::meter::modbus::profile::Profiles;
 use crate::status::{SOCKET, StatusServer};
 use crate::store::{SledStore, Store};
+use crate::watchdog::{self, Watchdog};
 
 /// How the beat is driven.
 #[derive(Clone, Copy, Debug)]
@@ -55,8 +56,10 @@ pub struct Running {
     tasks: JoinSet<()>,
     /// What the drain reports.
     pub drain: watch::Receiver<DrainStatus>,
-    /// Where polls go: one handle per bus.
+    /// Where polls go: one handle per bus (also the watchdog's liveness probe).
     pub router: Router,
+    /// A task of this generation panicked: the watchdog is not fed again (see [`watchdog`]).
+    panicked: Option<String>,
 }
 
 pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
@@ -97,6 +100,15 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
         started_at,
         &root,
     )?;
+    Watchdog::ready();
+    let watchdog = Watchdog::from_env();
+    // Ping twice per watchdog interval (never a zero period, which `interval` rejects); without
+    // a watchdog the branch below is disabled.
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| {
+            (w.interval() / 2).max(Duration::from_millis(1))
+        }));
+    watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut summary = tokio::time::interval(options.summary_every);
     summary.tick().await;
     loop {
@@ -125,8 +137,23 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
                 }
             }
             _ = summary.tick() => log_summary(&store, &generation.drain).await,
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let Some(w) = watchdog else { continue };
+                if generation.panicked.is_none() {
+                    generation.panicked = watchdog::reap_panics(&mut generation.tasks);
+                }
+                let alive = match &generation.panicked {
+                    Some(why) => Err(watchdog::ProbeFailure::TaskPanicked(why.clone())),
+                    None => watchdog::probe(generation.router.buses(), &store, w.probe_timeout()).await,
+                };
+                match alive {
+                    Ok(()) => w.ping(),
+                    Err(e) => tracing::warn!(error = %e, "Liveness probe failed; not feeding the systemd watchdog"),
+                }
+            }
         }
     }
+    Watchdog::stopping();
     generation.stop().await;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.flush()).await??;
@@ -263,6 +290,7 @@ pub fn start(
         tasks,
         drain: drain_status,
         router,
+        panicked: None,
     })
 }
 

@@ -22,6 +22,7 @@
 //! * [`sim`] — simulated meters for the demo and the tests.
 //! * [`clock`], [`backoff`], [`lock`] — the wall clock behind a trait, reconnect backoff,
 //!   one agent per data directory.
+//! * [`watchdog`] — systemd readiness and watchdog (`sd_notify`), fed only by a liveness probe.
 
 pub mod agent;
 pub mod backoff;
@@ -37,3 +38,4 @@ pub mod reading;
 pub mod sim;
 pub mod status;
 pub mod store;
+pub mod watchdog;

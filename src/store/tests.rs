@@ -32,7 +32,20 @@ fn clock() -> Arc<ManualClock> {
 }
 
 fn open(dir: &std::path::Path, config: &StoreConfig, clock: SharedClock) -> SledStore {
-    SledStore::open(dir, config, clock).unwrap()
+    // Reopening in the same process right after a drop: sled's background I/O threads can
+    // hold the database file (and its lock) a moment longer than the dropped `Db`, so the
+    // open fails with "could not acquire lock" (seen often on loaded CI machines and under
+    // qemu). The agent itself opens the store once per process; only tests reopen it.
+    let mut attempts = 0;
+    loop {
+        match SledStore::open(dir, config, clock.clone()) {
+            Err(e) if attempts < 50 && e.to_string().contains("could not acquire lock") => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result.unwrap(),
+        }
+    }
 }
 
 #[test]
