@@ -223,6 +223,9 @@ mod tests {
         fn flush(&self) -> Result<(), StoreError> {
             self.inner.flush()
         }
+        fn first_time(&self, key: &str) -> Result<bool, StoreError> {
+            self.inner.first_time(key)
+        }
     }
 
     #[tokio::test]
