@@ -28,14 +28,12 @@ use crate::status::{SOCKET, StatusServer};
 use crate::store::{SledStore, Store};
 use crate::watchdog::{self, Watchdog};
 
-/// How the beat is driven.
+/// Whether the beat runs.
 #[derive(Clone, Copy, Debug)]
 pub enum BeatMode {
-    /// Wall-clock boundaries from the config (`run`).
+    /// As the config says: wall-clock boundaries, or `beat.every`.
     Schedule,
-    /// A `quarterly` read of every meter every so often (`demo`).
-    Every(Duration),
-    /// No beat: meters are read on demand only (tests, `poll`).
+    /// No beat: meters are read on demand only (tests).
     Off,
 }
 
@@ -63,13 +61,15 @@ pub struct Running {
 }
 
 pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
+    // First of all: a stop that comes while the store is still opening must be a clean stop,
+    // not the default action of the signal.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let data_dir = config.gateway.data_dir.clone();
     let _lock = DirLock::acquire(&data_dir)?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&data_dir, &config.store, clock.clone())
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
-    );
+    let store: Arc<dyn Store> = Arc::new(open_store(&data_dir, &config, clock.clone())?);
     let started_at = clock.now();
     let stats = store.stats()?;
     tracing::info!(
@@ -81,9 +81,6 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
         "Agent starting"
     );
     let root = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let stop_after = async {
         match options.stop_after {
             Some(d) => tokio::time::sleep(d).await,
@@ -101,6 +98,11 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
         &root,
     )?;
     Watchdog::ready();
+    tracing::info!(
+        buses = config.bus.len(),
+        meters = config.meter.len(),
+        "Agent running"
+    );
     let watchdog = Watchdog::from_env();
     // Ping twice per watchdog interval (never a zero period, which `interval` rejects); without
     // a watchdog the branch below is disabled.
@@ -166,6 +168,55 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the store; one that sled cannot open at all (damaged beyond what its recovery
+/// handles) is moved aside, whole, and a new one started — an agent that refuses to start
+/// would restart forever and read nothing. The old files stay for an expert to look at.
+fn open_store(
+    data_dir: &std::path::Path,
+    config: &Config,
+    clock: SharedClock,
+) -> anyhow::Result<SledStore> {
+    let attempt = |clock: SharedClock| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            SledStore::open(data_dir, &config.store, clock)
+        }))
+    };
+    match attempt(clock.clone()) {
+        Ok(Ok(store)) => Ok(store),
+        Ok(Err(crate::store::StoreError::Open { reason, .. }))
+            if reason.contains("could not acquire lock") =>
+        {
+            anyhow::bail!("the store in {} is in use: {reason}", data_dir.display())
+        }
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "opening it panicked".to_owned(),
+            };
+            let aside = data_dir.join(format!(
+                "store.damaged-{}",
+                jiff::Timestamp::now().as_second()
+            ));
+            std::fs::rename(data_dir.join("store"), &aside)
+                .with_context(|| format!("the store cannot be opened ({why}) nor moved aside"))?;
+            tracing::error!(error = %why, moved_to = %aside.display(), "The store cannot be opened: moved aside, starting an empty one");
+            let store = SledStore::open(data_dir, &config.store, clock.clone())
+                .with_context(|| format!("opening a new store in {}", data_dir.display()))?;
+            let event = crate::reading::SystemEvent::new(
+                crate::reading::EventKind::StoreCorruption,
+                crate::reading::Stamp::in_zone(clock.now(), &jiff::tz::TimeZone::UTC),
+                format!("The store could not be opened ({why}); it was moved to {} and a new one started: what it held was not delivered from here", aside.display()),
+            )
+            .detail("moved_to", aside.display());
+            store.append(crate::store::Append {
+                events: vec![event],
+                ..Default::default()
+            })?;
+            Ok(store)
+        }
+    }
+}
+
 /// Starts everything but the store: the drain, a worker per bus, the beat, the status
 /// socket and the store's maintenance, as children of `root`.
 pub fn start(
@@ -214,8 +265,9 @@ pub fn start(
     }
 
     match options.beat {
-        BeatMode::Every(interval) => {
-            tasks.spawn(crate::beat::demo_ticker(
+        BeatMode::Schedule if config.beat.every.is_some() => {
+            let interval = config.beat.every.map_or(Duration::from_secs(5), |e| e.0);
+            tasks.spawn(crate::beat::every(
                 router.clone(),
                 interval,
                 clock.clone(),

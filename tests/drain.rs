@@ -410,3 +410,52 @@ async fn an_unroutable_message_should_stay_in_the_store_until_the_queue_is_back(
     rabbit.delete(&queue).await;
     rabbit.delete(&events).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_refuses_us_should_be_an_error_and_readings_should_stay() {
+    for (what, url, says) in [
+        (
+            "wrong password",
+            "amqp://guest:not-the-password@127.0.0.1:5672/%2f",
+            "ACCESS_REFUSED",
+        ),
+        (
+            "missing vhost",
+            "amqp://guest:guest@127.0.0.1:5672/no-such-vhost",
+            "vhost",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = unique("gw");
+        seed(dir.path(), &readings(20, 2));
+        let agent = AgentProc::start(dir.path(), &config(dir.path(), &gw, url, &unique("q"), ""));
+        agent
+            .wait_log(
+                "Broker refuses delivery, readings stay buffered",
+                1,
+                Duration::from_secs(20),
+            )
+            .await;
+        let log = agent.log();
+        assert!(log.contains(says), "{what}: the reason is named:\n{log}");
+        assert!(
+            !log.contains("not-the-password"),
+            "{what}: credentials never logged"
+        );
+        let out = common::agent::cli(&[
+            "status",
+            "--json",
+            "--config",
+            agent.config_path.to_str().unwrap(),
+        ]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["buffer"]["readings"], 20, "{what}");
+        assert!(
+            status["drain"]["last_error"]
+                .as_str()
+                .unwrap()
+                .contains(says),
+            "{status}"
+        );
+    }
+}

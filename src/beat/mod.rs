@@ -61,6 +61,9 @@ pub struct BeatConfig {
     /// After start, hold the first scheduled read until the clock is synchronised, up to
     /// this long (an RTC-less board boots in 1970 until NTP answers).
     pub wait_for_clock_sync: Option<HumanDuration>,
+    /// For commissioning, the demo and tests: read every meter this often (as quarterly
+    /// reads, on multiples of it on the wall clock) instead of on the boundaries above.
+    pub every: Option<HumanDuration>,
 }
 
 /// `quarterly = { delay = "10s" }`.
@@ -73,6 +76,9 @@ pub struct CadenceConfig {
 
 impl BeatConfig {
     pub fn validate(&self, at: &str, p: &mut Problems) {
+        if self.every.is_some_and(|e| e.0 < Duration::from_secs(1)) {
+            p.push(format!("{at}.every"), "must be at least 1s");
+        }
         for (name, c, max) in [
             ("quarterly", &self.quarterly, 10 * 60),
             ("hourly", &self.hourly, 45 * 60),
@@ -374,9 +380,9 @@ impl Beat {
     }
 }
 
-/// The demo's fast beat: every `interval`, on multiples of it on the wall clock, one
-/// `quarterly` read of every meter. (The real beat reads on real quarter-hours.)
-pub async fn demo_ticker(
+/// The fast beat of `beat.every` (the demo, commissioning, tests): every `interval`, on
+/// multiples of it on the wall clock, one `quarterly` read of every meter.
+pub async fn every(
     router: Router,
     interval: Duration,
     clock: SharedClock,

@@ -362,3 +362,60 @@ async fn shutdown_should_finish_the_poll_in_hand() {
     assert!(report.stored);
     b.task.await.unwrap();
 }
+
+#[tokio::test]
+async fn readings_the_store_cannot_take_should_wait_in_memory_and_be_stored_later_in_order() {
+    let b = bench(&[1], 1).await;
+    b.store.fail_writes(true);
+    let first = ask(
+        &b.handle,
+        scheduled("m1", Cadence::Quarterly, "2026-11-21T10:00:00Z"),
+    )
+    .await;
+    let second = ask(
+        &b.handle,
+        scheduled("m1", Cadence::Quarterly, "2026-11-21T10:15:00Z"),
+    )
+    .await;
+    assert!(!first.stored && !second.stored, "not durable yet");
+    assert_eq!(first.readings.len(), 2, "but read");
+    assert!(b.store.records().is_empty());
+    // The disk has room again: the next poll stores what waited first, then its own.
+    b.store.fail_writes(false);
+    let third = ask(
+        &b.handle,
+        scheduled("m1", Cadence::Quarterly, "2026-11-21T10:30:00Z"),
+    )
+    .await;
+    assert!(third.stored);
+    let stamps: Vec<String> = b
+        .store
+        .records()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Reading(r) => Some(r.timestamp.rfc3339()),
+            Record::Event(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        stamps,
+        [
+            "2026-11-21T11:00:00+01:00",
+            "2026-11-21T11:00:00+01:00",
+            "2026-11-21T11:15:00+01:00",
+            "2026-11-21T11:15:00+01:00",
+            "2026-11-21T11:30:00+01:00",
+            "2026-11-21T11:30:00+01:00"
+        ]
+    );
+    assert_eq!(
+        b.store.boundary("m1", Cadence::Quarterly).unwrap(),
+        Some(
+            "2026-11-21T10:30:00Z"
+                .parse::<Timestamp>()
+                .unwrap()
+                .as_millisecond()
+        )
+    );
+    b.stop().await;
+}

@@ -171,6 +171,13 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
     }
     writeln!(s)?;
     let tz = config.gateway.tz();
+    if let Some(every) = config.beat.every {
+        writeln!(
+            s,
+            "beat       every {every}, every meter (beat.every: commissioning and tests, not the wall-clock boundaries)"
+        )?;
+        return Ok(s);
+    }
     writeln!(s, "next reads ({})", g.timezone)?;
     let used: Vec<Cadence> = config
         .meter

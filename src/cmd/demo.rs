@@ -88,6 +88,9 @@ events_queue = "{events_queue}"
 declare_queues = true
 max_backoff = "10s"
 
+[beat]
+every = "{every}"
+
 [[bus]]
 name = "lan"
 tcp = {{ host = "{host}", port = {port}, concurrency = 2 }}
@@ -123,6 +126,7 @@ reads = {{ quarterly = "all" }}
 "#,
         data_dir = data_dir.display(),
         amqp = args.amqp,
+        every = humantime::format_duration(args.every),
         queue = args.queue,
         events_queue = args.events_queue,
         host = addr.ip(),
@@ -165,7 +169,7 @@ reads = {{ quarterly = "all" }}
     agent::run(
         config,
         Options {
-            beat: BeatMode::Every(args.every),
+            beat: BeatMode::Schedule,
             config_path: None,
             summary_every: Duration::from_secs(10),
             stop_after: args.run_for,

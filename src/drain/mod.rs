@@ -76,6 +76,10 @@ pub struct AmqpConfig {
     /// Longest wait between reconnection attempts.
     #[serde(default = "default_max_backoff")]
     pub max_backoff: HumanDuration,
+    /// A message unconfirmed this long means the connection is dead (a link that swallows
+    /// packets): reconnect and send again.
+    #[serde(default = "default_confirm_timeout")]
+    pub confirm_timeout: HumanDuration,
 }
 
 fn default_queue() -> String {
@@ -102,6 +106,9 @@ fn default_connect_timeout() -> HumanDuration {
 fn default_max_backoff() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
+fn default_confirm_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
 
 impl AmqpConfig {
     /// A config for `url` with every default (the demo, tests).
@@ -120,6 +127,7 @@ impl AmqpConfig {
             declare_queues: false,
             connect_timeout: default_connect_timeout(),
             max_backoff: default_max_backoff(),
+            confirm_timeout: default_confirm_timeout(),
         }
     }
 
@@ -264,6 +272,7 @@ pub struct DrainSettings {
     pub max_unconfirmed: usize,
     pub rate_limit: Option<RateLimit>,
     pub max_backoff: Duration,
+    pub confirm_timeout: Duration,
 }
 
 impl DrainSettings {
@@ -281,6 +290,7 @@ impl DrainSettings {
             max_unconfirmed: amqp.max_unconfirmed,
             rate_limit: amqp.rate_limit,
             max_backoff: amqp.max_backoff.0,
+            confirm_timeout: amqp.confirm_timeout.0,
         }
     }
 }
@@ -429,7 +439,18 @@ impl<P: Publisher> Drain<P> {
                 match self.publisher.publish(&queue, msg).await {
                     Ok(confirm) => {
                         let n = ids.len();
-                        in_flight.push_back(Box::pin(async move { (ids, n, confirm.await) }));
+                        let limit = self.settings.confirm_timeout;
+                        in_flight.push_back(Box::pin(async move {
+                            let c =
+                                tokio::time::timeout(limit, confirm)
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        Confirmation::Lost(format!(
+                                            "no confirmation within {limit:?}"
+                                        ))
+                                    });
+                            (ids, n, c)
+                        }));
                     }
                     Err(e) => {
                         self.store.nack(&ids);

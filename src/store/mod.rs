@@ -305,11 +305,19 @@ pub trait Store: Send + Sync + 'static {
 /// seen (the centre de-duplicates on reading ids). A clock that is obviously unset (before
 /// 2020, an RTC-less board at boot) gives a random start far above any such time instead.
 pub fn initial_sequence(now_ms: i64) -> u64 {
+    match clock_floor(now_ms) {
+        0 => (1u64 << 60) + fastrand::u64(..1u64 << 59),
+        floor => floor,
+    }
+}
+
+/// The clock in microseconds, or 0 for a clock that is obviously unset (before 2020).
+pub(crate) fn clock_floor(now_ms: i64) -> u64 {
     const Y2020_MS: i64 = 1_577_836_800_000;
     if now_ms >= Y2020_MS {
         now_ms as u64 * 1000
     } else {
-        (1u64 << 60) + fastrand::u64(..1u64 << 59)
+        0
     }
 }
 

@@ -35,6 +35,8 @@ use crate::clock::SharedClock;
 use crate::reading::{Cadence, EventKind, Flags, Stamp, SystemEvent};
 
 const META: &[u8] = b"m";
+/// Beside the store: the highest sequence number handed out, as of the last minute.
+const HIGH_WATER: &str = "store.seq";
 const FORMAT: u8 = 2;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -220,10 +222,11 @@ impl SledStore {
             reason: e.to_string(),
         })?;
         let handles = open_db(&path, config)?;
-        let meta = load_meta(&handles.tree, clock.now_ms()).map_err(|reason| StoreError::Open {
-            path: path.clone(),
-            reason,
-        })?;
+        let (meta, recovered) =
+            load_meta(&handles.tree, clock.now_ms()).map_err(|reason| StoreError::Open {
+                path: path.clone(),
+                reason,
+            })?;
         let durable = meta.next_seq.saturating_sub(1);
         let store = SledStore {
             handles: RwLock::new(Some(handles)),
@@ -241,7 +244,70 @@ impl SledStore {
             path,
         };
         store.effective_cap();
+        store.check_high_water(recovered);
         Ok(store)
+    }
+
+    /// The sequence number last seen handed out, kept beside the store (not in it): if the
+    /// store's files come back with less, they lost their tail (a damaged card, a truncated
+    /// file). Say so, and never reuse those ids.
+    fn check_high_water(&self, recovered: u64) {
+        let Some(hw) = std::fs::read_to_string(self.dir.join(HIGH_WATER))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        else {
+            return;
+        };
+        let mut st = self.lock();
+        let next = recovered;
+        if hw <= next {
+            return;
+        }
+        tracing::error!(
+            holds_up_to = next,
+            handed_out = hw,
+            "The store's files lost records: sequence numbers up to {hw} had been handed out"
+        );
+        let mut meta = st.meta.clone();
+        meta.next_seq = meta.next_seq.max(hw);
+        let event = SystemEvent::new(
+            EventKind::StoreCorruption,
+            Stamp::in_zone(self.clock.now(), &jiff::tz::TimeZone::UTC),
+            format!(
+                "The store's files lost their tail: records below sequence {next} were recovered, {} had been handed out; the missing ones, if not delivered before, are lost",
+                hw - 1
+            ),
+        )
+        .detail("recovered_below", next)
+        .detail("handed_out_up_to", hw - 1);
+        let seq = meta.next_seq;
+        meta.next_seq += 1;
+        let mut batch = Batch::default();
+        self.stage(
+            &mut meta,
+            &mut batch,
+            Range::Events,
+            seq,
+            &[(seq, &Record::Event(event))],
+        );
+        if self.write(&mut st, meta, batch).is_ok() {
+            if let Ok(h) = self.h() {
+                let _ = h.db.flush();
+            }
+            st.durable_through(seq);
+        }
+    }
+
+    /// Records beside the store the sequence number after the last durable one (see
+    /// [`Self::check_high_water`]); not `next_seq`, which counts appends still on their way
+    /// to the disk.
+    fn save_high_water(&self) {
+        let next = self.lock().durable + 1;
+        let path = self.dir.join(HIGH_WATER);
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, next.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
     }
 
     fn h(&self) -> Result<Handles, StoreError> {
@@ -278,7 +344,8 @@ impl SledStore {
         // Let go of the old database first: sled holds a file lock until its last handle goes.
         drop(handles.take());
         let fresh = open_db(&self.path, &self.config)?;
-        let meta = load_meta(&fresh.tree, self.clock.now_ms()).map_err(StoreError::Unavailable)?;
+        let (meta, _) =
+            load_meta(&fresh.tree, self.clock.now_ms()).map_err(StoreError::Unavailable)?;
         let durable = meta.next_seq.saturating_sub(1);
         *st = State {
             meta,
@@ -448,7 +515,9 @@ impl SledStore {
         } else {
             meta.unreported.by_size += n;
         }
-        tracing::debug!(count = n, by_age, "Evicted buffered records");
+        if n > 0 {
+            tracing::debug!(count = n, by_age, "Evicting");
+        }
         n
     }
 
@@ -621,7 +690,9 @@ fn open_db(path: &Path, config: &StoreConfig) -> Result<Handles, StoreError> {
 
 /// The counters as last written, made safe: recounted if unreadable, and the next sequence
 /// number kept above every record present.
-fn load_meta(tree: &Tree, now_ms: i64) -> Result<Meta, String> {
+/// Also returns the next sequence number the files themselves account for, before the
+/// clock floor (for [`SledStore::check_high_water`]).
+fn load_meta(tree: &Tree, now_ms: i64) -> Result<(Meta, u64), String> {
     let meta = match tree.get(META).map_err(|e| e.to_string())? {
         Some(v) => match postcard::from_bytes::<Meta>(&v) {
             Ok(m) if m.format == FORMAT => Some(m),
@@ -648,7 +719,7 @@ fn load_meta(tree: &Tree, now_ms: i64) -> Result<Meta, String> {
         None => recount(tree, now_ms).map_err(|e| e.to_string())?,
     };
     // A sequence number is never handed out twice, even if the counters were written by a
-    // buggy or older build: stay above the highest record present.
+    // buggy or older build: stay above the highest record present …
     for range in Range::ALL {
         if let Some(Ok((k, v))) = tree.scan_prefix([b'r', range as u8]).next_back() {
             if let (Some((_, first)), Ok(items)) = (parse_key(&k), decode_chunk(0, &v)) {
@@ -657,7 +728,12 @@ fn load_meta(tree: &Tree, now_ms: i64) -> Result<Meta, String> {
             }
         }
     }
-    Ok(meta)
+    // … and above the clock in microseconds (as a new store starts), so that a store whose
+    // files lost their tail — records already delivered and gone — does not hand out their
+    // ids again, which the centre would take for duplicates and drop.
+    let recovered = if tree.is_empty() { 0 } else { meta.next_seq };
+    meta.next_seq = meta.next_seq.max(super::clock_floor(now_ms));
+    Ok((meta, recovered))
 }
 
 /// Bytes available to us and the filesystem's size, for the directory `dir`.
@@ -1187,6 +1263,7 @@ impl Store for SledStore {
         self.meters_inner()
     }
     fn maintain(&self) -> Result<u64, StoreError> {
+        self.save_high_water();
         self.guard(|| {
             // Look at the filesystem again: someone may have filled it, or freed it.
             self.cap.lock().unwrap_or_else(|p| p.into_inner()).1 = None;
@@ -1195,7 +1272,9 @@ impl Store for SledStore {
         })
     }
     fn flush(&self) -> Result<(), StoreError> {
-        self.guard(|| self.flush_inner())
+        let r = self.guard(|| self.flush_inner());
+        self.save_high_water();
+        r
     }
     fn first_time(&self, key: &str) -> Result<bool, StoreError> {
         self.guard(|| self.first_time_inner(key))

@@ -381,3 +381,47 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_store_whose_files_lost_their_tail_should_say_so_and_not_reuse_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let mut last = 0;
+    {
+        let s = open(dir.path(), &StoreConfig::default(), c.clone());
+        for i in 0..200 {
+            let a = s
+                .append(Append {
+                    readings: (0..50)
+                        .map(|j| reading("m", Cadence::Daily, i * 50 + j, c.now_ms()))
+                        .collect(),
+                    ..Append::default()
+                })
+                .unwrap();
+            last = *a.seqs.last().unwrap();
+        }
+        s.flush().unwrap();
+    }
+    let db = dir.path().join("store/db");
+    let bytes = std::fs::read(&db).unwrap();
+    std::fs::write(&db, &bytes[..bytes.len() / 3]).unwrap();
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    assert!(s.stats().unwrap().readings() < 10_000, "the tail is gone");
+    let events = s.take(Stream::Events, 10).unwrap();
+    assert!(
+        events.iter().any(
+            |e| matches!(&e.record, Record::Event(ev) if ev.kind == EventKind::StoreCorruption)
+        ),
+        "{events:?}"
+    );
+    let a = s
+        .append(Append {
+            readings: vec![reading("m", Cadence::Daily, 1, c.now_ms())],
+            ..Append::default()
+        })
+        .unwrap();
+    assert!(
+        a.seqs[0] > last,
+        "ids handed out before are never handed out again"
+    );
+}

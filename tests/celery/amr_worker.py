@@ -9,6 +9,7 @@ Configured by the environment:
 """
 import json
 import os
+import time
 
 from celery import Celery
 
@@ -28,7 +29,7 @@ EVENTS_TASK = os.environ.get("AMR_TEST_EVENTS_TASK", "utilitarian.commits.meter_
 
 
 def record(kind, task_id, payload):
-    line = json.dumps({"kind": kind, "task_id": task_id, **payload})
+    line = json.dumps({"kind": kind, "task_id": task_id, "received_at": time.time(), **payload})
     with open(OUT, "a", encoding="utf-8") as f:
         f.write(line + "\n")
 

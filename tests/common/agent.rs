@@ -38,6 +38,8 @@ pub struct AgentProc {
     pub config_path: PathBuf,
     log_path: PathBuf,
     starts: u32,
+    /// Where the log stood when the current process was started.
+    started_at_byte: usize,
 }
 
 impl AgentProc {
@@ -51,6 +53,7 @@ impl AgentProc {
             config_path,
             log_path: dir.join("agent.log"),
             starts: 0,
+            started_at_byte: 0,
         };
         a.restart();
         a
@@ -60,6 +63,7 @@ impl AgentProc {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         self.starts += 1;
+        self.started_at_byte = std::fs::metadata(&self.log_path).map_or(0, |m| m.len() as usize);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -73,6 +77,27 @@ impl AgentProc {
             .spawn()
             .expect("start amr-edge");
         self.child = Some(child);
+    }
+
+    /// Waits until the process started last has come up (signals are handled from then on;
+    /// a SIGTERM before that gets the default action, as for any program).
+    pub async fn wait_running(&self, timeout: Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let log = std::fs::read(&self.log_path).unwrap_or_default();
+            let since =
+                String::from_utf8_lossy(log.get(self.started_at_byte..).unwrap_or_default())
+                    .into_owned();
+            if since.contains("Agent running") {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "the agent did not come up within {timeout:?}; its log since the start:\n{since}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -152,4 +177,38 @@ pub fn cli(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run amr-edge")
+}
+
+/// The reading ids the agent's log says it made durable ("Buffered first_seq=… readings=…",
+/// written only after the store's fsync).
+pub fn buffered_ids(log: &str, gateway: &str) -> std::collections::BTreeSet<String> {
+    let mut ids = std::collections::BTreeSet::new();
+    for line in log.lines().filter(|l| l.contains(" Buffered ")) {
+        let field = |name: &str| -> Option<u64> {
+            let at = line.find(&format!("{name}="))? + name.len() + 1;
+            line[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        if let (Some(first), Some(n)) = (field("first_seq"), field("readings")) {
+            for seq in first..first + n {
+                ids.insert(format!("{gateway}-{seq}"));
+            }
+        }
+    }
+    ids
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

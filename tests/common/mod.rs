@@ -110,6 +110,7 @@ pub fn seed(dir: &std::path::Path, readings: &[Reading]) -> Vec<u64> {
             .expect("append");
         seqs.extend(a.seqs);
     }
+    store.flush().expect("flush");
     seqs
 }
 

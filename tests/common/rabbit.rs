@@ -96,3 +96,36 @@ impl Rabbit {
         out
     }
 }
+
+impl Rabbit {
+    /// Takes every message from `queue` until every id in `want` has arrived (copies already
+    /// in `got` count), adding each reading copy to `got` in arrival order.
+    pub async fn collect_ids(
+        &self,
+        queue: &str,
+        got: &mut Vec<serde_json::Value>,
+        want: &std::collections::BTreeSet<String>,
+        timeout: std::time::Duration,
+    ) {
+        let start = std::time::Instant::now();
+        loop {
+            for m in self.take_all(queue).await {
+                got.extend(m.items("readings"));
+            }
+            let have: std::collections::HashSet<&str> = got
+                .iter()
+                .filter_map(|r| r["reading_id"].as_str())
+                .collect();
+            let missing = want.iter().filter(|w| !have.contains(w.as_str())).count();
+            if missing == 0 {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{missing} of {} buffered readings never arrived in {queue}",
+                want.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
