@@ -64,7 +64,7 @@ fn default_timezone() -> String {
 impl GatewayConfig {
     /// The configured zone. Only valid after [`Config::validate`] has passed.
     pub fn tz(&self) -> TimeZone {
-        TimeZone::get(&self.timezone).unwrap_or(TimeZone::UTC)
+        zone(&self.timezone).unwrap_or(TimeZone::UTC)
     }
 }
 
@@ -148,14 +148,8 @@ impl Config {
                 ),
             );
         }
-        if let Err(e) = TimeZone::get(&g.timezone) {
-            p.push(
-                "gateway.timezone",
-                format!(
-                    "`{}` is not an IANA time zone such as `Europe/Stockholm`: {e}",
-                    g.timezone
-                ),
-            );
+        if let Err(e) = zone(&g.timezone) {
+            p.push("gateway.timezone", e);
         }
         if g.data_dir.as_os_str().is_empty() {
             p.push("gateway.data_dir", "must not be empty");
@@ -225,6 +219,22 @@ impl Config {
     pub fn meters_on<'a>(&'a self, bus: &'a str) -> impl Iterator<Item = &'a MeterConfig> + 'a {
         self.meter.iter().filter(move |m| m.bus == bus)
     }
+}
+
+/// The IANA time zone `name`, from the system's time zone database (Debian's `tzdata`). UTC
+/// needs none.
+pub fn zone(name: &str) -> Result<TimeZone, String> {
+    if matches!(name, "UTC" | "Etc/UTC") {
+        return Ok(TimeZone::UTC);
+    }
+    TimeZone::get(name).map_err(|e| {
+        let hint = if Path::new("/usr/share/zoneinfo").exists() {
+            ""
+        } else {
+            " (this system has no time zone database: install the `tzdata` package)"
+        };
+        format!("`{name}` is not an IANA time zone such as `Europe/Stockholm`: {e}{hint}")
+    })
 }
 
 /// A problem found by validation, before it is located in the file.

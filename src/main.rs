@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -18,8 +20,14 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log filter, RUST_LOG style (`info`, `amr_edge=debug`); RUST_LOG works too.
-    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    /// Log filter, RUST_LOG style (`info`, `amr_edge=debug`); RUST_LOG works too. lapin's own
+    /// warnings repeat what the drain says about the broker, so they are off by default.
+    #[arg(
+        long,
+        global = true,
+        env = "RUST_LOG",
+        default_value = "info,lapin=error"
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -62,21 +70,34 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+    // `target=level` directives (`info,amr_edge::bus=debug`): enough for operators, and
+    // lighter than a regex-based filter on a gateway's flash.
+    let filter: Targets = cli.log.parse().unwrap_or_else(|e| {
         eprintln!(
             "warning: log filter `{}` is invalid ({e}); using `info`",
             cli.log
         );
-        EnvFilter::new("info")
+        Targets::new().with_default(tracing::Level::INFO)
     });
     // Colours only on a terminal: journald and log files get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let registry = tracing_subscriber::registry().with(filter);
     match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -123,7 +123,7 @@ struct Agent {
 
 async fn start(sim: &SimBus, extra: &str) -> Agent {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_max_level(tracing::Level::WARN)
         .with_test_writer()
         .try_init();
     let pty = spawn_pty(sim.clone()).expect("pty");

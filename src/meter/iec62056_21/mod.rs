@@ -118,7 +118,7 @@ impl IecMeterConfig {
             p.push(format!("{at}.readout_timeout"), "must be between 1s and 1h");
         }
         if let Some(tz) = &self.timezone {
-            if jiff::tz::TimeZone::get(tz).is_err() {
+            if crate::config::zone(tz).is_err() {
                 p.push(
                     format!("{at}.timezone"),
                     format!("`{tz}` is not an IANA time zone"),
@@ -140,7 +140,7 @@ impl IecMeterConfig {
     pub fn tz(&self, gateway: &TimeZone) -> TimeZone {
         self.timezone
             .as_deref()
-            .and_then(|t| TimeZone::get(t).ok())
+            .and_then(|t| crate::config::zone(t).ok())
             .unwrap_or_else(|| gateway.clone())
     }
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every benchmark in one go, each printing its table: the store and the drain, Modbus
+# (coalescing, 1,000 meters, mbpoll), IEC 62056-21, the agent against the Celery way, and the
+# ARM binary (size; memory of the demo under qemu). Needs what the tests need (./tests/run.sh
+# installs it) plus mbpoll; builds the ARM binary with cross/build.sh if it is not there.
+#
+#   benches/run.sh            everything
+#   benches/run.sh backbone   one of: backbone modbus iec62056_21 compare arm
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want=${1:-all}
+run() { [ "$want" = all ] || [ "$want" = "$1" ]; }
+section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+command -v mbpoll >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq mbpoll >/dev/null; }
+cargo build --release --quiet
+
+for b in backbone modbus iec62056_21 compare; do
+  if run "$b"; then
+    section "$b"
+    cargo bench --quiet --bench "$b" 2>/dev/null | sed -n '/^$/,$p'
+  fi
+done
+
+if run arm; then
+  section "arm"
+  bin=$(cross/build.sh armv7-unknown-linux-gnueabihf 2>/dev/null)
+  aarch=$(cross/build.sh aarch64-unknown-linux-gnu 2>/dev/null || true)
+  printf '%-58s %s\n' "stripped armv7 binary" "$(stat -c %s "$bin") bytes ($(numfmt --to=iec-i --suffix=B "$(stat -c %s "$bin")"))"
+  [ -n "$aarch" ] && printf '%-58s %s\n' "stripped aarch64 binary" "$(stat -c %s "$aarch") bytes ($(numfmt --to=iec-i --suffix=B "$(stat -c %s "$aarch")"))"
+  # The demo (four simulated meters, a store, a drain waiting for a broker) for 20 s under
+  # qemu-arm; the memory is qemu's, emulator and translated code included.
+  dir=$(mktemp -d)
+  qemu-arm-static -L /usr/arm-linux-gnueabihf "$bin" --log warn demo --for 20s --every 1s \
+    --data-dir "$dir/data" --amqp 'amqp://guest:guest@127.0.0.1:1/%2f' &
+  pid=$!
+  peak=0
+  while kill -0 "$pid" 2>/dev/null; do
+    rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    [ "${rss:-0}" -gt "$peak" ] && peak=$rss
+    sleep 0.5
+  done
+  wait "$pid" || true
+  printf '%-58s %s\n' "resident memory of the armv7 demo under qemu-arm (peak)" "$((peak / 1024)) MiB"
+  rm -rf "$dir"
+fi
