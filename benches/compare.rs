@@ -6,7 +6,7 @@
 //! `cargo bench --bench compare` (RabbitMQ on 127.0.0.1:5672; `cargo build --release` first).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use std::path::Path;
