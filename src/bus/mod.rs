@@ -396,9 +396,10 @@ impl BusHandle {
 enum Driver {
     Modbus {
         unit: u8,
-        /// Per scheduled cadence, and `OnDemand` for everything.
-        plans: HashMap<Cadence, ReadPlan>,
-        profile: modbus::profile::Profile,
+        /// Per scheduled cadence, and `OnDemand` for everything. Shared by every meter with
+        /// the same profile, settings and selection: a thousand SDM630s hold one plan.
+        plans: HashMap<Cadence, Arc<ReadPlan>>,
+        profile: Arc<modbus::profile::Profile>,
         config: modbus::ModbusMeterConfig,
     },
     Iec,
@@ -460,23 +461,43 @@ impl BusWorker {
         inbox_size: usize,
     ) -> (Self, BusHandle) {
         let (tx, rx) = mpsc::channel(inbox_size.max(1));
+        let mut shared_profiles: HashMap<String, Arc<modbus::profile::Profile>> = HashMap::new();
+        // Everything `ReadPlan::new` depends on: profile, the two overrides, the selection.
+        type PlanKey = (String, Option<u16>, Option<u16>, Selection);
+        let mut shared_plans: HashMap<PlanKey, Arc<ReadPlan>> = HashMap::new();
         let meters = meters
             .into_iter()
             .filter_map(|m| {
                 let driver = match &m.modbus {
                     Some(mc) => {
                         // Validation guarantees the profile exists.
-                        let profile = profiles.get(&mc.profile)?.clone();
+                        let profile = match shared_profiles.get(&mc.profile) {
+                            Some(p) => p.clone(),
+                            None => {
+                                let p = Arc::new(profiles.get(&mc.profile)?.clone());
+                                shared_profiles.insert(mc.profile.clone(), p.clone());
+                                p
+                            }
+                        };
+                        let mut plan = |sel: &Selection| {
+                            let key = (
+                                mc.profile.clone(),
+                                mc.max_gap,
+                                mc.max_registers,
+                                sel.clone(),
+                            );
+                            shared_plans
+                                .entry(key)
+                                .or_insert_with(|| Arc::new(ReadPlan::new(&profile, mc, sel)))
+                                .clone()
+                        };
                         let mut plans = HashMap::new();
                         for c in m.reads.cadences() {
                             if let Some(sel) = m.reads.get(c) {
-                                plans.insert(c, ReadPlan::new(&profile, mc, sel));
+                                plans.insert(c, plan(sel));
                             }
                         }
-                        plans.insert(
-                            Cadence::OnDemand,
-                            ReadPlan::new(&profile, mc, &Selection::All),
-                        );
+                        plans.insert(Cadence::OnDemand, plan(&Selection::All));
                         Driver::Modbus {
                             unit: mc.unit,
                             plans,
@@ -672,16 +693,20 @@ impl MeterRuntime {
                 config,
             } => {
                 let plan = match &req.series {
-                    Some(series) => {
-                        ReadPlan::new(profile, config, &Selection::Series(series.clone()))
-                    }
+                    Some(series) => Arc::new(ReadPlan::new(
+                        profile,
+                        config,
+                        &Selection::Series(series.clone()),
+                    )),
                     None => plans
                         .get(&req.cadence)
                         .or_else(|| plans.get(&Cadence::OnDemand))
                         .cloned()
-                        .unwrap_or(ReadPlan {
-                            registers: Vec::new(),
-                            requests: Vec::new(),
+                        .unwrap_or_else(|| {
+                            Arc::new(ReadPlan {
+                                registers: Vec::new(),
+                                requests: Vec::new(),
+                            })
                         }),
                 };
                 Plan::Modbus {
@@ -733,7 +758,7 @@ impl MeterRuntime {
 enum Plan {
     Modbus {
         unit: u8,
-        plan: ReadPlan,
+        plan: Arc<ReadPlan>,
         meter: MeterConfig,
     },
     Iec {

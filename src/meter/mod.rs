@@ -68,7 +68,7 @@ impl Reads {
 }
 
 /// Every series the meter offers, or a list.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Selection {
     All,
     Series(Vec<Obis>),
