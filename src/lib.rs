@@ -22,9 +22,11 @@
 //! * [`sim`] — simulated meters for the demo and the tests.
 //! * [`clock`], [`backoff`], [`lock`] — the wall clock behind a trait, reconnect backoff,
 //!   one agent per data directory.
+//! * [`alloc`] — glibc malloc settings that keep a long-running agent's memory small.
 //! * [`watchdog`] — systemd readiness and watchdog (`sd_notify`), fed only by a liveness probe.
 
 pub mod agent;
+pub mod alloc;
 pub mod backoff;
 pub mod beat;
 pub mod bus;

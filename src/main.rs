@@ -69,6 +69,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    amr_edge::alloc::tune();
     let cli = Cli::parse();
     // `target=level` directives (`info,amr_edge::bus=debug`): enough for operators, and
     // lighter than a regex-based filter on a gateway's flash.
