@@ -1,8 +1,12 @@
 //! Figures for the backbone: the store and the drain, on this machine's disk and its local
-//! RabbitMQ. Run with `cargo bench --bench backbone` (RabbitMQ on 127.0.0.1:5672 for the
+//! RabbitMQ. Run with `benches/run.sh backbone` (RabbitMQ on 127.0.0.1:5672 for the
 //! drain figures; they are skipped with a note if it is not there).
 //!
 //! Prints one table; every figure is measured here, in this run.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -263,16 +267,11 @@ fn rss(rows: &mut Vec<Row>) {
         ));
     }
     std::fs::write(&config, text).unwrap();
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/amr-edge");
-    let bin = if bin.exists() {
-        bin
+    let (bin, shipped) = common::agent::shipped_bin();
+    let which = if shipped {
+        ""
     } else {
-        rows.push(Row {
-            what: "rss (skipped: build target/release/amr-edge first)".into(),
-            figure: "-".into(),
-            target: "",
-        });
-        return;
+        " (bench-profile binary; benches/run.sh measures the shipped one)"
     };
     let t = Instant::now();
     let mut child = std::process::Command::new(&bin)
@@ -298,7 +297,7 @@ fn rss(rows: &mut Vec<Row>) {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();
     rows.push(Row {
-        what: "resident memory of `run`, 1,000,000 readings, 1,000 meters".into(),
+        what: format!("resident memory of `run`, 1,000,000 readings, 1,000 meters{which}"),
         figure: format!("{:.1} MiB", kb as f64 / 1024.0),
         target: "<= 20 MiB",
     });

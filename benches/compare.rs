@@ -3,7 +3,8 @@
 //! meters every second and sending the same readings to the same kind of queue. One run, side
 //! by side: CPU time per reading, resident memory, readings per second reaching the queue.
 //!
-//! `cargo bench --bench compare` (RabbitMQ on 127.0.0.1:5672; `cargo build --release` first).
+//! `benches/run.sh compare` (RabbitMQ on 127.0.0.1:5672; the run script points
+//! `AMR_EDGE_BIN` at the release build, the binary that ships).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -68,8 +69,12 @@ fn measure(procs: Vec<Child>) -> (f64, u64) {
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/amr-edge");
-    assert!(bin.exists(), "cargo build --release first");
+    let (bin, shipped) = common::agent::shipped_bin();
+    if !shipped {
+        eprintln!(
+            "AMR_EDGE_BIN not set: measuring the bench-profile build (benches/run.sh measures the shipped one)"
+        );
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

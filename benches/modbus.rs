@@ -118,6 +118,9 @@ async fn coalescing(rows: &mut Vec<(String, String)>) {
     ));
 }
 
+const BUSES: usize = 5;
+const UNITS: u16 = 200;
+
 const PROFILE_20: &str = r#"
 name = "bench-20"
 function = "input"
@@ -140,7 +143,8 @@ async fn thousand_meters(rows: &mut Vec<(String, String)>) {
     let profiles = Profiles::load(&[&profile_path]).unwrap();
 
     // The simulator runs in its own process, so what is measured here is the agent's work.
-    let ports: Vec<u16> = (0..4)
+    // 5 buses x 200 units = 1,000 meters (units stay in 1-200: mbpoll refuses 248 and up).
+    let ports: Vec<u16> = (0..BUSES)
         .map(|_| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -154,7 +158,7 @@ async fn thousand_meters(rows: &mut Vec<(String, String)>) {
     sim.args([
         "simulate",
         "--units",
-        "1-250",
+        &format!("1-{UNITS}"),
         "--profile",
         "bench-20",
         "--profile-file",
@@ -189,7 +193,7 @@ async fn thousand_meters(rows: &mut Vec<(String, String)>) {
                 "name = \"lan{b}\"\ntcp = {{ host = \"127.0.0.1\", port = {port}, concurrency = {concurrency} }}"
             ))
             .unwrap();
-            let meters: Vec<MeterConfig> = (1..=250)
+            let meters: Vec<MeterConfig> = (1..=UNITS)
                 .map(|u| {
                     toml::from_str(&format!(
                         "id = \"m{b}-{u}\"\nbus = \"lan{b}\"\nmodbus = {{ unit = {u}, profile = \"bench-20\" }}"
@@ -237,7 +241,9 @@ async fn thousand_meters(rows: &mut Vec<(String, String)>) {
         }
         eprintln!("concurrency {concurrency}: {:.2} s", wall.as_secs_f64());
         rows.push((
-            format!("1,000 meters x 20 registers, 4 TCP buses, {concurrency} in flight per bus"),
+            format!(
+                "1,000 meters x 20 registers, {BUSES} TCP buses, {concurrency} in flight per bus"
+            ),
             format!(
                 "{:.2} s per cycle, {:.0} µs CPU per meter read (stored)",
                 wall.as_secs_f64(),
@@ -253,7 +259,7 @@ async fn thousand_meters(rows: &mut Vec<(String, String)>) {
         let mut failed = 0;
         let mut last_error = String::new();
         for port in &ports {
-            for u in 1..=250 {
+            for u in 1..=UNITS {
                 let out = Command::new("mbpoll")
                     .args([
                         "-m",

@@ -13,7 +13,13 @@ run() { [ "$want" = all ] || [ "$want" = "$1" ]; }
 section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 command -v mbpoll >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq mbpoll >/dev/null; }
+# The binary that ships is the release profile; `cargo bench` rebuilds target/release/amr-edge
+# with the bench profile (optimised differently, see Cargo.toml), so the benchmarks that run
+# the agent as a process measure a copy of the real one.
 cargo build --release --quiet
+mkdir -p target/shipped
+cp target/release/amr-edge target/shipped/amr-edge
+export AMR_EDGE_BIN=$PWD/target/shipped/amr-edge
 
 for b in backbone modbus iec62056_21 compare; do
   if run "$b"; then

@@ -11,6 +11,17 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_amr-edge"))
 }
 
+/// The binary whose memory and CPU a benchmark reports: `AMR_EDGE_BIN` when set
+/// (`benches/run.sh` points it at the release-profile build, the one that ships), else the
+/// one cargo built for this target, which under `cargo bench` is the bench profile, optimised
+/// differently (see `Cargo.toml`). The flag says which one it is, for the printed table.
+pub fn shipped_bin() -> (PathBuf, bool) {
+    match std::env::var_os("AMR_EDGE_BIN") {
+        Some(path) => (PathBuf::from(path), true),
+        None => (bin(), false),
+    }
+}
+
 /// A config for tests: the given broker and queues, no buses unless `extra` adds them.
 pub fn config(data_dir: &Path, gateway: &str, amqp_url: &str, queue: &str, extra: &str) -> String {
     format!(
