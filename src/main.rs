@@ -21,13 +21,9 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter, RUST_LOG style (`info`, `amr_edge=debug`); RUST_LOG works too. lapin's own
-    /// warnings repeat what the drain says about the broker, so they are off by default.
-    #[arg(
-        long,
-        global = true,
-        env = "RUST_LOG",
-        default_value = "info,lapin=error"
-    )]
+    /// warnings repeat what the drain says about the broker, so lapin logs errors only unless
+    /// the filter names it (`warn,lapin=warn`).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -80,6 +76,15 @@ fn main() -> ExitCode {
         );
         Targets::new().with_default(tracing::Level::INFO)
     });
+    let quiet_lapin = !cli.log.contains("lapin")
+        && filter
+            .default_level()
+            .is_some_and(|l| l > tracing::level_filters::LevelFilter::ERROR);
+    let filter = if quiet_lapin {
+        filter.with_target("lapin", tracing::Level::ERROR)
+    } else {
+        filter
+    };
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let registry = tracing_subscriber::registry().with(filter);
