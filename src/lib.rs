@@ -22,6 +22,7 @@
 //! * [`sim`] — simulated meters for the demo and the tests.
 //! * [`clock`], [`backoff`], [`lock`] — the wall clock behind a trait, reconnect backoff,
 //!   one agent per data directory.
+//! * [`tls`] — telling a certificate the other side refuses from a network that is down.
 //! * [`alloc`] — glibc malloc settings that keep a long-running agent's memory small.
 //! * [`watchdog`] — systemd readiness and watchdog (`sd_notify`), fed only by a liveness probe.
 
@@ -40,4 +41,5 @@ pub mod reading;
 pub mod sim;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod watchdog;

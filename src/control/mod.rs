@@ -397,7 +397,9 @@ impl Control {
                     let msg = e.to_string();
                     let delay = backoff.next_delay();
                     if last_error.as_deref() != Some(msg.as_str()) {
-                        if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
+                        if crate::tls::rejection(&e).is_some() {
+                            tracing::error!(error = %msg, retry_in = ?delay, "TLS with the MQTT broker failed (check mqtt.ca_file and the client certificate); commands are not received until this is fixed");
+                        } else if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
                             tracing::error!(error = %msg, retry_in = ?delay, "The MQTT broker refuses this gateway; commands are not received until this is fixed");
                         } else {
                             tracing::warn!(error = %msg, retry_in = ?delay, "MQTT broker not available; polling and buffering go on");

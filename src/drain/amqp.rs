@@ -48,6 +48,11 @@ impl AmqpPublisher {
 /// Sorts lapin's errors into "try again later" and "an operator must act".
 fn classify(e: lapin::Error) -> PublishError {
     let text = e.to_string();
+    if crate::tls::rejection(&e).is_some() {
+        return PublishError::Refused(format!(
+            "TLS: {text} (check amqp.ca_file and the broker's certificate)"
+        ));
+    }
     match e.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED) => PublishError::Unreachable(text),
