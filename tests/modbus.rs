@@ -357,10 +357,7 @@ impl Drop for Socat {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pymodbus_over_tcp_and_over_a_socat_pty_should_give_the_same_values() {
     let profile = sdm630();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = common::free_port();
     let _tcp = PyModbus::start("tcp", &port.to_string(), &profile, &[3]);
     let dir = tempfile::tempdir().unwrap();
     let socat = Socat::start(dir.path());

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian machine with Rust: installs and starts what the tests
-# talk to (RabbitMQ, Mosquitto, socat, Python's venv; the tests make their own virtualenv
+# talk to (RabbitMQ, Mosquitto, socat, faketime, openssl, Python's venv; the tests make their own virtualenv
 # with Celery and pymodbus from PyPI), then `cargo test`. Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ command -v mosquitto >/dev/null || missing+=(mosquitto)
 command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 command -v socat >/dev/null || missing+=(socat)
 command -v faketime >/dev/null || missing+=(faketime)
+command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ -d /usr/share/zoneinfo ] || missing+=(tzdata)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -26,6 +26,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on (for a server a test is about to start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `f` until it returns `Some`, or panics after `timeout` saying what was awaited.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where

@@ -134,15 +134,16 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Broker::start_with("")
+    }
+
+    /// With more mosquitto.conf lines after the plain listener on `port` (more listeners).
+    pub fn start_with(extra: &str) -> Broker {
+        let port = super::free_port();
         let conf = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(
             conf.path(),
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n{extra}"),
         )
         .unwrap();
         let mut b = Broker {
