@@ -20,9 +20,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log filter, RUST_LOG style (`info`, `amr_edge=debug`); RUST_LOG works too. lapin's own
-    /// warnings repeat what the drain says about the broker, so lapin logs errors only unless
-    /// the filter names it (`warn,lapin=warn`).
+    /// Log filter, RUST_LOG style (`info`, `amr_edge=debug`); RUST_LOG works too. The AMQP
+    /// client's own log repeats what the drain says about the broker, so it is off unless the
+    /// filter names it (`info,lapin=warn`).
     #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
     log: String,
     #[command(subcommand)]
@@ -64,27 +64,41 @@ enum Command {
     },
 }
 
+/// The log filter: `target=level` directives (`info,amr_edge::bus=debug`), enough for
+/// operators and lighter than a regex-based filter on a gateway's flash. lapin is off unless
+/// the filter names it: every connection problem it logs (at ERROR, even a dropped uplink)
+/// reaches the drain as an error too, and the drain logs it once, at the level it deserves.
+fn log_filter(spec: &str) -> (Targets, Option<String>) {
+    let (filter, problem) = match spec.parse::<Targets>() {
+        Ok(f) => (f, None),
+        Err(e) => (
+            Targets::new().with_default(tracing::Level::INFO),
+            Some(format!(
+                "log filter `{spec}` is invalid ({e}); using `info`"
+            )),
+        ),
+    };
+    let names_lapin = spec.split(',').any(|d| {
+        let target = d.split('=').next().unwrap_or("").trim();
+        target == "lapin" || target.starts_with("lapin::")
+    });
+    if names_lapin {
+        (filter, problem)
+    } else {
+        (
+            filter.with_target("lapin", tracing::level_filters::LevelFilter::OFF),
+            problem,
+        )
+    }
+}
+
 fn main() -> ExitCode {
     amr_edge::alloc::tune();
     let cli = Cli::parse();
-    // `target=level` directives (`info,amr_edge::bus=debug`): enough for operators, and
-    // lighter than a regex-based filter on a gateway's flash.
-    let filter: Targets = cli.log.parse().unwrap_or_else(|e| {
-        eprintln!(
-            "warning: log filter `{}` is invalid ({e}); using `info`",
-            cli.log
-        );
-        Targets::new().with_default(tracing::Level::INFO)
-    });
-    let quiet_lapin = !cli.log.contains("lapin")
-        && filter
-            .default_level()
-            .is_some_and(|l| l > tracing::level_filters::LevelFilter::ERROR);
-    let filter = if quiet_lapin {
-        filter.with_target("lapin", tracing::Level::ERROR)
-    } else {
-        filter
-    };
+    let (filter, problem) = log_filter(&cli.log);
+    if let Some(problem) = problem {
+        eprintln!("warning: {problem}");
+    }
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let registry = tracing_subscriber::registry().with(filter);
@@ -132,5 +146,42 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn lapin_should_be_off_unless_the_filter_names_it() {
+        for spec in ["info", "warn", "debug,amr_edge=trace", "trace"] {
+            let (f, problem) = log_filter(spec);
+            assert!(problem.is_none());
+            assert!(!f.would_enable("lapin::io_loop", &Level::ERROR), "{spec}");
+            assert!(f.would_enable("amr_edge::drain", &Level::ERROR), "{spec}");
+        }
+        let (f, _) = log_filter("info,lapin=warn");
+        assert!(f.would_enable("lapin::io_loop", &Level::WARN));
+        assert!(!f.would_enable("lapin::io_loop", &Level::INFO));
+        let (f, _) = log_filter("warn,lapin::channels=debug");
+        assert!(f.would_enable("lapin::channels", &Level::DEBUG));
+    }
+
+    #[test]
+    fn an_invalid_filter_should_fall_back_to_info_and_say_so() {
+        let (f, problem) = log_filter("amr_edge=loud");
+        assert!(problem.unwrap().contains("amr_edge=loud"));
+        assert!(f.would_enable("amr_edge::bus", &Level::INFO));
+        assert!(!f.would_enable("amr_edge::bus", &Level::DEBUG));
+        assert!(!f.would_enable("lapin", &Level::ERROR));
+    }
+
+    #[test]
+    fn off_should_stay_off() {
+        let (f, _) = log_filter("off");
+        assert!(!f.would_enable("amr_edge::drain", &Level::ERROR));
+        assert!(!f.would_enable("lapin", &Level::ERROR));
     }
 }

@@ -77,6 +77,35 @@ fn a_good_config_should_print_the_resolved_plan() {
     }
 }
 
+/// The ```toml block after `marker` in the README.
+fn readme_block(marker: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let after = &readme[readme.find(marker).expect(marker)..];
+    let start = after.find("```toml\n").unwrap() + "```toml\n".len();
+    let end = start + after[start..].find("```").unwrap();
+    after[start..end].to_owned()
+}
+
+#[test]
+fn the_readme_example_config_and_profile_should_pass_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("heat-meter.toml");
+    std::fs::write(&profile, readme_block("A profile file of your own")).unwrap();
+    let example = readme_block("A complete example").replace(
+        "/etc/amr-edge/profiles/heat-meter.toml",
+        profile.to_str().unwrap(),
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, example).unwrap();
+    let out = cli(&["check", "--config", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn status_without_an_agent_should_read_the_store() {
     let dir = tempfile::tempdir().unwrap();

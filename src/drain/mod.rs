@@ -218,7 +218,7 @@ pub enum PublishError {
     #[error("broker unreachable: {0}")]
     Unreachable(String),
     /// The broker refused us (credentials, vhost, permissions, TLS): an operator must act.
-    /// Keep buffering and retry slowly.
+    /// Keep buffering and retry with the usual backoff.
     #[error("broker refused the connection: {0}")]
     Refused(String),
     /// A queue we publish to does not exist: an operator must act (or set
