@@ -394,11 +394,17 @@ impl Control {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let msg = e.to_string();
+                    // A TLS refusal is described without the timestamps rustls puts in some
+                    // of its messages, so it is logged once, not on every retry.
+                    let refusal = crate::tls::rejection(&e);
+                    let msg = match &refusal {
+                        Some(why) => format!("TLS: {why}"),
+                        None => e.to_string(),
+                    };
                     let delay = backoff.next_delay();
                     if last_error.as_deref() != Some(msg.as_str()) {
-                        if crate::tls::rejection(&e).is_some() {
-                            tracing::error!(error = %msg, retry_in = ?delay, "TLS with the MQTT broker failed (check mqtt.ca_file and the client certificate); commands are not received until this is fixed");
+                        if refusal.is_some() {
+                            tracing::error!(error = %msg, retry_in = ?delay, "TLS with the MQTT broker failed (see mqtt.ca_file, client_cert_file); commands are not received until this is fixed");
                         } else if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
                             tracing::error!(error = %msg, retry_in = ?delay, "The MQTT broker refuses this gateway; commands are not received until this is fixed");
                         } else {

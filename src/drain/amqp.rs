@@ -48,10 +48,8 @@ impl AmqpPublisher {
 /// Sorts lapin's errors into "try again later" and "an operator must act".
 fn classify(e: lapin::Error) -> PublishError {
     let text = e.to_string();
-    if crate::tls::rejection(&e).is_some() {
-        return PublishError::Refused(format!(
-            "TLS: {text} (check amqp.ca_file and the broker's certificate)"
-        ));
+    if let Some(why) = crate::tls::rejection(&e) {
+        return PublishError::Refused(format!("TLS: {why} (see amqp.ca_file)"));
     }
     match e.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
@@ -215,6 +213,17 @@ impl Publisher for AmqpPublisher {
                 Err(e) => Confirmation::Lost(e.to_string()),
             }
         }))
+    }
+
+    fn lost(&self) -> Option<PublishError> {
+        let status = self.connection.as_ref()?.status();
+        (!status.connected()).then(|| {
+            PublishError::Unreachable(if status.errored() {
+                "the connection to the broker was lost".into()
+            } else {
+                "the broker closed the connection".into()
+            })
+        })
     }
 
     async fn close(&mut self) {

@@ -246,6 +246,12 @@ pub trait Publisher: Send + 'static {
     ) -> impl Future<Output = Result<Self::Confirm, PublishError>> + Send;
     /// Closes the connection cleanly.
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// Whether the connection has died under us (the broker went, the link dropped), checked
+    /// while there is nothing to send, so an idle drain notices and reconnects at once
+    /// instead of at its next message, and its status does not say connected meanwhile.
+    fn lost(&self) -> Option<PublishError> {
+        None
+    }
 }
 
 /// What the drain tells the rest of the agent (status, MQTT `inspect`).
@@ -475,6 +481,9 @@ impl<P: Publisher> Drain<P> {
                     () = self.wake.notified() => {}
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = shutdown.cancelled() => stopping = true,
+                }
+                if let Some(e) = self.publisher.lost() {
+                    failure = Some(e);
                 }
                 continue;
             }
