@@ -9,7 +9,7 @@
 //!   The protocol's own minimum for that exchange is computed and printed beside it, so the
 //!   difference is what the agent adds.
 //!
-//! Run with `cargo bench --bench iec62056_21`.
+//! Run with `benches/run.sh iec62056_21` (or `cargo bench --bench iec62056_21`).
 
 use std::time::{Duration, Instant};
 

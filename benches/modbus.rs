@@ -1,6 +1,6 @@
 //! Modbus figures: coalescing of an SDM630 read against the minimum, and 1,000 meters on
 //! Modbus TCP at several concurrencies against `mbpoll` reading them one after another.
-//! Run with `cargo bench --bench modbus` (`mbpoll` from Debian for the comparison).
+//! Run with `benches/run.sh modbus` (`mbpoll` from Debian for the comparison).
 
 use std::path::Path;
 use std::process::{Command, Stdio};

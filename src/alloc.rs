@@ -4,8 +4,9 @@
 //! buffers (a parsed config, a sled segment, a drain batch) land in the heap instead of their
 //! own mappings and pin the pages around them; and the trim threshold, which decides when a
 //! free top of the heap goes back to the system, grows along with it. Fixing both at 128 KiB
-//! keeps large, short-lived buffers out of the heap and returns freed tops promptly. Measured with the release binary, 1,000 Modbus meters configured and an
-//! empty store: 17.8 MiB resident without it, 12.3 MiB with it (`benches/run.sh backbone`).
+//! keeps large, short-lived buffers out of the heap and returns freed tops promptly. Measured
+//! with the release binary, 1,000 Modbus meters configured and an empty store: 17.8 MiB
+//! resident without it, 12.3 MiB with it (`benches/run.sh backbone`).
 //! Elsewhere (musl, other systems) this is a no-op. The other large saving, sled's metric
 //! histograms, is a build setting: see `[profile.release.package.sled]` in `Cargo.toml`.
 

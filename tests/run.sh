@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian machine with Rust: installs and starts what the tests
-# talk to (RabbitMQ, Mosquitto, socat, faketime, openssl, Python's venv; the tests make their own virtualenv
-# with Celery and pymodbus from PyPI), then `cargo test`. Extra arguments go to cargo test.
+# talk to (RabbitMQ, Mosquitto, socat, faketime, openssl, Python's venv; the tests make their
+# own virtualenv with Celery and pymodbus from PyPI), then `cargo test`. Extra arguments go to
+# cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -396,8 +396,8 @@ impl BusHandle {
 enum Driver {
     Modbus {
         unit: u8,
-        /// Per scheduled cadence, and `OnDemand` for everything. Shared by every meter with
-        /// the same profile, settings and selection: a thousand SDM630s hold one plan.
+        /// Per scheduled cadence, and `OnDemand` for everything. Shared by every meter of the
+        /// bus with the same profile, settings and selection: 100 SDM630s hold one plan.
         plans: HashMap<Cadence, Arc<ReadPlan>>,
         profile: Arc<modbus::profile::Profile>,
         config: modbus::ModbusMeterConfig,
