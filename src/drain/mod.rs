@@ -482,8 +482,8 @@ impl<P: Publisher> Drain<P> {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = shutdown.cancelled() => stopping = true,
                 }
-                if let Some(e) = self.publisher.lost() {
-                    failure = Some(e);
+                if !stopping {
+                    failure = self.publisher.lost();
                 }
                 continue;
             }
