@@ -14,7 +14,9 @@ use common::agent::{AgentProc, config};
 use common::celery::Celery;
 use common::proxy::{Mode, Proxy};
 use common::rabbit::Rabbit;
-use common::{AMQP_URL, eventually, expected_json, readings, seed, unique};
+use common::{
+    AMQP_URL, assert_in_order_per_meter, eventually, expected_json, readings, seed, unique,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -129,21 +131,7 @@ async fn buffered_readings_should_reach_a_celery_worker_exactly_and_in_order_per
     assert_all_delivered(&gw, &seqs, &seeded, &got);
     assert_eq!(got.len(), 1000, "no duplicates on a clean run");
     // Per meter, the worker saw the readings in the order they were taken.
-    let mut last: HashMap<String, u64> = HashMap::new();
-    for r in &got {
-        let seq: u64 = r["reading_id"]
-            .as_str()
-            .unwrap()
-            .rsplit('-')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let meter = r["meter"].as_str().unwrap().to_owned();
-        if let Some(prev) = last.insert(meter.clone(), seq) {
-            assert!(prev < seq, "{meter}: {seq} arrived after {prev}");
-        }
-    }
+    assert_in_order_per_meter(&got);
     // 1000 readings at 37 per message: 28 tasks, each with a distinct deterministic id.
     let tasks: HashSet<String> = celery
         .records()

@@ -16,7 +16,7 @@ use common::celery::Celery;
 use common::mqtt::Centre;
 use common::proxy::{Mode, Proxy};
 use common::rabbit::Rabbit;
-use common::{AMQP_URL, eventually, readings, seed, unique};
+use common::{AMQP_URL, assert_in_order_per_meter, eventually, readings, seed, unique};
 use serde_json::{Value, json};
 
 fn long() -> bool {
@@ -208,21 +208,7 @@ async fn a_broker_outage_should_deliver_everything_in_order_then_paced() {
     let got = celery.readings();
     assert_consistent(&got);
     // In order per meter, in the order the worker ran the tasks.
-    let mut last: HashMap<String, u64> = HashMap::new();
-    for r in &got {
-        let seq: u64 = r["reading_id"]
-            .as_str()
-            .unwrap()
-            .rsplit('-')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let meter = r["meter"].as_str().unwrap().to_owned();
-        if let Some(prev) = last.insert(meter.clone(), seq) {
-            assert!(prev < seq, "{meter}: {seq} after {prev}");
-        }
-    }
+    assert_in_order_per_meter(&got);
     // Paced after the outage: never more than 20 tasks in any one-second window.
     let times: Vec<f64> = records
         .iter()

@@ -26,6 +26,19 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Per meter, readings arrived in the order they were taken (rising sequence numbers).
+pub fn assert_in_order_per_meter(got: &[serde_json::Value]) {
+    let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for r in got {
+        let id = r["reading_id"].as_str().unwrap();
+        let seq: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
+        let meter = r["meter"].as_str().unwrap();
+        if let Some(prev) = last.insert(meter, seq) {
+            assert!(prev < seq, "{meter}: {seq} arrived after {prev}");
+        }
+    }
+}
+
 /// A TCP port on 127.0.0.1 that nothing listens on (for a server a test is about to start).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -42,17 +42,17 @@ impl Rabbit {
 
     /// Declares a durable queue, as Celery would.
     pub async fn declare(&self, queue: &str) {
+        self.declare_durable(queue).await.expect("queue_declare");
+    }
+
+    async fn declare_durable(&self, queue: &str) -> lapin::Result<lapin::Queue> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
         self.ch
-            .queue_declare(
-                queue,
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+            .queue_declare(queue, options, FieldTable::default())
             .await
-            .expect("queue_declare");
     }
 
     pub async fn delete(&self, queue: &str) {
@@ -64,15 +64,7 @@ impl Rabbit {
 
     /// Messages ready in `queue`.
     pub async fn count(&self, queue: &str) -> u32 {
-        self.ch
-            .queue_declare(
-                queue,
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        self.declare_durable(queue)
             .await
             .map(|q| q.message_count())
             .unwrap_or(0)
