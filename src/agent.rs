@@ -197,7 +197,7 @@ fn open_store(
                 "store.damaged-{}",
                 jiff::Timestamp::now().as_second()
             ));
-            std::fs::rename(data_dir.join("store"), &aside)
+            crate::store::disk::rename_durably(&data_dir.join("store"), &aside)
                 .with_context(|| format!("the store cannot be opened ({why}) nor moved aside"))?;
             tracing::error!(error = %why, moved_to = %aside.display(), "The store cannot be opened: moved aside, starting an empty one");
             let store = SledStore::open(data_dir, &config.store, clock.clone())
