@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub use amqp::AmqpPublisher;
 
 use crate::backoff::Backoff;
-use crate::config::{Duration as HumanDuration, Problems, Secret, read_secret_file};
+use crate::primitives::{HumanDuration, Problems, Secret, read_secret_file};
 use crate::store::{Entry, EntryId, Record, Store, StoreError, Stream};
 use celery::{Envelope, TaskMessage};
 use rate::{Pacer, RateLimit};
@@ -190,7 +190,7 @@ fn check_url(url: &str, key: &str, p: &mut Problems) {
             key.to_owned(),
             format!(
                 "`{}` must start with amqp:// or amqps://",
-                crate::config::redact_url(url)
+                crate::primitives::redact_url(url)
             ),
         );
     } else if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {

@@ -66,7 +66,7 @@ use serde::{Deserialize, Serialize};
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
-use crate::config::{ByteSize, Duration, Problems};
+use crate::primitives::{ByteSize, HumanDuration, Problems};
 use crate::reading::{Cadence, Reading, SystemEvent};
 
 /// `[store]`.
@@ -78,27 +78,27 @@ pub struct StoreConfig {
     pub max_bytes: ByteSize,
     /// Records older than this are evicted, whatever the space.
     #[serde(default = "default_max_age")]
-    pub max_age: Duration,
+    pub max_age: HumanDuration,
     /// sled's page cache. Small: a gateway has little RAM and the buffer is read once.
     #[serde(default = "default_cache")]
     pub cache: ByteSize,
     /// How soon an acknowledgement reaches the disk. A crash within this window means the
     /// acknowledged records are sent again (same ids), never that they are lost.
     #[serde(default = "default_ack_flush")]
-    pub ack_flush: Duration,
+    pub ack_flush: HumanDuration,
 }
 
 fn default_max_bytes() -> ByteSize {
     ByteSize(256 << 20)
 }
-fn default_max_age() -> Duration {
-    Duration(std::time::Duration::from_secs(90 * 86_400))
+fn default_max_age() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(90 * 86_400))
 }
 fn default_cache() -> ByteSize {
     ByteSize(4 << 20)
 }
-fn default_ack_flush() -> Duration {
-    Duration(std::time::Duration::from_millis(500))
+fn default_ack_flush() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(500))
 }
 
 impl Default for StoreConfig {
