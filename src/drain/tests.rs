@@ -394,3 +394,47 @@ async fn events_should_go_to_the_events_queue_as_their_own_task() {
 }
 
 use crate::reading::SystemEvent;
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_cannot_be_read_should_not_be_taken_for_a_broker_that_is_down() {
+    let store = Arc::new(MemoryStore::new());
+    fill(&store, 30);
+    store.fail_reads(true);
+    let broker = FakePublisher::default();
+    {
+        let mut b = broker.broker();
+        b.up = true;
+        b.queue_exists = true;
+        b.auto = Some(Confirmation::Ack);
+    }
+    let r = start(settings(10, 4), store, broker);
+    until(|| {
+        r.status
+            .borrow()
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot read the store"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    {
+        let s = r.status.borrow();
+        assert!(s.connected, "the broker connection stays up: {s:?}");
+        assert!(
+            !s.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("unreachable")
+        );
+    }
+    assert_eq!(
+        r.broker.broker().connects,
+        1,
+        "no reconnect for a store error"
+    );
+    r.store.fail_reads(false);
+    until(|| r.store.records().is_empty()).await;
+    assert_eq!(r.broker.broker().connects, 1);
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}
