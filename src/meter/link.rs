@@ -241,10 +241,7 @@ impl Slot {
                     let ctx = tokio_modbus::client::rtu::attach(Tap::new(port, wire.clone()));
                     *modbus = Some((ctx, wire));
                 }
-                let (ctx, wire) = modbus
-                    .as_mut()
-                    .ok_or_else(|| Failure::Link("port closed".into()))?;
-                Ok((ctx, wire))
+                client(modbus, "port closed")
             }
             Slot::Tcp {
                 addr,
@@ -273,10 +270,7 @@ impl Slot {
                     let ctx = tokio_modbus::client::tcp::attach(Tap::new(stream, wire.clone()));
                     *modbus = Some((ctx, wire));
                 }
-                let (ctx, wire) = modbus
-                    .as_mut()
-                    .ok_or_else(|| Failure::Link("not connected".into()))?;
-                Ok((ctx, wire))
+                client(modbus, "not connected")
             }
         }
     }
@@ -315,6 +309,17 @@ impl Slot {
             Slot::Tcp { modbus, .. } => *modbus = None,
         }
     }
+}
+
+/// The open Modbus client of a slot.
+fn client<'a>(
+    modbus: &'a mut Option<(Context, SharedWire)>,
+    closed: &str,
+) -> Result<(&'a mut Context, &'a SharedWire), Failure> {
+    let (ctx, wire) = modbus
+        .as_mut()
+        .ok_or_else(|| Failure::Link(closed.into()))?;
+    Ok((ctx, wire))
 }
 
 /// Opens a serial port in the given framing, with RS-485 direction control if configured.
