@@ -13,6 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::Health;
 use crate::drain::DrainStatus;
 use crate::store::{MeterState, Stats, Store};
 
@@ -57,8 +58,7 @@ pub struct MeterReport {
     pub meter: String,
     pub last_read: Option<String>,
     pub last_failure: Option<String>,
-    /// `ok`, `failing` (the last thing heard was a failure) or `never read`.
-    pub health: String,
+    pub health: Health,
 }
 
 fn ts(ms: i64) -> String {
@@ -82,18 +82,13 @@ impl StatusReport {
                 let s = meters.iter().find(|m| &m.meter == id);
                 let last_read = s.and_then(|s| s.last_read_ms);
                 let failure = s.and_then(|s| s.last_failure.clone());
-                let health = match (last_read, &failure) {
-                    (None, None) => "never read",
-                    (Some(r), Some((f, _, _))) if *f > r => "failing",
-                    (None, Some(_)) => "failing",
-                    _ => "ok",
-                };
+                let health = Health::from_last(last_read, failure.as_ref().map(|f| f.0));
                 MeterReport {
                     meter: id.clone(),
                     last_read: last_read.map(ts),
                     last_failure: failure
                         .map(|(at, kind, msg)| format!("{} {kind}: {msg}", ts(at))),
-                    health: health.into(),
+                    health,
                 }
             })
             .collect();

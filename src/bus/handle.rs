@@ -107,7 +107,7 @@ pub struct MeterHealth {
 }
 
 /// How a meter is doing, from what was last heard of it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Not read since the agent (or this bus) started.
@@ -120,12 +120,28 @@ pub enum Health {
 }
 
 impl Health {
+    /// From the last successful read and the last failure (Unix ms), as the store keeps them.
+    pub fn from_last(read_ms: Option<i64>, failed_ms: Option<i64>) -> Health {
+        match (read_ms, failed_ms) {
+            (None, None) => Health::NeverRead,
+            (Some(r), Some(f)) if f > r => Health::Failing,
+            (None, Some(_)) => Health::Failing,
+            _ => Health::Ok,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Health::NeverRead => "never read",
             Health::Ok => "ok",
             Health::Failing => "failing",
         }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
