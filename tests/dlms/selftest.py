@@ -30,6 +30,10 @@ from gurux_dlms.enums import Authentication, InterfaceType, ObjectType, Security
 from gurux_dlms.GXDLMSException import GXDLMSException  # noqa: E402
 from gurux_dlms.objects import GXDLMSProfileGeneric  # noqa: E402
 from gurux_dlms.secure import GXDLMSSecureClient  # noqa: E402
+_chippering = sys.modules["gurux_dlms.GXDLMSChippering"]
+
+# Gurux's cipher prints "Encryption is applied." for every APDU.
+_chippering.print = lambda *a, **k: None
 
 METER = os.path.join(HERE, "meter.py")
 VERBOSE = "-v" in sys.argv
@@ -170,3 +174,285 @@ class Client:
         if self.hdlc:
             self.block(self.c.disconnectRequest())
         self.link.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The meter as a process
+# ---------------------------------------------------------------------------------------------
+
+
+class Meter:
+    def __init__(self, *args):
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, METER] + self.args, stdout=subprocess.PIPE, stderr=None if VERBOSE else subprocess.DEVNULL
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"meter.py {' '.join(self.args)} did not start")
+        self.ready = json.loads(line)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def dump(*args):
+    out = subprocess.run([sys.executable, METER, "--dump-json"] + list(args), check=True, capture_output=True)
+    return json.loads(out.stdout)
+
+
+class Pty:
+    """Two linked pseudo-terminals (socat), the meter's end and the client's end."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp()
+        self.meter = os.path.join(self.dir, "meter")
+        self.client = os.path.join(self.dir, "client")
+        self.proc = subprocess.Popen(
+            ["socat", f"pty,raw,echo=0,link={self.meter}", f"pty,raw,echo=0,link={self.client}"],
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            if os.path.exists(self.meter) and os.path.exists(self.client):
+                return
+            time.sleep(0.02)
+        raise SystemExit("socat made no ptys")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing what Gurux decoded with what the meter printed
+# ---------------------------------------------------------------------------------------------
+
+GURUX_TYPE = {
+    "null-data": 0, "array": 1, "structure": 2, "boolean": 3, "double-long": 5,
+    "double-long-unsigned": 6, "octet-string": 9, "visible-string": 10, "integer": 15,
+    "long": 16, "unsigned": 17, "long-unsigned": 18, "long64": 20, "long64-unsigned": 21,
+    "enum": 22,
+}
+
+
+def expected(j):
+    """A --dump-json value as Python: containers lists, octet strings bytes."""
+    if j["type"] in ("array", "structure"):
+        return [expected(i) for i in j["value"]]
+    if j["type"] == "octet-string":
+        return bytes.fromhex(j["value"])
+    return j["value"]
+
+
+def plain(v):
+    """A value Gurux decoded, as Python (GXStructure/GXArray lists, bytearray bytes,
+    GXEnum and friends ints)."""
+    if isinstance(v, (list, tuple)):
+        return [plain(i) for i in v]
+    if isinstance(v, (bytearray, bytes)):
+        return bytes(v)
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if hasattr(v, "value") and not isinstance(v, int):
+        return plain(v.value)
+    return int(v)
+
+
+def target(obis, class_id):
+    obj = GXDLMSClient.createObject(ObjectType(class_id))
+    a, rest = obis.split("-")
+    b, rest = rest.split(":")
+    obj.logicalName = ".".join([a, b] + rest.split("."))
+    return obj
+
+
+def date_time_of(raw):
+    import struct
+
+    year, month, day, _dow, hour, minute, second, _h, deviation, status = struct.unpack(">HBBBBBBBhB", bytes(raw))
+    local = datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.timezone.utc)
+    return int((local + datetime.timedelta(minutes=deviation)).timestamp()), deviation, status
+
+
+def expected_row(t, physical, deviation=0, status=0):
+    import meter as m
+
+    return [m.date_time(t, deviation, status), load_profile.import_raw(t, physical), load_profile.export_raw(t, physical)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------
+
+
+def read_everything(client, meter_dump, what, sap, clock_offset=0):
+    physical = meter_dump["physical"]
+    for o in meter_dump["objects"]:
+        obj = target(o["obis"], o["class_id"])
+        for attr, want in o["attributes"].items():
+            attr = int(attr)
+            name = f"{what} {o['obis']}/{attr}"
+            reply = client.raw(obj, attr)
+            got = plain(reply.value)
+            if o["obis"] == "0-0:1.0.0.255" and attr == 2:
+                t, dev, status = date_time_of(got)
+                now = time.time() + clock_offset
+                check(name + " clock within 5 s", abs(t - now) < 5, True)
+                check(name + " deviation/status", [dev, status], list(date_time_of(expected(want))[1:]))
+                continue
+            if o["obis"] == "0-0:43.1.0.255":
+                check(name + " frame counter type", reply.valueType, GURUX_TYPE[want["type"]])
+                continue
+            if o["obis"] == "0-0:40.0.0.255" and attr == 3:
+                check(name, got, [sap, 1])
+                continue
+            check(name, got, expected(want))
+            check(name + " bytes", raw_bytes(reply).hex(), encoded(want).hex())
+    # The object list, parsed by Gurux's own object-list parser.
+    reply = client.raw(target("0-0:40.0.0.255", 15), 2)
+    objects = client.c.parseObjects(reply.data, True)
+    got = sorted((int(x.objectType), x.logicalName) for x in objects)
+    want = sorted((o["class_id"], target(o["obis"], o["class_id"]).logicalName) for o in meter_dump["objects"])
+    check(f"{what} object list as Gurux parses it", got, want)
+    # The whole profile buffer (block transfer; HDLC segments too).
+    pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
+    client.c.updateValue(pg, 3, client.read(pg, 3))
+    check(f"{what} profile capture objects", [(int(k.objectType), k.logicalName, v.attributeIndex) for k, v in pg.captureObjects],
+          [(8, "0.0.1.0.0.255", 2), (3, "1.0.1.8.0.255", 2), (3, "1.0.2.8.0.255", 2)])
+    before = time.time() + clock_offset
+    rows = plain(client.read(pg, 2))
+    after = time.time() + clock_offset
+    days = meter_dump["profile"]["days"]
+    times = load_profile.row_times(int(before), days)
+    if load_profile.row_times(int(after), days) != times and len(rows) and date_time_of(rows[-1][0])[0] != times[-1]:
+        times = load_profile.row_times(int(after), days)
+    check(f"{what} profile rows", len(rows), 96 * days)
+    check(f"{what} profile buffer", rows, [expected_row(t, physical) for t in times])
+    # By range: rows 10..20 of the buffer, every column, then two columns.
+    lo, hi = times[10], times[20]
+    got = plain(client.read_range(pg, lo, hi))
+    check(f"{what} profile by range", got, [expected_row(t, physical) for t in times[10:21]])
+    cols = [pg.captureObjects[0], pg.captureObjects[2]]
+    got = plain(client.read_range(pg, lo, hi, cols))
+    check(f"{what} profile by range, clock and export", got, [[r[0], r[2]] for r in (expected_row(t, physical) for t in times[10:21])])
+    # By entry: entries 5..7, every column, then columns 2..3.
+    got = plain(client.block(client.c.readRowsByEntry(pg, 5, 3)).value)
+    check(f"{what} profile by entry", got, [expected_row(t, physical) for t in times[4:7]])
+    got = plain(client.read_entry(pg, 5, 7, 2, 3))
+    check(f"{what} profile by entry, columns 2..3", got, [expected_row(t, physical)[1:] for t in times[4:7]])
+
+
+def read_range(self, pg, lo, hi, columns=None):
+    start = GXDateTime(datetime.datetime.fromtimestamp(lo, datetime.timezone.utc))
+    end = GXDateTime(datetime.datetime.fromtimestamp(hi, datetime.timezone.utc))
+    return self.block(self.c.readRowsByRange(pg, start, end, columns)).value
+
+
+Client.read_range = read_range
+
+
+def read_entry(self, pg, from_entry, to_entry, from_column, to_column):
+    # Gurux's readRowsByEntry(columns=...) sends a column *count* as to_selected_value,
+    # which the Blue Book defines as the last column's index: build the descriptor here.
+    import struct
+
+    buff = GXByteBuffer()
+    buff.set(bytes([0x02, 0x02, 0x04]))
+    buff.set(bytes([0x06]) + struct.pack(">I", from_entry) + bytes([0x06]) + struct.pack(">I", to_entry))
+    buff.set(bytes([0x12]) + struct.pack(">H", from_column) + bytes([0x12]) + struct.pack(">H", to_column))
+    return self.block(self.c._read(pg.name, ObjectType.PROFILE_GENERIC, 2, buff)).value
+
+
+Client.read_entry = read_entry
+
+
+def encoded(j):
+    """The A-XDR bytes of a --dump-json value."""
+    import axdr
+
+    tag = GURUX_TYPE[j["type"]]
+    if tag in (axdr.ARRAY, axdr.STRUCTURE):
+        return bytes([tag]) + axdr.length(len(j["value"])) + b"".join(encoded(i) for i in j["value"])
+    value = bytes.fromhex(j["value"]) if tag == axdr.OCTET_STRING else j["value"]
+    return axdr.encode(axdr.V(tag, value))
+
+
+def raw_bytes(reply):
+    return bytes(reply.data._data[: reply.data.size])
+
+LEVELS = [
+    ("lowest", dict(sap=16)),
+    ("LLS", dict(sap=17, auth=Authentication.LOW, password=b"12345678")),
+    ("HLS-GMAC", dict(sap=1, auth=Authentication.HIGH_GMAC)),
+]
+
+
+def expect_failure(what, f, *errors):
+    CHECKS[0] += 1
+    try:
+        f()
+    except errors as e:
+        if VERBOSE:
+            print(f"ok {what} ({type(e).__name__}: {e})")
+        return e
+    except Exception as e:  # noqa: BLE001 - any other failure is a mismatch too
+        FAILURES.append(what)
+        print(f"MISMATCH {what}: {type(e).__name__}: {e}")
+        return None
+    FAILURES.append(what)
+    print(f"MISMATCH {what}: succeeded")
+    return None
+
+
+def wrapper_tests():
+    d = dump()["meters"][0]
+    m = Meter("--wrapper", "--port", "0")
+    port = m.ready["port"]
+    counter = [1]
+    try:
+        for name, kw in LEVELS:
+            c = Client(TcpLink(port), False, counter=counter[0], **kw)
+            c.connect()
+            read_everything(c, d, f"wrapper {name}", kw["sap"])
+            counter[0] = c.c.ciphering.invocationCounter
+            c.release()
+        # The meter's frame counter, over the public client, after the HLS association.
+        c = Client(TcpLink(port), False, 16)
+        c.connect()
+        fc = plain(c.read(target("0-0:43.1.0.255", 1), 2))
+        check("wrapper frame counter rose with the HLS association", fc > 0, True)
+        c.release()
+        # Refusals.
+        c = Client(TcpLink(port), False, 17, auth=Authentication.LOW, password=b"wrong")
+        expect_failure("wrapper LLS wrong password refused", c.connect, GXDLMSException)
+        c.link.close()
+        c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=counter[0] + 10,
+                   bck="FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF")
+        expect_failure("wrapper HLS wrong block cipher key refused", c.connect, GXDLMSException, Exception)
+        c.link.close()
+        c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=counter[0] + 20,
+                   ak="FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF")
+        expect_failure("wrapper HLS wrong authentication key refused", c.connect, GXDLMSException, Exception)
+        c.link.close()
+        c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=1)
+        expect_failure("wrapper HLS replayed invocation counter refused", c.connect, GXDLMSException, Exception)
+        c.link.close()
+        c = Client(TcpLink(port), False, 16)
+        c.connect()
+        e = expect_failure("wrapper undefined object", lambda: c.read(target("1-0:99.98.0.255", 3), 2), GXDLMSException)
+        check("wrapper undefined object: object-undefined", getattr(e, "errorCode", None), 4)
+        c.release()
+    finally:
+        m.stop()
+
+
+def main():
+    wrapper_tests()
+    print(f"{CHECKS[0] - len(FAILURES)} passed, {len(FAILURES)} failed")
+    sys.exit(1 if FAILURES else 0)
+
+
+if __name__ == "__main__":
+    main()
