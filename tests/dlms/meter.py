@@ -1080,14 +1080,17 @@ def hdlc_addresses(frame):
     return server, frame[start : pos + 1], pos + 1
 
 
-def physical_of(server_bytes):
-    """The lower (physical) HDLC address, or None when the frame names only the upper."""
+def split_address(server_bytes):
+    """(upper = logical, lower = physical or None) of an HDLC server address of 1, 2 or 4
+    bytes."""
     b = [x >> 1 for x in server_bytes]
+    if len(b) == 1:
+        return b[0], None
     if len(b) == 2:
-        return b[1]
+        return b[0], b[1]
     if len(b) == 4:
-        return (b[2] << 7) | b[3]
-    return None
+        return (b[0] << 7) | b[1], (b[2] << 7) | b[3]
+    return None, None
 
 
 def address_bytes(value, size):
@@ -1187,11 +1190,11 @@ def serve_hdlc(args, meters):
                 server, _, _ = hdlc_addresses(frame)
             except IndexError:
                 continue
-            physical = physical_of(server)
+            logical, physical = split_address(server)
             if physical is None and len(sessions) == 1:
                 physical = next(iter(sessions))
             session = sessions.get(physical)
-            if session is None or (server[0] >> 1) != 1:
+            if session is None or logical != 1:
                 continue  # another meter's frame (or another logical device): silence
             if session.silent:
                 if (frame[hdlc_addresses(frame)[2]] & 0xEF) != 0x83:  # until a new SNRM

@@ -302,7 +302,7 @@ def read_everything(client, meter_dump, what, sap, clock_offset=0):
                 check(name + " clock within 5 s", abs(t - now) < 5, True)
                 check(name + " deviation/status", [dev, status], list(date_time_of(expected(want))[1:]))
                 continue
-            if o["obis"] == "0-0:43.1.0.255":
+            if o["obis"] == "0-0:43.1.0.255" and attr == 2:
                 check(name + " frame counter type", reply.valueType, GURUX_TYPE[want["type"]])
                 continue
             if o["obis"] == "0-0:40.0.0.255" and attr == 3:
@@ -439,6 +439,12 @@ def wrapper_tests():
         c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=1)
         expect_failure("wrapper HLS replayed invocation counter refused", c.connect, GXDLMSException, Exception)
         c.link.close()
+        c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=counter[0] + 30)
+        c.connect()
+        c.c.ciphering.invocationCounter = counter[0]
+        expect_failure("wrapper HLS replayed invocation counter inside an association refused",
+                       lambda: c.read(target("1-0:1.8.0.255", 3), 2), GXDLMSException, Exception)
+        c.link.close()
         c = Client(TcpLink(port), False, 16)
         c.connect()
         e = expect_failure("wrapper undefined object", lambda: c.read(target("1-0:99.98.0.255", 3), 2), GXDLMSException)
@@ -448,8 +454,35 @@ def wrapper_tests():
         m.stop()
 
 
+def hdlc_tests():
+    full = dump("--physical", "17", "--physical", "18")
+    pty = Pty()
+    m = Meter("--hdlc", pty.meter, "--physical", "17", "--physical", "18")
+    counter = 1
+    try:
+        for name, kw in LEVELS:
+            c = Client(SerialLink(pty.client), True, physical=17, counter=counter, **kw)
+            c.connect()
+            read_everything(c, full["meters"][0], f"hdlc meter 17 {name}", kw["sap"])
+            counter = c.c.ciphering.invocationCounter
+            c.release()
+        # The second meter on the same line answers for itself.
+        c = Client(SerialLink(pty.client), True, 16, physical=18)
+        c.connect()
+        read_everything(c, full["meters"][1], "hdlc meter 18 lowest", 16)
+        c.release()
+        # No meter 19 on the line: silence, not an error.
+        c = Client(SerialLink(pty.client), True, 16, physical=19)
+        expect_failure("hdlc meter 19 (absent) stays silent", lambda: c.block(c.c.snrmRequest(), timeout=1.0), Timeout)
+        c.link.close()
+    finally:
+        m.stop()
+        pty.stop()
+
+
 def main():
     wrapper_tests()
+    hdlc_tests()
     print(f"{CHECKS[0] - len(FAILURES)} passed, {len(FAILURES)} failed")
     sys.exit(1 if FAILURES else 0)
 
