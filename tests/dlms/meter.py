@@ -1135,7 +1135,9 @@ def spoil(frame, faults, meter):
     if "bad-hcs" in faults:
         _, _, ctrl = hdlc_addresses(frame)
         if len(frame) > ctrl + 4:
-            frame = frame[: ctrl + 1] + bytes([frame[ctrl + 1] ^ 0xFF]) + frame[ctrl + 2 :]
+            # only the header check wrong: the FCS is recomputed over the spoilt header
+            frame = frame[: ctrl + 1] + bytes([frame[ctrl + 1] ^ 0xFF]) + frame[ctrl + 2 : -3]
+            frame = frame + struct.pack("<H", crc16(frame[1:])) + b"\x7e"
     return frame
 
 
@@ -1160,7 +1162,8 @@ def serve_hdlc(args, meters):
     ready(args, meters)
     buf = bytearray()
     while True:
-        chunk = port.read(512)
+        # Returns as soon as a byte is there (a fixed-size read would wait out the timeout).
+        chunk = port.read(max(1, port.in_waiting))
         if chunk:
             buf += chunk
         while True:

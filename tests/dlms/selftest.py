@@ -98,7 +98,7 @@ class SerialLink:
     def recv(self, timeout):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            data = self.port.read(512)
+            data = self.port.read(max(1, self.port.in_waiting))
             if data:
                 return data
         raise Timeout()
@@ -276,7 +276,7 @@ def date_time_of(raw):
     return int((local + datetime.timedelta(minutes=deviation)).timestamp()), deviation, status
 
 
-def expected_row(t, physical, deviation=0, status=0):
+def expected_row_of(t, physical, deviation=0, status=0):
     import meter as m
 
     return [m.date_time(t, deviation, status), load_profile.import_raw(t, physical), load_profile.export_raw(t, physical)]
@@ -289,6 +289,12 @@ def expected_row(t, physical, deviation=0, status=0):
 
 def read_everything(client, meter_dump, what, sap, clock_offset=0):
     physical = meter_dump["physical"]
+    clock = next(o for o in meter_dump["objects"] if o["obis"] == "0-0:1.0.0.255")["attributes"]
+    deviation, status = clock["3"]["value"], clock["4"]["value"]
+
+    def expected_row(t, physical):
+        return expected_row_of(t, physical, deviation, status)
+
     for o in meter_dump["objects"]:
         obj = target(o["obis"], o["class_id"])
         for attr, want in o["attributes"].items():
@@ -480,9 +486,119 @@ def hdlc_tests():
         pty.stop()
 
 
+def frame_at(link, timeout=2.0):
+    """One raw HDLC frame from the link (by its length field: no byte stuffing in DLMS)."""
+    buf = bytearray()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            buf += link.recv(max(0.01, deadline - time.time()))
+        except Timeout:
+            break
+        if len(buf) >= 3 and len(buf) >= (((buf[1] & 7) << 8) | buf[2]) + 2:
+            return bytes(buf[: (((buf[1] & 7) << 8) | buf[2]) + 2])
+    raise Timeout()
+
+
+def frame_checks(frame):
+    """(HCS right, FCS right, server address bytes) of one HDLC frame from a meter."""
+    import meter as m
+
+    _client, server, ctrl = m.hdlc_addresses(frame)
+    body = frame[1:-1]
+    hcs_ok = True
+    if len(frame) > ctrl + 4:
+        hcs = m.crc16(frame[1 : ctrl + 1])
+        hcs_ok = frame[ctrl + 1 : ctrl + 3] == hcs.to_bytes(2, "little")
+    fcs_ok = m.crc16(body[:-2]) == int.from_bytes(body[-2:], "little")
+    return hcs_ok, fcs_ok, bytes(server)
+
+
+def hdlc_fault(fault):
+    """Connect (SNRM/UA stay sound), send the AARQ, return the raw reply frame."""
+    pty = Pty()
+    m = Meter("--hdlc", pty.meter, "--fault", fault)
+    try:
+        c = Client(SerialLink(pty.client), True, 16)
+        reply = c.block(c.c.snrmRequest())
+        c.c.parseUAResponse(reply.data)
+        c.link.send(c.c.aarqRequest()[0])
+        frame = frame_at(c.link)
+        expect_failure(f"hdlc {fault}: Gurux's client does not take the reply", lambda: c.block(c.c.aarqRequest(), timeout=1.0),
+                       Timeout, GXDLMSException, Exception)
+        c.link.close()
+        return frame
+    finally:
+        m.stop()
+        pty.stop()
+
+
+def fault_tests():
+    hcs, fcs, server = frame_checks(hdlc_fault("bad-fcs"))
+    check("hdlc bad-fcs: HCS sound, FCS wrong", (hcs, fcs), (True, False))
+    hcs, fcs, server = frame_checks(hdlc_fault("bad-hcs"))
+    check("hdlc bad-hcs: HCS wrong, FCS sound", (hcs, fcs), (False, True))
+    hcs, fcs, server = frame_checks(hdlc_fault("wrong-address"))
+    check("hdlc wrong-address: a sound frame", (hcs, fcs), (True, True))
+    check("hdlc wrong-address: from physical 18, not 17", server.hex(), "00020025")
+
+    m = Meter("--wrapper", "--fault", "refuse-association")
+    c = Client(TcpLink(m.ready["port"]), False, 16)
+    expect_failure("wrapper refuse-association", c.connect, GXDLMSException)
+    c.link.close()
+    m.stop()
+
+    m = Meter("--wrapper", "--fault", "stop-block-transfer")
+    c = Client(TcpLink(m.ready["port"]), False, 16)
+    c.connect()
+    check("wrapper stop-block-transfer: short reads still answered", plain(c.read(target("1-0:1.8.0.255", 3), 2)), 12362678)
+    expect_failure("wrapper stop-block-transfer: the profile stops after its first block",
+                   lambda: c.block(c.c.read(target("1-0:99.1.0.255", 7), 2), timeout=1.0), Timeout)
+    c.link.close()
+    m.stop()
+
+    m = Meter("--wrapper", "--fault", "drop-mid-association", "--drop-after", "2")
+    c = Client(TcpLink(m.ready["port"]), False, 16)
+    c.connect()
+    c.read(target("1-0:1.8.0.255", 3), 2)
+    c.read(target("1-0:2.8.0.255", 3), 2)
+    expect_failure("wrapper drop-mid-association: the third request finds the link closed",
+                   lambda: c.read(target("1-0:32.7.0.255", 3), 2), ConnectionError, OSError)
+    c.link.close()
+    m.stop()
+
+    pty = Pty()
+    m = Meter("--hdlc", pty.meter, "--fault", "drop-mid-association")
+    try:
+        c = Client(SerialLink(pty.client), True, 16)
+        c.connect()
+        c.read(target("1-0:1.8.0.255", 3), 2)
+        expect_failure("hdlc drop-mid-association: the meter goes silent",
+                       lambda: c.block(c.c.read(target("1-0:2.8.0.255", 3), 2), timeout=1.0), Timeout)
+        c.link.close()
+        c = Client(SerialLink(pty.client), True, 16)
+        c.connect()
+        check("hdlc drop-mid-association: a new SNRM is answered", plain(c.read(target("1-0:1.8.0.255", 3), 2)), 12362678)
+        c.release()
+    finally:
+        m.stop()
+        pty.stop()
+
+    # A drifting clock: an hour behind, deviation -60 (CET), daylight-saving status.
+    args = ("--clock-offset", "-3600", "--clock-deviation", "-60", "--clock-status", "128", "--profile-days", "1")
+    d = dump(*args)["meters"][0]
+    m = Meter("--wrapper", *args)
+    c = Client(TcpLink(m.ready["port"]), False, 16)
+    c.connect()
+    read_everything(c, d, "wrapper drifting clock", 16, clock_offset=-3600)
+    c.release()
+    m.stop()
+
+
 def main():
     wrapper_tests()
     hdlc_tests()
+    fault_tests()
     print(f"{CHECKS[0] - len(FAILURES)} passed, {len(FAILURES)} failed")
     sys.exit(1 if FAILURES else 0)
 
