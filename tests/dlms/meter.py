@@ -541,6 +541,36 @@ def patch_gurux():
 
     GXDLMS.handleGloDedRequest = classmethod(handle_glo_ded_request)
 
+    # 2b. A general-glo-ciphering request (0xDB: the sender's system title inside, as pwit's
+    #     dlms-cosem sends even without general-protection negotiated) is routed by getPdu
+    #     to the *response* decipherer on the server too. Take it as a request.
+    original_response = GXDLMS.handleGloDedResponse.__func__
+
+    def handle_glo_ded_response(cls, settings, data, index):
+        session = getattr(settings, "amr_session", None)
+        buf = data.data
+        if session is None or buf.getUInt8(buf.position - 1) != 0xDB:
+            return original_response(cls, settings, data, index)
+        raw = bytes(buf._data[buf.position : buf.size])
+        n, pos = axdr.read_length(raw, 0)
+        title = raw[pos : pos + n]
+        pos += n
+        n, pos = axdr.read_length(raw, pos)
+        try:
+            if bytes(title) != bytes(settings.sourceSystemTitle or b""):
+                raise Deciphering()
+            plain = session.decipher(0xDB, raw[pos : pos + n])
+            session.general = True
+        except (CounterRefused, Deciphering) as e:
+            session.cipher_error = e
+            plain = bytes([0xC0])
+        buf.clear()
+        buf.set(plain)
+        buf.position = 1
+        data.command = Command(plain[0])
+
+    GXDLMS.handleGloDedResponse = classmethod(handle_glo_ded_response)
+
     # 3. The glo-initiate-request inside an AARQ is deciphered by GXCiphering.decrypt, which
     #    does not check the tag either: decipher it ourselves (same checks as 2).
     original_decrypt = GXCiphering.decrypt.__func__
@@ -614,6 +644,7 @@ class Session(GXDLMSServer):
         self.initialized = True
         self.ciphered = False  # whether the request being served came ciphered
         self.cipher_error = None  # why the ciphered request being served was refused
+        self.general = False  # it came as general-glo-ciphering: answer in kind
         self.hls_pending = False
         self.pending = None  # (remaining bytes, next block number) of a long GET
         self.requests = 0  # xDLMS requests answered in this association
@@ -696,6 +727,8 @@ class Session(GXDLMSServer):
         tag = GLO_OF_PLAIN[plain[0]]
         if tag == 0xD8:
             return plain  # an exception-response is never ciphered
+        if self.general:
+            tag = 0xDB
         body = gcm_encrypt(
             cipher.blockCipherKey,
             cipher.authenticationKey,
@@ -704,6 +737,9 @@ class Session(GXDLMSServer):
             SC_AUTH_ENC,
             plain,
         )
+        if tag == 0xDB:
+            title = bytes(cipher.systemTitle)
+            return bytes([0xDB]) + axdr.length(len(title)) + title + axdr.length(len(body)) + body
         return bytes([tag]) + axdr.length(len(body)) + body
 
     # -- Gurux's request handler, around our services ------------------------------------------
@@ -734,6 +770,7 @@ class Session(GXDLMSServer):
             raise
         finally:
             self.ciphered = False
+            self.general = False
         return super().handleCommand(cmd, data, sr)
 
     def frame(self, cmd, apdu, raw=False):
