@@ -47,7 +47,9 @@ def check(what, got, want):
 
 
 def attribute(interface, obis, attr):
-    return cosem.CosemAttribute(interface=interface, instance=cosem.Obis.from_string(obis), attribute=attr)
+    return cosem.CosemAttribute(
+        interface=interface, instance=cosem.Obis.from_string(obis), attribute=attr
+    )
 
 
 def client(port, sap, auth, **kw):
@@ -59,16 +61,24 @@ def client(port, sap, auth, **kw):
 def encoded(j):
     tag = {v: k for k, v in axdr.NAMES.items()}[j["type"]]
     if tag in (axdr.ARRAY, axdr.STRUCTURE):
-        return bytes([tag]) + axdr.length(len(j["value"])) + b"".join(encoded(i) for i in j["value"])
+        return (
+            bytes([tag]) + axdr.length(len(j["value"])) + b"".join(encoded(i) for i in j["value"])
+        )
     value = bytes.fromhex(j["value"]) if tag == axdr.OCTET_STRING else j["value"]
     return axdr.encode(axdr.V(tag, value))
 
 
 def main():
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "meter.py"), "--wrapper"], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "meter.py"), "--wrapper"], stdout=subprocess.PIPE
+    )
     port = json.loads(proc.stdout.readline())["port"]
     meter = json.loads(
-        subprocess.run([sys.executable, os.path.join(HERE, "meter.py"), "--dump-json"], check=True, capture_output=True).stdout
+        subprocess.run(
+            [sys.executable, os.path.join(HERE, "meter.py"), "--dump-json"],
+            check=True,
+            capture_output=True,
+        ).stdout
     )["meters"][0]
     want = {o["obis"]: o for o in meter["objects"]}
     levels = [
@@ -99,9 +109,15 @@ def main():
                     ):
                         for attr, j in want[obis]["attributes"].items():
                             got = c.get(attribute(interface, obis, int(attr)))
-                            check(f"dlms-cosem {name} {obis}/{attr}", bytes(got).hex(), encoded(j).hex())
+                            check(
+                                f"dlms-cosem {name} {obis}/{attr}",
+                                bytes(got).hex(),
+                                encoded(j).hex(),
+                            )
                     clock = attribute(enumerations.CosemInterface.CLOCK, "0-0:1.0.0.255", 2)
-                    times = load_profile.row_times(int(datetime.datetime.now().timestamp()), meter["profile"]["days"])
+                    times = load_profile.row_times(
+                        int(datetime.datetime.now().timestamp()), meter["profile"]["days"]
+                    )
                     lo, hi = times[3], times[6]
                     rows = c.get(
                         attribute(enumerations.CosemInterface.PROFILE_GENERIC, "1-0:99.1.0.255", 2),
@@ -123,7 +139,11 @@ def main():
                             for t in times[3:7]
                         ]
                     )
-                    check(f"dlms-cosem {name} profile by range", bytes(rows).hex(), axdr.encode(expect).hex())
+                    check(
+                        f"dlms-cosem {name} profile by range",
+                        bytes(rows).hex(),
+                        axdr.encode(expect).hex(),
+                    )
             except Exception as e:  # noqa: BLE001 - report which level the client could not do
                 FAILURES.append(name)
                 print(f"FAILED dlms-cosem {name}: {type(e).__name__}: {e}", flush=True)

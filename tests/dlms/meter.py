@@ -40,7 +40,6 @@ sys.path.insert(0, HERE)
 
 import axdr  # noqa: E402
 import profile as load_profile  # noqa: E402
-from axdr import V  # noqa: E402
 
 from cryptography.exceptions import InvalidTag  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
@@ -249,9 +248,7 @@ class Meter:
                     ),
                     4: axdr.u32(load_profile.CAPTURE_PERIOD),
                     5: axdr.enum(1),
-                    6: axdr.struct_(
-                        axdr.u16(0), axdr.octets(bytes(6)), axdr.i8(0), axdr.u16(0)
-                    ),
+                    6: axdr.struct_(axdr.u16(0), axdr.octets(bytes(6)), axdr.i8(0), axdr.u16(0)),
                     7: axdr.u32(rows),
                     8: axdr.u32(rows),
                 },
@@ -376,7 +373,12 @@ class Meter:
                 if o.obis == PROFILE and i == 2:
                     continue  # rows: see "profile"
                 attrs[str(i)] = axdr.to_json(v(self) if callable(v) else v)
-            entry = {"obis": o.obis, "class_id": o.class_id, "version": o.version, "attributes": attrs}
+            entry = {
+                "obis": o.obis,
+                "class_id": o.class_id,
+                "version": o.version,
+                "attributes": attrs,
+            }
             su = o.attrs.get(4 if o.class_id == 5 else 3) if o.class_id in (3, 4, 5) else None
             if su is not None:
                 entry["scaler"] = su.value[0].value
@@ -489,7 +491,6 @@ class Deciphering(Exception):
 # ---------------------------------------------------------------------------------------------
 
 from gurux_dlms import GXDLMS, GXServerReply  # noqa: E402
-from gurux_dlms.GXByteBuffer import GXByteBuffer  # noqa: E402
 from gurux_dlms.GXCiphering import GXCiphering  # noqa: E402
 from gurux_dlms.GXDLMSServer import GXDLMSServer  # noqa: E402
 from gurux_dlms._GXAPDU import _GXAPDU  # noqa: E402
@@ -598,7 +599,6 @@ def patch_gurux():
     chippering.print = lambda *a, **k: None
 
 
-
 # ---------------------------------------------------------------------------------------------
 # One association at a time with one meter: Gurux's server plus our xDLMS services
 # ---------------------------------------------------------------------------------------------
@@ -633,7 +633,9 @@ class Session(GXDLMSServer):
         self.settings.amr_session = self
         self.settings.cipher = GXCiphering(bytes.fromhex(self.args.system_title))
         self.settings.cipher.blockCipherKey = bytearray(bytes.fromhex(self.args.block_cipher_key))
-        self.settings.cipher.authenticationKey = bytearray(bytes.fromhex(self.args.authentication_key))
+        self.settings.cipher.authenticationKey = bytearray(
+            bytes.fromhex(self.args.authentication_key)
+        )
         self.settings.proposedConformance = SERVER_CONFORMANCE
         self.settings.maxServerPDUSize = self.args.max_pdu
         self.settings.hdlc.maxInfoTX = self.args.max_info
@@ -703,7 +705,7 @@ class Session(GXDLMSServer):
             )
         except InvalidTag:
             log(event="deciphering failed", meter=self.meter.physical, tag=tag)
-            raise Deciphering()
+            raise Deciphering() from None
         with self.meter.lock:
             if counter <= self.meter.client_counter:
                 log(
@@ -762,7 +764,9 @@ class Session(GXDLMSServer):
                 return self.frame(cmd, self.service(cmd, data))
         except CounterRefused:
             # exception-response: service-not-allowed, invocation-counter-error (expected)
-            return self.frame(cmd, bytes([0xD8, 0x01, 0x07]) + struct.pack(">I", self.meter.client_counter + 1))
+            return self.frame(
+                cmd, bytes([0xD8, 0x01, 0x07]) + struct.pack(">I", self.meter.client_counter + 1)
+            )
         except Deciphering:
             return self.frame(cmd, bytes([0xD8, 0x01, 0x06]))
         except Exception:
@@ -811,7 +815,9 @@ class Session(GXDLMSServer):
         h = self.settings.hdlc
         params = bytearray()
         for ident, value in ((5, h.maxInfoTX), (6, h.maxInfoRX)):
-            params += bytes([ident]) + (bytes([1, value]) if value < 0x100 else bytes([2]) + struct.pack(">H", value))
+            params += bytes([ident]) + (
+                bytes([1, value]) if value < 0x100 else bytes([2]) + struct.pack(">H", value)
+            )
         for ident, value in ((7, h.windowSizeTX), (8, h.windowSizeRX)):
             params += bytes([ident, 4]) + struct.pack(">I", value)
         return bytes([0x81, 0x80, len(params)]) + bytes(params)
@@ -910,7 +916,9 @@ class Session(GXDLMSServer):
         s = self.settings
         ciphered = s.cipher.security != Security.NONE
         out = bytearray()
-        out += bytes([0xA1, 0x09, 0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01, 3 if ciphered else 1])
+        out += bytes(
+            [0xA1, 0x09, 0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01, 3 if ciphered else 1]
+        )
         out += bytes([0xA2, 0x03, 0x02, 0x01, result])
         out += bytes([0xA3, 0x05, 0xA1, 0x03, 0x02, 0x01, int(diagnostic)])
         if ciphered or hls:
@@ -942,7 +950,11 @@ class Session(GXDLMSServer):
 
     def service(self, cmd, data):
         raw = bytes(data._data[data.position : data.size])
-        plain_tag = {Command.GET_REQUEST: 0xC0, Command.SET_REQUEST: 0xC1, Command.METHOD_REQUEST: 0xC3}[cmd]
+        plain_tag = {
+            Command.GET_REQUEST: 0xC0,
+            Command.SET_REQUEST: 0xC1,
+            Command.METHOD_REQUEST: 0xC3,
+        }[cmd]
         ciphered = self.ciphered
         if self.level() == "hls" and not ciphered:
             # The HLS association takes ciphered APDUs only.
@@ -985,7 +997,11 @@ class Session(GXDLMSServer):
             block = struct.unpack(">I", raw[2:6])[0]
             if self.pending is None or block != self.pending[1] - 1:
                 # data-block-number-invalid (or no long get in progress)
-                return bytes([0xC4, 0x02, invoke, 0x01]) + struct.pack(">I", block) + bytes([0x01, 19 if self.pending else 20])
+                return (
+                    bytes([0xC4, 0x02, invoke, 0x01])
+                    + struct.pack(">I", block)
+                    + bytes([0x01, 19 if self.pending else 20])
+                )
             if "stop-block-transfer" in self.args.fault:
                 log(event="block transfer stopped (fault)", meter=self.meter.physical, block=block)
                 return None
@@ -1007,7 +1023,9 @@ class Session(GXDLMSServer):
                     results += b"\x00" + axdr.encode(self.read(ci, obis, attr, selector, params))
                 except Refused as r:
                     results += bytes([0x01, r.code])
-            return self.get_response(invoke, bytes(results), header=bytes([0xC4, 0x03, invoke]) + axdr.length(n))
+            return self.get_response(
+                invoke, bytes(results), header=bytes([0xC4, 0x03, invoke]) + axdr.length(n)
+            )
         return bytes([0xC4, 0x01, invoke, 0x01, OTHER_REASON])
 
     def read(self, ci, obis, attr, selector, params):
@@ -1074,7 +1092,9 @@ class Session(GXDLMSServer):
         ok = False
         if isinstance(answer, bytes) and len(answer) == 5 + TAG_LEN and answer[0] == SC_AUTH:
             counter = struct.unpack(">I", answer[1:5])[0]
-            expect = _gmac_tag(c.blockCipherKey, c.authenticationKey, s.sourceSystemTitle, counter, s.stoCChallenge)
+            expect = _gmac_tag(
+                c.blockCipherKey, c.authenticationKey, s.sourceSystemTitle, counter, s.stoCChallenge
+            )
             ok = expect == answer[5:]
         self.hls_pending = False
         if not ok:
@@ -1084,7 +1104,13 @@ class Session(GXDLMSServer):
             return bytes([0xC7, 0x01, invoke, READ_WRITE_DENIED, 0x00])
         s.connected |= ConnectionState.DLMS
         self.onConnected(None)
-        proof = gmac(c.blockCipherKey, c.authenticationKey, c.systemTitle, self.next_frame_counter(), s.ctoSChallenge)
+        proof = gmac(
+            c.blockCipherKey,
+            c.authenticationKey,
+            c.systemTitle,
+            self.next_frame_counter(),
+            s.ctoSChallenge,
+        )
         return bytes([0xC7, 0x01, invoke, 0x00, 0x01, 0x00]) + axdr.encode(axdr.octets(proof))
 
 
@@ -1166,7 +1192,10 @@ def spoil(frame, faults, meter):
         # Answer as if from the meter one address up: valid frame, not ours.
         _, server, _ = hdlc_addresses(frame)
         physical = meter.physical + 1
-        frame = rebuild(frame, server=bytes(server[:-2]) + address_bytes(physical, 2) if len(server) >= 2 else None)
+        frame = rebuild(
+            frame,
+            server=bytes(server[:-2]) + address_bytes(physical, 2) if len(server) >= 2 else None,
+        )
     if "bad-fcs" in faults:
         frame = frame[:-3] + bytes([frame[-3] ^ 0xFF]) + frame[-2:]
     if "bad-hcs" in faults:
@@ -1316,7 +1345,11 @@ def ready(args, meters):
     if args.state_json:
         with open(args.state_json, "w", encoding="utf-8") as f:
             json.dump(dump(args, meters), f, indent=1)
-    line = {"ready": True, "transport": "hdlc" if args.hdlc else "wrapper", "meters": [m.physical for m in meters]}
+    line = {
+        "ready": True,
+        "transport": "hdlc" if args.hdlc else "wrapper",
+        "meters": [m.physical for m in meters],
+    }
     if not args.hdlc:
         line["port"] = args.port
     else:
@@ -1345,15 +1378,23 @@ def dump(args, meters):
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-FAULTS = ("drop-mid-association", "stop-block-transfer", "bad-fcs", "bad-hcs", "wrong-address", "refuse-association")
+FAULTS = (
+    "drop-mid-association",
+    "stop-block-transfer",
+    "bad-fcs",
+    "bad-hcs",
+    "wrong-address",
+    "refuse-association",
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="meter.py",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Load profile 1-0:99.1.0.255, deterministic:\n" + load_profile.FORMULA
+        epilog="Load profile 1-0:99.1.0.255, deterministic:\n"
+        + load_profile.FORMULA
         + "\n\nRegisters: 1-0:1.8.0 = --import-wh + 1000*physical (scaler -1, Wh); 1-0:2.8.0 = "
         "--export-wh + physical (scaler 3, Wh);\n1-0:32.7.0 = --voltage (scaler -1, V); "
         "1-0:31.7.0 = --current (scaler -2, A); exact integers, scalers as configured.\n"
@@ -1361,11 +1402,16 @@ def parse_args(argv=None):
     )
     t = p.add_argument_group("transport")
     t.add_argument("--wrapper", action="store_true", help="serve the IEC 62056-47 TCP wrapper")
-    t.add_argument("--port", type=int, default=0, help="wrapper TCP port on 127.0.0.1 (0: any, printed)")
+    t.add_argument(
+        "--port", type=int, default=0, help="wrapper TCP port on 127.0.0.1 (0: any, printed)"
+    )
     t.add_argument("--hdlc", metavar="DEVICE", help="serve HDLC on this serial device (a pty)")
     t.add_argument("--baud", type=int, default=9600)
     t.add_argument(
-        "--physical", type=int, action="append", help="HDLC physical address (repeat: several meters on the line); default 17"
+        "--physical",
+        type=int,
+        action="append",
+        help="HDLC physical address (repeat: several meters on the line); default 17",
     )
     t.add_argument("--max-pdu", type=int, default=512, help="the meter's max receive/send PDU size")
     t.add_argument("--max-info", type=int, default=128, help="HDLC max information field length")
@@ -1376,26 +1422,73 @@ def parse_args(argv=None):
     s.add_argument("--hls-sap", type=int, default=1)
     s.add_argument("--block-cipher-key", default="000102030405060708090A0B0C0D0E0F")
     s.add_argument("--authentication-key", default="D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF")
-    s.add_argument("--system-title", default="414D523030303137", help="server system title, 8 bytes hex")
-    s.add_argument("--frame-counter", type=int, default=0, help="the meter's invocation counter at start")
+    s.add_argument(
+        "--system-title", default="414D523030303137", help="server system title, 8 bytes hex"
+    )
+    s.add_argument(
+        "--frame-counter", type=int, default=0, help="the meter's invocation counter at start"
+    )
     v = p.add_argument_group("values")
-    v.add_argument("--clock-offset", type=float, default=0.0, help="seconds the meter's clock is ahead of the system's")
-    v.add_argument("--clock-deviation", type=int, default=0, help="clock deviation, minutes (local = UTC - deviation)")
-    v.add_argument("--clock-status", type=int, default=0, help="clock status byte (0x80: daylight saving ...)")
+    v.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds the meter's clock is ahead of the system's",
+    )
+    v.add_argument(
+        "--clock-deviation",
+        type=int,
+        default=0,
+        help="clock deviation, minutes (local = UTC - deviation)",
+    )
+    v.add_argument(
+        "--clock-status", type=int, default=0, help="clock status byte (0x80: daylight saving ...)"
+    )
     v.add_argument("--profile-days", type=int, default=2)
     v.add_argument("--import-wh", type=int, default=12345678)
     v.add_argument("--export-wh", type=int, default=4321)
     v.add_argument("--voltage", type=int, default=2301)
     v.add_argument("--current", type=int, default=525)
     v.add_argument("--max-demand", type=int, default=5432, help="1-0:1.6.0 extended register (W)")
-    v.add_argument("--demand-current", type=int, default=1150, help="1-0:1.4.0 demand register current average (W)")
+    v.add_argument(
+        "--demand-current",
+        type=int,
+        default=1150,
+        help="1-0:1.4.0 demand register current average (W)",
+    )
     v.add_argument("--demand-last", type=int, default=1100)
-    v.add_argument("--capture-time", type=int, default=1764547200, help="capture time of 1-0:1.6.0 / 1-0:1.4.0 (Unix)")
+    v.add_argument(
+        "--capture-time",
+        type=int,
+        default=1764547200,
+        help="capture time of 1-0:1.6.0 / 1-0:1.4.0 (Unix)",
+    )
     f = p.add_argument_group("faults")
-    f.add_argument("--fault", action="append", default=[], choices=FAULTS)
-    f.add_argument("--drop-after", type=int, default=1, help="drop-mid-association: requests answered first")
-    f.add_argument("--omit", action="append", default=[], metavar="OBIS", help="leave this object out")
-    f.add_argument("--undefined", action="append", default=[], metavar="OBIS", help="listed, but answered object-undefined")
+    f.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        choices=FAULTS,
+        help="repeatable. drop-mid-association: after --drop-after requests the wrapper closes the "
+        "connection, HDLC goes silent until a new SNRM; stop-block-transfer: no answer to the "
+        "request for a long GET's second block; bad-fcs / bad-hcs (HDLC): every I-frame the meter "
+        "sends has a wrong FCS / a wrong HCS (and a sound FCS); wrong-address: replies come from "
+        "physical address +1 (HDLC) or wrapper port 2; refuse-association: every AARQ is "
+        "rejected (authentication-failure)",
+    )
+    f.add_argument(
+        "--drop-after", type=int, default=1, help="drop-mid-association: requests answered first"
+    )
+    f.add_argument(
+        "--omit", action="append", default=[], metavar="OBIS", help="leave this object out"
+    )
+    f.add_argument(
+        "--undefined",
+        action="append",
+        default=[],
+        metavar="OBIS",
+        help="listed, but answered object-undefined",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--dump-json", action="store_true", help="print every object as JSON and exit")
     o.add_argument("--state-json", metavar="PATH", help="write that JSON here at start")

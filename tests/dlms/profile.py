@@ -7,7 +7,7 @@ A test can compute the value of any row without talking to the meter: import thi
     import_raw(t) = 10*q + (q*q) % 7 + 1000*physical     column 1-0:1.8.0.255 attr 2 (scaler -1, Wh)
     export_raw(t) = q // 32 + physical                   column 1-0:2.8.0.255 attr 2 (scaler 3, Wh)
 
-Both are double-long-unsigned, rising with t. `physical` is the meter's HDLC physical
+Both are double-long-unsigned and never fall as t rises. `physical` is the meter's HDLC physical
 address (the wrapper meter uses its --physical too, 17 unless told). The rows are the
 quarter hours t = last - k*900 for k = 0 .. 96*days-1, oldest first, where `last` is the
 latest multiple of 900 at or before the meter's clock (system time + --clock-offset) when
@@ -21,7 +21,8 @@ IMPORT_SCALER = -1
 EXPORT_SCALER = 3
 UNIT_WH = 30
 
-FORMULA = __doc__.split("\n\n")[1]
+# The formula and the rows, as `meter.py --help` prints them.
+FORMULA = "\n\n".join(__doc__.split("\n\n")[2:4])
 
 
 def import_raw(t, physical=17):

@@ -30,6 +30,7 @@ from gurux_dlms.enums import Authentication, InterfaceType, ObjectType, Security
 from gurux_dlms.GXDLMSException import GXDLMSException  # noqa: E402
 from gurux_dlms.objects import GXDLMSProfileGeneric  # noqa: E402
 from gurux_dlms.secure import GXDLMSSecureClient  # noqa: E402
+
 _chippering = sys.modules["gurux_dlms.GXDLMSChippering"]
 
 # Gurux's cipher prints "Encryption is applied." for every APDU.
@@ -76,7 +77,7 @@ class TcpLink:
         try:
             data = self.sock.recv(4096)
         except socket.timeout:
-            raise Timeout()
+            raise Timeout() from None
         if not data:
             raise ConnectionError("meter closed the connection")
         return data
@@ -110,8 +111,18 @@ class SerialLink:
 class Client:
     """Gurux's client over a link: connect, read, release."""
 
-    def __init__(self, link, hdlc, sap, physical=17, auth=Authentication.NONE, password=None,
-                 bck=BCK, ak=AK, counter=1):
+    def __init__(
+        self,
+        link,
+        hdlc,
+        sap,
+        physical=17,
+        auth=Authentication.NONE,
+        password=None,
+        bck=BCK,
+        ak=AK,
+        counter=1,
+    ):
         self.link = link
         self.hdlc = hdlc
         itf = InterfaceType.HDLC if hdlc else InterfaceType.WRAPPER
@@ -185,7 +196,9 @@ class Meter:
     def __init__(self, *args):
         self.args = list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, METER] + self.args, stdout=subprocess.PIPE, stderr=None if VERBOSE else subprocess.DEVNULL
+            [sys.executable, METER] + self.args,
+            stdout=subprocess.PIPE,
+            stderr=None if VERBOSE else subprocess.DEVNULL,
         )
         line = self.proc.stdout.readline()
         if not line:
@@ -198,7 +211,9 @@ class Meter:
 
 
 def dump(*args):
-    out = subprocess.run([sys.executable, METER, "--dump-json"] + list(args), check=True, capture_output=True)
+    out = subprocess.run(
+        [sys.executable, METER, "--dump-json"] + list(args), check=True, capture_output=True
+    )
     return json.loads(out.stdout)
 
 
@@ -230,9 +245,20 @@ class Pty:
 # ---------------------------------------------------------------------------------------------
 
 GURUX_TYPE = {
-    "null-data": 0, "array": 1, "structure": 2, "boolean": 3, "double-long": 5,
-    "double-long-unsigned": 6, "octet-string": 9, "visible-string": 10, "integer": 15,
-    "long": 16, "unsigned": 17, "long-unsigned": 18, "long64": 20, "long64-unsigned": 21,
+    "null-data": 0,
+    "array": 1,
+    "structure": 2,
+    "boolean": 3,
+    "double-long": 5,
+    "double-long-unsigned": 6,
+    "octet-string": 9,
+    "visible-string": 10,
+    "integer": 15,
+    "long": 16,
+    "unsigned": 17,
+    "long-unsigned": 18,
+    "long64": 20,
+    "long64-unsigned": 21,
     "enum": 22,
 }
 
@@ -271,7 +297,9 @@ def target(obis, class_id):
 def date_time_of(raw):
     import struct
 
-    year, month, day, _dow, hour, minute, second, _h, deviation, status = struct.unpack(">HBBBBBBBhB", bytes(raw))
+    year, month, day, _dow, hour, minute, second, _h, deviation, status = struct.unpack(
+        ">HBBBBBBBhB", bytes(raw)
+    )
     local = datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.timezone.utc)
     return int((local + datetime.timedelta(minutes=deviation)).timestamp()), deviation, status
 
@@ -279,7 +307,11 @@ def date_time_of(raw):
 def expected_row_of(t, physical, deviation=0, status=0):
     import meter as m
 
-    return [m.date_time(t, deviation, status), load_profile.import_raw(t, physical), load_profile.export_raw(t, physical)]
+    return [
+        m.date_time(t, deviation, status),
+        load_profile.import_raw(t, physical),
+        load_profile.export_raw(t, physical),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +338,11 @@ def read_everything(client, meter_dump, what, sap, clock_offset=0):
                 t, dev, status = date_time_of(got)
                 now = time.time() + clock_offset
                 check(name + " clock within 5 s", abs(t - now) < 5, True)
-                check(name + " deviation/status", [dev, status], list(date_time_of(expected(want))[1:]))
+                check(
+                    name + " deviation/status",
+                    [dev, status],
+                    list(date_time_of(expected(want))[1:]),
+                )
                 continue
             if o["obis"] == "0-0:43.1.0.255" and attr == 2:
                 check(name + " frame counter type", reply.valueType, GURUX_TYPE[want["type"]])
@@ -320,19 +356,28 @@ def read_everything(client, meter_dump, what, sap, clock_offset=0):
     reply = client.raw(target("0-0:40.0.0.255", 15), 2)
     objects = client.c.parseObjects(reply.data, True)
     got = sorted((int(x.objectType), x.logicalName) for x in objects)
-    want = sorted((o["class_id"], target(o["obis"], o["class_id"]).logicalName) for o in meter_dump["objects"])
+    want = sorted(
+        (o["class_id"], target(o["obis"], o["class_id"]).logicalName) for o in meter_dump["objects"]
+    )
     check(f"{what} object list as Gurux parses it", got, want)
     # The whole profile buffer (block transfer; HDLC segments too).
     pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
     client.c.updateValue(pg, 3, client.read(pg, 3))
-    check(f"{what} profile capture objects", [(int(k.objectType), k.logicalName, v.attributeIndex) for k, v in pg.captureObjects],
-          [(8, "0.0.1.0.0.255", 2), (3, "1.0.1.8.0.255", 2), (3, "1.0.2.8.0.255", 2)])
+    check(
+        f"{what} profile capture objects",
+        [(int(k.objectType), k.logicalName, v.attributeIndex) for k, v in pg.captureObjects],
+        [(8, "0.0.1.0.0.255", 2), (3, "1.0.1.8.0.255", 2), (3, "1.0.2.8.0.255", 2)],
+    )
     before = time.time() + clock_offset
     rows = plain(client.read(pg, 2))
     after = time.time() + clock_offset
     days = meter_dump["profile"]["days"]
     times = load_profile.row_times(int(before), days)
-    if load_profile.row_times(int(after), days) != times and len(rows) and date_time_of(rows[-1][0])[0] != times[-1]:
+    if (
+        load_profile.row_times(int(after), days) != times
+        and len(rows)
+        and date_time_of(rows[-1][0])[0] != times[-1]
+    ):
         times = load_profile.row_times(int(after), days)
     check(f"{what} profile rows", len(rows), 96 * days)
     check(f"{what} profile buffer", rows, [expected_row(t, physical) for t in times])
@@ -342,12 +387,20 @@ def read_everything(client, meter_dump, what, sap, clock_offset=0):
     check(f"{what} profile by range", got, [expected_row(t, physical) for t in times[10:21]])
     cols = [pg.captureObjects[0], pg.captureObjects[2]]
     got = plain(client.read_range(pg, lo, hi, cols))
-    check(f"{what} profile by range, clock and export", got, [[r[0], r[2]] for r in (expected_row(t, physical) for t in times[10:21])])
+    check(
+        f"{what} profile by range, clock and export",
+        got,
+        [[r[0], r[2]] for r in (expected_row(t, physical) for t in times[10:21])],
+    )
     # By entry: entries 5..7, every column, then columns 2..3.
     got = plain(client.block(client.c.readRowsByEntry(pg, 5, 3)).value)
     check(f"{what} profile by entry", got, [expected_row(t, physical) for t in times[4:7]])
     got = plain(client.read_entry(pg, 5, 7, 2, 3))
-    check(f"{what} profile by entry, columns 2..3", got, [expected_row(t, physical)[1:] for t in times[4:7]])
+    check(
+        f"{what} profile by entry, columns 2..3",
+        got,
+        [expected_row(t, physical)[1:] for t in times[4:7]],
+    )
 
 
 def read_range(self, pg, lo, hi, columns=None):
@@ -366,8 +419,15 @@ def read_entry(self, pg, from_entry, to_entry, from_column, to_column):
 
     buff = GXByteBuffer()
     buff.set(bytes([0x02, 0x02, 0x04]))
-    buff.set(bytes([0x06]) + struct.pack(">I", from_entry) + bytes([0x06]) + struct.pack(">I", to_entry))
-    buff.set(bytes([0x12]) + struct.pack(">H", from_column) + bytes([0x12]) + struct.pack(">H", to_column))
+    buff.set(
+        bytes([0x06]) + struct.pack(">I", from_entry) + bytes([0x06]) + struct.pack(">I", to_entry)
+    )
+    buff.set(
+        bytes([0x12])
+        + struct.pack(">H", from_column)
+        + bytes([0x12])
+        + struct.pack(">H", to_column)
+    )
     return self.block(self.c._read(pg.name, ObjectType.PROFILE_GENERIC, 2, buff)).value
 
 
@@ -380,13 +440,16 @@ def encoded(j):
 
     tag = GURUX_TYPE[j["type"]]
     if tag in (axdr.ARRAY, axdr.STRUCTURE):
-        return bytes([tag]) + axdr.length(len(j["value"])) + b"".join(encoded(i) for i in j["value"])
+        return (
+            bytes([tag]) + axdr.length(len(j["value"])) + b"".join(encoded(i) for i in j["value"])
+        )
     value = bytes.fromhex(j["value"]) if tag == axdr.OCTET_STRING else j["value"]
     return axdr.encode(axdr.V(tag, value))
 
 
 def raw_bytes(reply):
     return bytes(reply.data._data[: reply.data.size])
+
 
 LEVELS = [
     ("lowest", dict(sap=16)),
@@ -434,26 +497,52 @@ def wrapper_tests():
         c = Client(TcpLink(port), False, 17, auth=Authentication.LOW, password=b"wrong")
         expect_failure("wrapper LLS wrong password refused", c.connect, GXDLMSException)
         c.link.close()
-        c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=counter[0] + 10,
-                   bck="FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF")
-        expect_failure("wrapper HLS wrong block cipher key refused", c.connect, GXDLMSException, Exception)
+        c = Client(
+            TcpLink(port),
+            False,
+            1,
+            auth=Authentication.HIGH_GMAC,
+            counter=counter[0] + 10,
+            bck="FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF",
+        )
+        expect_failure(
+            "wrapper HLS wrong block cipher key refused", c.connect, GXDLMSException, Exception
+        )
         c.link.close()
-        c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=counter[0] + 20,
-                   ak="FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF")
-        expect_failure("wrapper HLS wrong authentication key refused", c.connect, GXDLMSException, Exception)
+        c = Client(
+            TcpLink(port),
+            False,
+            1,
+            auth=Authentication.HIGH_GMAC,
+            counter=counter[0] + 20,
+            ak="FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF",
+        )
+        expect_failure(
+            "wrapper HLS wrong authentication key refused", c.connect, GXDLMSException, Exception
+        )
         c.link.close()
         c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=1)
-        expect_failure("wrapper HLS replayed invocation counter refused", c.connect, GXDLMSException, Exception)
+        expect_failure(
+            "wrapper HLS replayed invocation counter refused", c.connect, GXDLMSException, Exception
+        )
         c.link.close()
         c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=counter[0] + 30)
         c.connect()
         c.c.ciphering.invocationCounter = counter[0]
-        expect_failure("wrapper HLS replayed invocation counter inside an association refused",
-                       lambda: c.read(target("1-0:1.8.0.255", 3), 2), GXDLMSException, Exception)
+        expect_failure(
+            "wrapper HLS replayed invocation counter inside an association refused",
+            lambda: c.read(target("1-0:1.8.0.255", 3), 2),
+            GXDLMSException,
+            Exception,
+        )
         c.link.close()
         c = Client(TcpLink(port), False, 16)
         c.connect()
-        e = expect_failure("wrapper undefined object", lambda: c.read(target("1-0:99.98.0.255", 3), 2), GXDLMSException)
+        e = expect_failure(
+            "wrapper undefined object",
+            lambda: c.read(target("1-0:99.98.0.255", 3), 2),
+            GXDLMSException,
+        )
         check("wrapper undefined object: object-undefined", getattr(e, "errorCode", None), 4)
         c.release()
     finally:
@@ -479,7 +568,11 @@ def hdlc_tests():
         c.release()
         # No meter 19 on the line: silence, not an error.
         c = Client(SerialLink(pty.client), True, 16, physical=19)
-        expect_failure("hdlc meter 19 (absent) stays silent", lambda: c.block(c.c.snrmRequest(), timeout=1.0), Timeout)
+        expect_failure(
+            "hdlc meter 19 (absent) stays silent",
+            lambda: c.block(c.c.snrmRequest(), timeout=1.0),
+            Timeout,
+        )
         c.link.close()
     finally:
         m.stop()
@@ -524,8 +617,13 @@ def hdlc_fault(fault):
         c.c.parseUAResponse(reply.data)
         c.link.send(c.c.aarqRequest()[0])
         frame = frame_at(c.link)
-        expect_failure(f"hdlc {fault}: Gurux's client does not take the reply", lambda: c.block(c.c.aarqRequest(), timeout=1.0),
-                       Timeout, GXDLMSException, Exception)
+        expect_failure(
+            f"hdlc {fault}: Gurux's client does not take the reply",
+            lambda: c.block(c.c.aarqRequest(), timeout=1.0),
+            Timeout,
+            GXDLMSException,
+            Exception,
+        )
         c.link.close()
         return frame
     finally:
@@ -551,9 +649,16 @@ def fault_tests():
     m = Meter("--wrapper", "--fault", "stop-block-transfer")
     c = Client(TcpLink(m.ready["port"]), False, 16)
     c.connect()
-    check("wrapper stop-block-transfer: short reads still answered", plain(c.read(target("1-0:1.8.0.255", 3), 2)), 12362678)
-    expect_failure("wrapper stop-block-transfer: the profile stops after its first block",
-                   lambda: c.block(c.c.read(target("1-0:99.1.0.255", 7), 2), timeout=1.0), Timeout)
+    check(
+        "wrapper stop-block-transfer: short reads still answered",
+        plain(c.read(target("1-0:1.8.0.255", 3), 2)),
+        12362678,
+    )
+    expect_failure(
+        "wrapper stop-block-transfer: the profile stops after its first block",
+        lambda: c.block(c.c.read(target("1-0:99.1.0.255", 7), 2), timeout=1.0),
+        Timeout,
+    )
     c.link.close()
     m.stop()
 
@@ -562,8 +667,12 @@ def fault_tests():
     c.connect()
     c.read(target("1-0:1.8.0.255", 3), 2)
     c.read(target("1-0:2.8.0.255", 3), 2)
-    expect_failure("wrapper drop-mid-association: the third request finds the link closed",
-                   lambda: c.read(target("1-0:32.7.0.255", 3), 2), ConnectionError, OSError)
+    expect_failure(
+        "wrapper drop-mid-association: the third request finds the link closed",
+        lambda: c.read(target("1-0:32.7.0.255", 3), 2),
+        ConnectionError,
+        OSError,
+    )
     c.link.close()
     m.stop()
 
@@ -573,19 +682,35 @@ def fault_tests():
         c = Client(SerialLink(pty.client), True, 16)
         c.connect()
         c.read(target("1-0:1.8.0.255", 3), 2)
-        expect_failure("hdlc drop-mid-association: the meter goes silent",
-                       lambda: c.block(c.c.read(target("1-0:2.8.0.255", 3), 2), timeout=1.0), Timeout)
+        expect_failure(
+            "hdlc drop-mid-association: the meter goes silent",
+            lambda: c.block(c.c.read(target("1-0:2.8.0.255", 3), 2), timeout=1.0),
+            Timeout,
+        )
         c.link.close()
         c = Client(SerialLink(pty.client), True, 16)
         c.connect()
-        check("hdlc drop-mid-association: a new SNRM is answered", plain(c.read(target("1-0:1.8.0.255", 3), 2)), 12362678)
+        check(
+            "hdlc drop-mid-association: a new SNRM is answered",
+            plain(c.read(target("1-0:1.8.0.255", 3), 2)),
+            12362678,
+        )
         c.release()
     finally:
         m.stop()
         pty.stop()
 
     # A drifting clock: an hour behind, deviation -60 (CET), daylight-saving status.
-    args = ("--clock-offset", "-3600", "--clock-deviation", "-60", "--clock-status", "128", "--profile-days", "1")
+    args = (
+        "--clock-offset",
+        "-3600",
+        "--clock-deviation",
+        "-60",
+        "--clock-status",
+        "128",
+        "--profile-days",
+        "1",
+    )
     d = dump(*args)["meters"][0]
     m = Meter("--wrapper", *args)
     c = Client(TcpLink(m.ready["port"]), False, 16)
