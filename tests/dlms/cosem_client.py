@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import axdr  # noqa: E402
-import profile as load_profile  # noqa: E402
+import load_profile  # noqa: E402
 
 from dlms_cosem import cosem, enumerations  # noqa: E402
 from dlms_cosem.client import DlmsClient  # noqa: E402

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import axdr  # noqa: E402
-import profile as load_profile  # noqa: E402
+import load_profile  # noqa: E402
 
 from cryptography.exceptions import InvalidTag  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
@@ -262,7 +262,8 @@ class Meter:
                 ASSOCIATION,
                 {
                     2: lambda m: m.object_list(),
-                    3: lambda m: m.partners(),
+                    # as the public client reads it; each association reads its own
+                    3: axdr.struct_(axdr.i8(self.args.public_sap), axdr.u16(1)),
                     8: axdr.enum(2),
                 },
                 methods=(1,),
@@ -270,10 +271,6 @@ class Meter:
         )
 
     # -- values computed on read ---------------------------------------------------------------
-
-    def partners(self):
-        client = getattr(threading.current_thread(), "client_sap", 0)
-        return axdr.struct_(axdr.i8(client), axdr.u16(1))
 
     def object_list(self):
         items = []
@@ -405,7 +402,6 @@ def attribute_count(class_id):
 # Data-access-result codes.
 READ_WRITE_DENIED = 3
 UNDEFINED_OBJECT = 4
-OBJECT_UNAVAILABLE = 11
 OTHER_REASON = 250
 
 

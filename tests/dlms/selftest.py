@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import profile as load_profile  # noqa: E402
+import load_profile  # noqa: E402
 
 from gurux_dlms import GXByteBuffer, GXDateTime, GXDLMSClient, GXReplyData  # noqa: E402
 from gurux_dlms.enums import Authentication, InterfaceType, ObjectType, Security  # noqa: E402

@@ -1,7 +1,7 @@
 """The simulated meter's load profile (1-0:99.1.0.255), computed from the timestamp alone.
 
 A test can compute the value of any row without talking to the meter: import this module
-(`sys.path` to tests/dlms) or copy the two lines of arithmetic.
+(`sys.path` to tests/dlms, `import load_profile`) or copy the two lines of arithmetic.
 
     q = t // 900                     t: the row's capture time, UTC Unix seconds, a multiple of 900
     import_raw(t) = 10*q + (q*q) % 7 + 1000*physical     column 1-0:1.8.0.255 attr 2 (scaler -1, Wh)
