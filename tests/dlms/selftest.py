@@ -476,8 +476,19 @@ def expect_failure(what, f, *errors):
 
 
 def wrapper_tests():
-    d = dump()["meters"][0]
-    m = Meter("--wrapper", "--port", "0")
+    whole = dump()
+    d = whole["meters"][0]
+    state = os.path.join(tempfile.mkdtemp(), "state.json")
+    m = Meter("--wrapper", "--port", "0", "--state-json", state)
+    with open(state, encoding="utf-8") as f:
+        written = json.load(f)
+    # The clock aside (it moves), the file holds what --dump-json prints.
+    fixed = json.loads(json.dumps(whole))
+    for j in (written, fixed):
+        for o in j["meters"][0]["objects"]:
+            if o["obis"] == "0-0:1.0.0.255":
+                o["attributes"].pop("2")
+    check("--state-json writes what --dump-json prints", written, fixed)
     port = m.ready["port"]
     counter = [1]
     try:
@@ -534,6 +545,19 @@ def wrapper_tests():
             lambda: c.read(target("1-0:1.8.0.255", 3), 2),
             GXDLMSException,
             Exception,
+        )
+        c.link.close()
+        c = Client(TcpLink(port), False, 1, auth=Authentication.HIGH_GMAC, counter=counter[0] + 60)
+        reply = c.block(c.c.aarqRequest())
+        c.c.parseAareResponse(reply.data)
+        c.c.settings.stoCChallenge = bytes(16)  # answer a challenge the meter did not send
+
+        def hls_answer():
+            reply = c.block(c.c.getApplicationAssociationRequest())
+            c.c.parseApplicationAssociationResponse(reply.data)
+
+        expect_failure(
+            "wrapper HLS wrong answer to the meter's challenge refused", hls_answer, Exception
         )
         c.link.close()
         c = Client(TcpLink(port), False, 16)
