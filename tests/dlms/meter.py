@@ -1126,17 +1126,18 @@ def crc16(data):
 
 
 def hdlc_addresses(frame):
-    """(server address bytes, client address bytes, offset of the control byte)."""
+    """(destination address bytes, source address bytes, offset of the control byte): the
+    server's address first in a request, the client's first in a reply."""
     pos = 3
     start = pos
     while not frame[pos] & 1:
         pos += 1
-    server = frame[start : pos + 1]
+    destination = frame[start : pos + 1]
     pos += 1
     start = pos
     while not frame[pos] & 1:
         pos += 1
-    return server, frame[start : pos + 1], pos + 1
+    return destination, frame[start : pos + 1], pos + 1
 
 
 def split_address(server_bytes):
@@ -1152,32 +1153,23 @@ def split_address(server_bytes):
     return None, None
 
 
-def address_bytes(value, size):
-    if size == 1:
-        return bytes([(value << 1) | 1])
-    if size == 2:
-        return bytes([(value >> 7) << 1 & 0xFE, ((value & 0x7F) << 1) | 1])
-    raise ValueError(size)
+def address_bytes(value):
+    """A 14-bit HDLC address half in two bytes (the 4-byte form), last bit set."""
+    return bytes([((value >> 7) << 1) & 0xFE, ((value & 0x7F) << 1) | 1])
 
 
-def rebuild(frame, server=None, client=None):
-    """`frame` with other addresses, HCS and FCS recomputed."""
-    old_server, old_client, ctrl = hdlc_addresses(frame)
-    # replies: first address field is the client (destination), then the server
-    body = bytearray(frame[1:-1])
-    info_start = ctrl + 3 if len(frame) > ctrl + 4 else None
-    dst = client if client is not None else old_server
-    src = server if server is not None else old_client
-    out = bytearray([body[0], 0]) + dst + src + bytes([frame[ctrl]])
-    if info_start is not None:
-        info = frame[info_start:-3]
+def with_source(frame, source):
+    """Reply `frame` sent from another (server) address, HCS and FCS recomputed."""
+    destination, _, ctrl = hdlc_addresses(frame)
+    out = bytearray([frame[1], 0]) + destination + source + bytes([frame[ctrl]])
+    if len(frame) > ctrl + 4:
+        info = frame[ctrl + 3 : -3]
         length = len(out) + 2 + len(info) + 2
         out[0] = (out[0] & 0xF8) | ((length >> 8) & 7)
         out[1] = length & 0xFF
         out += struct.pack("<H", crc16(out)) + info
     else:
-        length = len(out) + 2
-        out[1] = length & 0xFF
+        out[1] = (len(out) + 2) & 0xFF
     out += struct.pack("<H", crc16(out))
     return bytes([0x7E]) + bytes(out) + bytes([0x7E])
 
@@ -1185,13 +1177,15 @@ def rebuild(frame, server=None, client=None):
 def spoil(frame, faults, meter):
     """Fault injection on one reply frame of the meter (HDLC)."""
     if "wrong-address" in faults:
-        # Answer as if from the meter one address up: valid frame, not ours.
+        # Answer as if from the meter one address up: a sound frame, not ours.
         _, server, _ = hdlc_addresses(frame)
-        physical = meter.physical + 1
-        frame = rebuild(
-            frame,
-            server=bytes(server[:-2]) + address_bytes(physical, 2) if len(server) >= 2 else None,
-        )
+        other = meter.physical + 1
+        if len(server) == 4:
+            frame = with_source(frame, bytes(server[:2]) + address_bytes(other))
+        elif len(server) == 2:
+            frame = with_source(frame, bytes(server[:1]) + bytes([(other << 1) | 1]))
+        else:
+            frame = with_source(frame, bytes([(2 << 1) | 1]))  # logical device 2
     if "bad-fcs" in faults:
         frame = frame[:-3] + bytes([frame[-3] ^ 0xFF]) + frame[-2:]
     if "bad-hcs" in faults:
