@@ -490,7 +490,14 @@ from gurux_dlms import GXDLMS, GXServerReply  # noqa: E402
 from gurux_dlms.GXCiphering import GXCiphering  # noqa: E402
 from gurux_dlms.GXDLMSServer import GXDLMSServer  # noqa: E402
 from gurux_dlms._GXAPDU import _GXAPDU  # noqa: E402
-from gurux_dlms.enums import Authentication, Command, Conformance, InterfaceType, Security  # noqa: E402
+from gurux_dlms.enums import (  # noqa: E402
+    Authentication,
+    Command,
+    Conformance,
+    InterfaceType,
+    RequestTypes,
+    Security,
+)
 from gurux_dlms.ConnectionState import ConnectionState  # noqa: E402
 from gurux_dlms.internal._GXCommon import _GXCommon  # noqa: E402
 from gurux_dlms.objects.enums.SecuritySuite import SecuritySuite  # noqa: E402
@@ -513,13 +520,17 @@ def patch_gurux():
     GXServerReply.setCount = lambda self, v: setattr(self, "count", v)
 
     # 2. Ciphered requests (glo-get-request ...): handleGloDedRequest builds its AES-GCM
-    #    parameters shifted by one (the system title lands in `tag`, the key in the system
-    #    title ...) and GXDLMSChippering never checks the authentication tag. Replaced:
+    #    parameters shifted by one (AesGcmParameter(title, key, ak): the system title lands
+    #    in `tag`, the key in `systemTitle`, the authentication key in `blockCipherKey`) and
+    #    GXDLMSChippering never checks the authentication tag. Replaced:
     #    decipher with the client's system title and the block cipher key, check the tag
     #    and the invocation counter (see Session.decipher), and leave the plain APDU.
     def handle_glo_ded_request(cls, settings, data):
         session = settings.amr_session
         buf = data.data
+        if data.moreData & RequestTypes.FRAME:
+            buf.position -= 1  # more HDLC segments to come: decipher the whole APDU then
+            return
         tag = buf.getUInt8(buf.position - 1)
         start = buf.position
         n, pos = axdr.read_length(bytes(buf._data[start : buf.size]), 0)
@@ -831,7 +842,7 @@ class Session(GXDLMSServer):
     # -- association ---------------------------------------------------------------------------
 
     def aarq(self, data, sr):
-        """AARQ -> AARE. Gurux parses the AARQ (its glo-initiate-request deciphered by our
+        """Repair: AARQ -> AARE. Gurux parses the AARQ (its glo-initiate-request deciphered by our
         patch 3); the AARE is written here: Gurux's generateAARE crashes for HLS
         (`setUInt8()` without a value) and writes the system title under the wrong tag."""
         from gurux_dlms.enums import SourceDiagnostic
@@ -945,6 +956,16 @@ class Session(GXDLMSServer):
     # -- xDLMS services ------------------------------------------------------------------------
 
     def service(self, cmd, data):
+        """Repair: the GET, SET and ACTION services, served here from the Meter's values.
+        Gurux's handlers do not work in 1.0.203: getRequestNormal calls notifyRead() and
+        onPostRead() without their argument (the pre-read hook never sees the request),
+        GXDLMSLNParameters lacks the multiple-blocks and status accessors,
+        getRequestNextDataBlock reads `settings.gbtWndowSize` and iterates the transaction's
+        targets as a list, the object list skips entries to fit one PDU, the profile's
+        selective access fails (a missing row-index helper, a date-time compared with an
+        int) or drops every column, and registers write their scaler as
+        floor(log10(10**s)), which is 2 for 3. Long answers go in blocks here (get-response-
+        with-datablock), each block ciphered on its own for the HLS client."""
         raw = bytes(data._data[data.position : data.size])
         plain_tag = {
             Command.GET_REQUEST: 0xC0,
