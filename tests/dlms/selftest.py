@@ -352,6 +352,13 @@ def read_everything(client, meter_dump, what, sap, clock_offset=0):
                 continue
             check(name, got, expected(want))
             check(name + " bytes", raw_bytes(reply).hex(), encoded(want).hex())
+    # Several attributes in one get-request-with-list.
+    regs = [o for o in meter_dump["objects"] if o["class_id"] == 3]
+    items = [(target(o["obis"], 3), 2) for o in regs] + [(target("1-0:99.1.0.255", 7), 3)]
+    got = plain(client.block(client.c.readList(items)).value)
+    prof = next(o for o in meter_dump["objects"] if o["obis"] == "1-0:99.1.0.255")
+    want = [expected(o["attributes"]["2"]) for o in regs] + [expected(prof["attributes"]["3"])]
+    check(f"{what} get-with-list", got, want)
     # The object list, parsed by Gurux's own object-list parser.
     reply = client.raw(target("0-0:40.0.0.255", 15), 2)
     objects = client.c.parseObjects(reply.data, True)
