@@ -125,10 +125,7 @@ fn readout_on_the_wire(c: &mut Criterion) {
     let mut port = rt.block_on(async {
         amr_edge::meter::link::open_serial(
             &toml::from_str(&format!("device = \"{}\"", pty.path().display())).expect("serial"),
-            300,
-            amr_edge::bus::Parity::Even,
-            7,
-            1,
+            amr_edge::meter::link::Framing::IEC_SIGN_ON,
         )
         .expect("open pty")
     });

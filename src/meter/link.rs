@@ -1,11 +1,14 @@
 //! The physical side of a bus: serial ports (with RS-485 direction control) and TCP
 //! connections, opened lazily and reopened after a failure.
 //!
-//! A serial bus may carry Modbus RTU and IEC 62056-21 meters together. They frame characters
-//! differently (the bus's settings, 8N1 typically, against 7E1 starting at 300 Bd), so the slot
-//! holds the port in one framing at a time: the Modbus client or the IEC port. Switching
-//! protocol closes one before opening the other (the port is opened exclusively); consecutive
-//! meters of the same protocol share the open port.
+//! A serial bus may carry meters of several protocols together (Modbus RTU, IEC 62056-21, and
+//! any driver that speaks bytes over the port). They frame characters differently (the bus's
+//! settings, 8N1 typically, against 7E1 starting at 300 Bd), so the slot holds the port one way
+//! at a time: inside the Modbus client, or raw in a [`Framing`] a driver asks for
+//! ([`Slot::port`]), reconfigured in place when the next driver asks for another. The Modbus
+//! client owns the port while it exists; asking for the raw port closes it, and the other way
+//! round (the port is opened exclusively). A TCP slot holds one connection: inside the Modbus
+//! client, or raw ([`Slot::tcp`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -180,18 +183,51 @@ fn default_concurrency() -> usize {
     1
 }
 
+/// How characters are framed on a serial line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framing {
+    pub baud: u32,
+    pub parity: Parity,
+    pub data_bits: u8,
+    pub stop_bits: u8,
+}
+
+impl Framing {
+    /// IEC 62056-21's sign-on: 300 Bd, 7E1 (a session then changes the rate only).
+    pub const IEC_SIGN_ON: Framing = Framing {
+        baud: 300,
+        parity: Parity::Even,
+        data_bits: 7,
+        stop_bits: 1,
+    };
+}
+
+impl SerialConfig {
+    /// The bus's own framing, as configured.
+    pub fn framing(&self) -> Framing {
+        Framing {
+            baud: self.baud,
+            parity: self.parity,
+            data_bits: self.data_bits,
+            stop_bits: self.stop_bits,
+        }
+    }
+}
+
 /// One unit of a bus's capacity: the serial port, or one TCP connection of `concurrency`.
 pub enum Slot {
     Serial {
         config: SerialConfig,
         modbus: Option<(Context, SharedWire)>,
-        /// The port in IEC 62056-21 framing (7E1); its rate is whatever the last session left.
-        iec: Option<SerialStream>,
+        /// The port held raw by a driver, opened in some framing; a driver may have changed
+        /// the rate since (IEC 62056-21's baud switch), so it is set again on every ask.
+        raw: Option<SerialStream>,
     },
     Tcp {
         addr: String,
         connect_timeout: Duration,
         modbus: Option<(Context, SharedWire)>,
+        raw: Option<TcpStream>,
     },
 }
 
@@ -203,13 +239,14 @@ impl Slot {
             Link::Serial(s) => vec![Slot::Serial {
                 config: s.clone(),
                 modbus: None,
-                iec: None,
+                raw: None,
             }],
             Link::Tcp(t) => (0..t.concurrency.max(1))
                 .map(|_| Slot::Tcp {
                     addr: format!("{}:{}", t.host, t.port),
                     connect_timeout: timeout.max(Duration::from_secs(3)),
                     modbus: None,
+                    raw: None,
                 })
                 .collect(),
         }
@@ -225,18 +262,12 @@ impl Slot {
             Slot::Serial {
                 config,
                 modbus,
-                iec,
+                raw,
             } => {
                 if modbus.is_none() {
-                    // One owner: the IEC framing lets go of the port first.
-                    *iec = None;
-                    let port = open_serial(
-                        config,
-                        config.baud,
-                        config.parity,
-                        config.data_bits,
-                        config.stop_bits,
-                    )?;
+                    // One owner: the raw port is let go of first.
+                    *raw = None;
+                    let port = open_serial(config, config.framing())?;
                     let wire = SharedWire::default();
                     let ctx = tokio_modbus::client::rtu::attach(Tap::new(port, wire.clone()));
                     *modbus = Some((ctx, wire));
@@ -247,25 +278,11 @@ impl Slot {
                 addr,
                 connect_timeout,
                 modbus,
+                raw,
             } => {
                 if modbus.is_none() {
-                    let stream = match tokio::time::timeout(
-                        *connect_timeout,
-                        TcpStream::connect(addr.as_str()),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            return Err(Failure::Link(format!("cannot connect to {addr}: {e}")));
-                        }
-                        Err(_) => {
-                            return Err(Failure::Link(format!(
-                                "cannot connect to {addr}: no answer within {connect_timeout:?}"
-                            )));
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
+                    *raw = None;
+                    let stream = connect(addr, *connect_timeout).await?;
                     let wire = SharedWire::default();
                     let ctx = tokio_modbus::client::tcp::attach(Tap::new(stream, wire.clone()));
                     *modbus = Some((ctx, wire));
@@ -275,24 +292,54 @@ impl Slot {
         }
     }
 
-    /// The port in IEC 62056-21 framing: 7E1, opened at 300 Bd (each session sets its own
-    /// rate). Closes the Modbus client that held it, if any; stays open for the next IEC meter.
-    pub fn iec_port(&mut self) -> Result<&mut SerialStream, Failure> {
+    /// The serial port, raw, in `framing`: opened if needed, reconfigured if it was left in
+    /// another framing. Closes the Modbus client that held it, if any; stays open for the
+    /// next meter. A TCP slot has no port.
+    pub fn port(&mut self, framing: Framing) -> Result<&mut SerialStream, Failure> {
         match self {
             Slot::Serial {
                 config,
                 modbus,
-                iec,
+                raw,
             } => {
-                if iec.is_none() {
-                    *modbus = None;
-                    *iec = Some(open_serial(config, 300, Parity::Even, 7, 1)?);
+                match raw {
+                    Some(port) => set_framing(port, framing).map_err(|e| {
+                        Failure::Link(format!("cannot set {}: {e}", config.device.display()))
+                    })?,
+                    None => {
+                        *modbus = None;
+                        *raw = Some(open_serial(config, framing)?);
+                    }
                 }
-                iec.as_mut()
+                raw.as_mut()
                     .ok_or_else(|| Failure::Link("port closed".into()))
             }
             Slot::Tcp { addr, .. } => Err(Failure::Link(format!(
-                "IEC 62056-21 needs a serial port; {addr} is a TCP link"
+                "this protocol needs a serial port; {addr} is a TCP link"
+            ))),
+        }
+    }
+
+    /// The TCP connection, raw: connected if needed. Closes the Modbus client that held it, if
+    /// any. A serial slot has none.
+    pub async fn tcp(&mut self) -> Result<&mut TcpStream, Failure> {
+        match self {
+            Slot::Tcp {
+                addr,
+                connect_timeout,
+                modbus,
+                raw,
+            } => {
+                if raw.is_none() {
+                    *modbus = None;
+                    *raw = Some(connect(addr, *connect_timeout).await?);
+                }
+                raw.as_mut()
+                    .ok_or_else(|| Failure::Link("not connected".into()))
+            }
+            Slot::Serial { config, .. } => Err(Failure::Link(format!(
+                "this protocol needs a TCP link; {} is a serial port",
+                config.device.display()
             ))),
         }
     }
@@ -302,12 +349,62 @@ impl Slot {
     /// answer to the next request.
     pub fn reset(&mut self) {
         match self {
-            Slot::Serial { modbus, iec, .. } => {
+            Slot::Serial { modbus, raw, .. } => {
                 *modbus = None;
-                *iec = None;
+                *raw = None;
             }
-            Slot::Tcp { modbus, .. } => *modbus = None,
+            Slot::Tcp { modbus, raw, .. } => {
+                *modbus = None;
+                *raw = None;
+            }
         }
+    }
+}
+
+async fn connect(addr: &str, within: Duration) -> Result<TcpStream, Failure> {
+    let stream = match tokio::time::timeout(within, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Failure::Link(format!("cannot connect to {addr}: {e}"))),
+        Err(_) => {
+            return Err(Failure::Link(format!(
+                "cannot connect to {addr}: no answer within {within:?}"
+            )));
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+fn set_framing(port: &mut SerialStream, f: Framing) -> tokio_serial::Result<()> {
+    use tokio_serial::SerialPort;
+    port.set_baud_rate(f.baud)?;
+    port.set_parity(parity(f.parity))?;
+    port.set_data_bits(data_bits(f.data_bits))?;
+    port.set_stop_bits(stop_bits(f.stop_bits))
+}
+
+fn parity(p: Parity) -> tokio_serial::Parity {
+    match p {
+        Parity::None => tokio_serial::Parity::None,
+        Parity::Even => tokio_serial::Parity::Even,
+        Parity::Odd => tokio_serial::Parity::Odd,
+    }
+}
+
+fn data_bits(n: u8) -> tokio_serial::DataBits {
+    match n {
+        5 => tokio_serial::DataBits::Five,
+        6 => tokio_serial::DataBits::Six,
+        7 => tokio_serial::DataBits::Seven,
+        _ => tokio_serial::DataBits::Eight,
+    }
+}
+
+fn stop_bits(n: u8) -> tokio_serial::StopBits {
+    if n == 2 {
+        tokio_serial::StopBits::Two
+    } else {
+        tokio_serial::StopBits::One
     }
 }
 
@@ -323,31 +420,12 @@ fn client<'a>(
 }
 
 /// Opens a serial port in the given framing, with RS-485 direction control if configured.
-pub fn open_serial(
-    config: &SerialConfig,
-    baud: u32,
-    parity: Parity,
-    data_bits: u8,
-    stop_bits: u8,
-) -> Result<SerialStream, Failure> {
+pub fn open_serial(config: &SerialConfig, framing: Framing) -> Result<SerialStream, Failure> {
     let device = config.device.to_string_lossy().into_owned();
-    let builder = tokio_serial::new(&device, baud)
-        .parity(match parity {
-            Parity::None => tokio_serial::Parity::None,
-            Parity::Even => tokio_serial::Parity::Even,
-            Parity::Odd => tokio_serial::Parity::Odd,
-        })
-        .data_bits(match data_bits {
-            5 => tokio_serial::DataBits::Five,
-            6 => tokio_serial::DataBits::Six,
-            7 => tokio_serial::DataBits::Seven,
-            _ => tokio_serial::DataBits::Eight,
-        })
-        .stop_bits(if stop_bits == 2 {
-            tokio_serial::StopBits::Two
-        } else {
-            tokio_serial::StopBits::One
-        })
+    let builder = tokio_serial::new(&device, framing.baud)
+        .parity(parity(framing.parity))
+        .data_bits(data_bits(framing.data_bits))
+        .stop_bits(stop_bits(framing.stop_bits))
         .flow_control(tokio_serial::FlowControl::None);
     let port = builder
         .open_native_async()

@@ -30,7 +30,7 @@
 //!
 //! The bus's port stays open in IEC framing across the IEC meters of a bus, each session
 //! starting at 300 Bd with a clean input buffer; a Modbus meter on the same bus takes the port
-//! over (see [`crate::bus::link::Slot`]).
+//! over (see [`crate::meter::link::Slot`]).
 
 pub mod codec;
 pub mod dataset;
@@ -43,7 +43,7 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use serde::Deserialize;
 
-use crate::meter::link::Slot;
+use crate::meter::link::{Framing, Slot};
 use crate::meter::{Failure, Outcome, Selection, Timing};
 use crate::primitives::{HumanDuration, Problems};
 use session::{Session, SessionConfig, SessionError};
@@ -165,7 +165,7 @@ impl IecMeter {
         selection: &Selection,
         timing: &Timing,
     ) -> Outcome {
-        match slot.iec_port() {
+        match slot.port(Framing::IEC_SIGN_ON) {
             Ok(port) => read_line(port, meter, self, selection, timing).await,
             Err(f) => Outcome {
                 reopen: true,
