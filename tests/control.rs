@@ -45,6 +45,8 @@ fn control_config(port: u16, sim: std::net::SocketAddr, units: &[u8], mqtt_extra
 
 /// A running agent with MQTT control, its simulated meters and the centre's client, once
 /// the agent says `online`.
+/// Destructure it naming `_dir` (`..` alone drops it: the data dir would go while the agent
+/// runs).
 struct Gateway {
     gw: String,
     agent: AgentProc,
@@ -187,7 +189,10 @@ async fn status_should_be_online_then_offline_on_a_clean_stop_and_on_kill_9() {
 async fn commands_should_work_again_after_the_broker_restarts_without_restarting_the_agent() {
     let mut broker = Broker::start();
     let Gateway {
-        gw, agent, centre, ..
+        gw,
+        agent,
+        centre,
+        _dir,
     } = gateway_in(
         tempfile::tempdir().unwrap(),
         broker.port,
@@ -217,7 +222,10 @@ async fn commands_should_work_again_after_the_broker_restarts_without_restarting
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_commands_and_floods_should_be_rejected_and_the_agent_go_on() {
     let Gateway {
-        mut agent, centre, ..
+        mut agent,
+        centre,
+        _dir,
+        ..
     } = gateway(&[1], "max_payload = \"1KiB\"\nmax_pending = 2").await;
     let corpus: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
         (b"hello".to_vec(), None, "not JSON"),
@@ -354,7 +362,10 @@ async fn malformed_commands_and_floods_should_be_rejected_and_the_agent_go_on() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_delivered_twice_should_run_once_even_across_a_restart() {
     let Gateway {
-        mut agent, centre, ..
+        mut agent,
+        centre,
+        _dir,
+        ..
     } = gateway(&[1], "").await;
     let cmd = json!({"request_id": "once", "command": "poll", "meters": ["m1"]}).to_string();
     centre.send(cmd.clone()).await;
@@ -401,7 +412,10 @@ async fn a_poll_accepted_before_a_kill_9_should_be_done_after_the_restart() {
     // A slow meter: the poll is accepted and still on the bus when the agent is killed.
     let dir = tempfile::tempdir().unwrap();
     let Gateway {
-        mut agent, centre, ..
+        mut agent,
+        centre,
+        _dir,
+        ..
     } = gateway_in(dir, 1883, &[(1, Fault::Delay(600))], &unique("q"), "").await;
     let cmd = json!({"request_id": "k1", "command": "poll", "meters": ["m1"]}).to_string();
     centre.send(cmd.clone()).await;
