@@ -234,6 +234,27 @@ mod tests {
         }
     }
 
+    impl crate::store::CommandLog for HungStore {
+        fn accept_command(
+            &self,
+            record: &crate::store::CommandRecord,
+        ) -> Result<Option<crate::store::CommandRecord>, StoreError> {
+            self.inner.accept_command(record)
+        }
+        fn finish_command(&self, request_id: &str, outcome: &str) -> Result<(), StoreError> {
+            self.inner.finish_command(request_id, outcome)
+        }
+        fn forget_command(&self, request_id: &str) -> Result<(), StoreError> {
+            self.inner.forget_command(request_id)
+        }
+        fn unfinished_commands(
+            &self,
+            now_ms: i64,
+        ) -> Result<Vec<crate::store::CommandRecord>, StoreError> {
+            self.inner.unfinished_commands(now_ms)
+        }
+    }
+
     #[tokio::test]
     async fn running_buses_and_store_should_pass() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());

@@ -43,6 +43,56 @@ fn control_config(port: u16, sim: std::net::SocketAddr, units: &[u8], mqtt_extra
     s
 }
 
+/// A running agent with MQTT control, its simulated meters and the centre's client, once
+/// the agent says `online`.
+/// Destructure it naming `_dir` (`..` alone drops it: the data dir would go while the agent
+/// runs).
+struct Gateway {
+    gw: String,
+    agent: AgentProc,
+    centre: Centre,
+    _dir: tempfile::TempDir,
+}
+
+/// Simulated meters `m{unit}` on one TCP bus, an agent draining to `queue` in `dir`, with
+/// `[mqtt]` on the broker at `port` (plus `mqtt_extra`).
+async fn gateway_in(
+    dir: tempfile::TempDir,
+    port: u16,
+    units: &[(u8, Fault)],
+    queue: &str,
+    mqtt_extra: &str,
+) -> Gateway {
+    let sim = meters(units).await;
+    let gw = unique("gw");
+    let ids: Vec<u8> = units.iter().map(|(u, _)| *u).collect();
+    let agent = AgentProc::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            &gw,
+            AMQP_URL,
+            queue,
+            &control_config(port, sim, &ids, mqtt_extra),
+        ),
+    );
+    let centre = Centre::connect(port, PREFIX, &gw).await;
+    centre.state("online", 0, Duration::from_secs(20)).await;
+    Gateway {
+        gw,
+        agent,
+        centre,
+        _dir: dir,
+    }
+}
+
+/// [`gateway_in`] with healthy meters, the shared Mosquitto and a queue nobody reads.
+async fn gateway(units: &[u8], mqtt_extra: &str) -> Gateway {
+    let units: Vec<(u8, Fault)> = units.iter().map(|u| (*u, Fault::None)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    gateway_in(dir, 1883, &units, &unique("q"), mqtt_extra).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_demand_poll_should_be_accepted_then_done_with_values_and_delivered() {
     let queue = unique("amr.ctl");
@@ -52,21 +102,15 @@ async fn an_on_demand_poll_should_be_accepted_then_done_with_values_and_delivere
         "utilitarian.commits.meter_system_events",
     )
     .await;
-    let sim = meters(&[(1, Fault::None), (2, Fault::None)]).await;
-    let gw = unique("gw");
-    let centre = Centre::connect(1883, PREFIX, &gw).await;
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = AgentProc::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &gw,
-            AMQP_URL,
-            &queue,
-            &control_config(1883, sim, &[1, 2], ""),
-        ),
-    );
-    centre.state("online", 0, Duration::from_secs(20)).await;
+    let g = gateway_in(
+        tempfile::tempdir().unwrap(),
+        1883,
+        &[(1, Fault::None), (2, Fault::None)],
+        &queue,
+        "",
+    )
+    .await;
+    let centre = &g.centre;
     centre
         .send(json!({"request_id": "r1", "command": "poll", "meters": ["m1", "m2"]}).to_string())
         .await;
@@ -108,19 +152,17 @@ async fn an_on_demand_poll_should_be_accepted_then_done_with_values_and_delivere
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_should_be_online_then_offline_on_a_clean_stop_and_on_kill_9() {
-    let sim = meters(&[(1, Fault::None)]).await;
-    let gw = unique("gw");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &gw,
-        AMQP_URL,
-        &unique("q"),
-        &control_config(1883, sim, &[1], ""),
-    );
-    let mut agent = AgentProc::start(dir.path(), &cfg);
-    let centre = Centre::connect(1883, PREFIX, &gw).await;
-    let online = centre.state("online", 0, Duration::from_secs(20)).await;
+    let Gateway {
+        gw,
+        mut agent,
+        centre,
+        _dir,
+    } = gateway(&[1], "").await;
+    let online = centre
+        .status()
+        .into_iter()
+        .find(|s| s["state"] == "online")
+        .unwrap();
     assert_eq!(online["gateway"], gw.as_str());
     assert_eq!(online["version"], env!("CARGO_PKG_VERSION"));
     assert!(online["buffer"]["readings"].is_u64());
@@ -146,21 +188,19 @@ async fn status_should_be_online_then_offline_on_a_clean_stop_and_on_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_should_work_again_after_the_broker_restarts_without_restarting_the_agent() {
     let mut broker = Broker::start();
-    let sim = meters(&[(1, Fault::None)]).await;
-    let gw = unique("gw");
-    let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProc::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &gw,
-            AMQP_URL,
-            &unique("q"),
-            &control_config(broker.port, sim, &[1], ""),
-        ),
-    );
-    let centre = Centre::connect(broker.port, PREFIX, &gw).await;
-    centre.state("online", 0, Duration::from_secs(20)).await;
+    let Gateway {
+        gw,
+        agent,
+        centre,
+        _dir,
+    } = gateway_in(
+        tempfile::tempdir().unwrap(),
+        broker.port,
+        &[(1, Fault::None)],
+        &unique("q"),
+        "",
+    )
+    .await;
     centre.send(r#"{"request_id":"p1","command":"ping"}"#).await;
     centre.reply("p1", "done", Duration::from_secs(10)).await;
     drop(centre);
@@ -181,21 +221,12 @@ async fn commands_should_work_again_after_the_broker_restarts_without_restarting
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_commands_and_floods_should_be_rejected_and_the_agent_go_on() {
-    let sim = meters(&[(1, Fault::None)]).await;
-    let gw = unique("gw");
-    let dir = tempfile::tempdir().unwrap();
-    let mut agent = AgentProc::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &gw,
-            AMQP_URL,
-            &unique("q"),
-            &control_config(1883, sim, &[1], "max_payload = \"1KiB\"\nmax_pending = 2"),
-        ),
-    );
-    let centre = Centre::connect(1883, PREFIX, &gw).await;
-    centre.state("online", 0, Duration::from_secs(20)).await;
+    let Gateway {
+        mut agent,
+        centre,
+        _dir,
+        ..
+    } = gateway(&[1], "max_payload = \"1KiB\"\nmax_pending = 2").await;
     let corpus: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
         (b"hello".to_vec(), None, "not JSON"),
         (b"\xff\xfe\x00binary".to_vec(), None, "not JSON"),
@@ -330,29 +361,28 @@ async fn malformed_commands_and_floods_should_be_rejected_and_the_agent_go_on() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_delivered_twice_should_run_once_even_across_a_restart() {
-    let sim = meters(&[(1, Fault::None)]).await;
-    let gw = unique("gw");
-    let dir = tempfile::tempdir().unwrap();
-    let mut agent = AgentProc::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &gw,
-            AMQP_URL,
-            &unique("q"),
-            &control_config(1883, sim, &[1], ""),
-        ),
-    );
-    let centre = Centre::connect(1883, PREFIX, &gw).await;
-    centre.state("online", 0, Duration::from_secs(20)).await;
+    let Gateway {
+        mut agent,
+        centre,
+        _dir,
+        ..
+    } = gateway(&[1], "").await;
     let cmd = json!({"request_id": "once", "command": "poll", "meters": ["m1"]}).to_string();
     centre.send(cmd.clone()).await;
-    centre.reply("once", "done", Duration::from_secs(20)).await;
+    let original = centre.reply("once", "done", Duration::from_secs(20)).await;
+    let runs = || {
+        centre
+            .replies()
+            .iter()
+            .filter(|r| r["request_id"] == "once" && r["status"] == "done")
+            .map(|r| r.get("duplicate").is_some())
+            .collect::<Vec<bool>>()
+    };
     centre.send(cmd.clone()).await;
-    let dup = centre
-        .reply("once", "rejected", Duration::from_secs(10))
-        .await;
-    assert!(dup["reason"].as_str().unwrap().contains("duplicate"));
+    common::eventually(Duration::from_secs(10), "the stored done again", || async {
+        (runs() == [false, true]).then_some(())
+    })
+    .await;
     assert!(agent.sigterm().success());
     let n = centre.status().len();
     agent.restart();
@@ -360,50 +390,81 @@ async fn a_command_delivered_twice_should_run_once_even_across_a_restart() {
     centre.send(cmd).await;
     common::eventually(
         Duration::from_secs(10),
-        "a second duplicate rejection",
+        "the stored done after a restart",
+        || async { (runs() == [false, true, true]).then_some(()) },
+    )
+    .await;
+    let mut last = centre
+        .replies()
+        .into_iter()
+        .rfind(|r| r["request_id"] == "once")
+        .unwrap();
+    last.as_object_mut().unwrap().remove("duplicate");
+    assert_eq!(last, original, "the original outcome, not a second run");
+    assert!(
+        centre.replies().iter().all(|r| r["status"] != "rejected"),
+        "a duplicate is answered, not refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_accepted_before_a_kill_9_should_be_done_after_the_restart() {
+    // A slow meter: the poll is accepted and still on the bus when the agent is killed.
+    let dir = tempfile::tempdir().unwrap();
+    let Gateway {
+        mut agent,
+        centre,
+        _dir,
+        ..
+    } = gateway_in(dir, 1883, &[(1, Fault::Delay(600))], &unique("q"), "").await;
+    let cmd = json!({"request_id": "k1", "command": "poll", "meters": ["m1"]}).to_string();
+    centre.send(cmd.clone()).await;
+    centre
+        .reply("k1", "accepted", Duration::from_secs(10))
+        .await;
+    agent.kill9();
+    assert!(
+        !centre
+            .replies()
+            .iter()
+            .any(|r| r["request_id"] == "k1" && r["status"] == "done"),
+        "killed before the poll finished"
+    );
+    let n = centre.status().len();
+    agent.restart();
+    centre.state("online", n, Duration::from_secs(20)).await;
+    let done = centre.reply("k1", "done", Duration::from_secs(60)).await;
+    assert_eq!(done["results"][0]["ok"], true, "{done}");
+    assert!(done.get("duplicate").is_none());
+    // Sent again meanwhile or later: the same outcome, not a refusal.
+    centre.send(cmd).await;
+    common::eventually(
+        Duration::from_secs(10),
+        "an answer to the repeat",
         || async {
-            (centre
+            centre
                 .replies()
-                .iter()
-                .filter(|r| r["request_id"] == "once" && r["status"] == "rejected")
-                .count()
-                == 2)
-                .then_some(())
+                .into_iter()
+                .find(|r| r["request_id"] == "k1" && r["duplicate"] == true)
         },
     )
     .await;
-    let done = centre
-        .replies()
-        .iter()
-        .filter(|r| r["request_id"] == "once" && r["status"] == "done")
-        .count();
-    assert_eq!(done, 1, "ran once");
+    assert!(
+        centre
+            .replies()
+            .iter()
+            .all(|r| !(r["request_id"] == "k1" && r["status"] == "rejected"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_key_only_signed_commands_should_run() {
-    let sim = meters(&[(1, Fault::None)]).await;
-    let gw = unique("gw");
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("hmac.key");
     std::fs::write(&key_file, "s3cret-key\n").unwrap();
-    let _agent = AgentProc::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &gw,
-            AMQP_URL,
-            &unique("q"),
-            &control_config(
-                1883,
-                sim,
-                &[1],
-                &format!("hmac_key_file = \"{}\"", key_file.display()),
-            ),
-        ),
-    );
-    let centre = Centre::connect(1883, PREFIX, &gw).await;
-    centre.state("online", 0, Duration::from_secs(20)).await;
+    let extra = format!("hmac_key_file = \"{}\"", key_file.display());
+    let g = gateway_in(dir, 1883, &[(1, Fault::None)], &unique("q"), &extra).await;
+    let centre = &g.centre;
     centre.send(r#"{"request_id":"u1","command":"ping"}"#).await;
     let r = centre
         .reply("u1", "rejected", Duration::from_secs(10))
@@ -429,21 +490,8 @@ async fn with_a_key_only_signed_commands_should_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_should_show_buses_next_reads_store_and_meters() {
-    let sim = meters(&[(1, Fault::None)]).await;
-    let gw = unique("gw");
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = AgentProc::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &gw,
-            AMQP_URL,
-            &unique("q"),
-            &control_config(1883, sim, &[1], ""),
-        ),
-    );
-    let centre = Centre::connect(1883, PREFIX, &gw).await;
-    centre.state("online", 0, Duration::from_secs(20)).await;
+    let g = gateway(&[1], "").await;
+    let centre = &g.centre;
     centre
         .send(r#"{"request_id":"i1","command":"inspect"}"#)
         .await;

@@ -1,5 +1,4 @@
-//! Commands from the centre and the replies to them, sans-IO: bytes in, a command or a reason
-//! to reject it out; replies as JSON.
+//! Commands from the centre, sans-IO: bytes in, a command or a reason to reject it out.
 //!
 //! ```json
 //! {"request_id": "r-1", "command": "poll", "meters": ["SDM630-0001"], "series": ["1-0:1.8.0"]}
@@ -27,13 +26,15 @@
 use std::collections::HashSet;
 
 use hmac::{Hmac, KeyInit, Mac};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::reading::Obis;
 
-/// What the centre asked for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the centre asked for. Serialised (JSON) into the store's record of an accepted
+/// command, to run it again after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Read these meters now (all if `None`), optionally only some series.
     Poll {
@@ -229,6 +230,15 @@ pub fn parse(payload: &[u8], rules: &Rules<'_>) -> Result<Request, Rejection> {
         request_id: raw.request_id,
         command,
     })
+}
+
+/// The `request_id` of a payload, if it has one (for the reply to a command not parsed).
+pub fn request_id_of(payload: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()?
+        .get("request_id")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 fn mac(key: &[u8]) -> Hmac<Sha256> {

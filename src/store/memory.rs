@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{
-    Append, Appended, Depth, Entry, EntryId, MeterState, Range, Record, Stats, Store, StoreError,
-    Stream, encode,
+    Append, Appended, COMMAND_TTL_MS, CommandLog, CommandRecord, Depth, Entry, EntryId, MeterState,
+    Range, Record, Stats, Store, StoreError, Stream, encode,
 };
 use crate::reading::Cadence;
 
@@ -21,6 +21,7 @@ struct Inner {
     last_read: BTreeMap<String, i64>,
     last_drain_ms: Option<i64>,
     seen: std::collections::HashSet<String>,
+    commands: BTreeMap<String, CommandRecord>,
 }
 
 #[derive(Default)]
@@ -188,5 +189,47 @@ impl Store for MemoryStore {
     fn first_time(&self, key: &str) -> Result<bool, StoreError> {
         self.check()?;
         Ok(self.lock().seen.insert(key.to_owned()))
+    }
+}
+
+impl CommandLog for MemoryStore {
+    fn accept_command(&self, record: &CommandRecord) -> Result<Option<CommandRecord>, StoreError> {
+        self.check()?;
+        let mut s = self.lock();
+        let cutoff = record.accepted_ms - COMMAND_TTL_MS;
+        s.commands.retain(|_, c| c.accepted_ms >= cutoff);
+        if let Some(kept) = s.commands.get(&record.request_id) {
+            return Ok(Some(kept.clone()));
+        }
+        s.commands.insert(record.request_id.clone(), record.clone());
+        Ok(None)
+    }
+
+    fn finish_command(&self, request_id: &str, outcome: &str) -> Result<(), StoreError> {
+        self.check()?;
+        if let Some(c) = self.lock().commands.get_mut(request_id) {
+            c.outcome = Some(outcome.to_owned());
+        }
+        Ok(())
+    }
+
+    fn forget_command(&self, request_id: &str) -> Result<(), StoreError> {
+        self.check()?;
+        self.lock().commands.remove(request_id);
+        Ok(())
+    }
+
+    fn unfinished_commands(&self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError> {
+        let mut s = self.lock();
+        s.commands
+            .retain(|_, c| c.accepted_ms >= now_ms - COMMAND_TTL_MS);
+        let mut open: Vec<CommandRecord> = s
+            .commands
+            .values()
+            .filter(|c| c.outcome.is_none())
+            .cloned()
+            .collect();
+        open.sort_by_key(|c| c.accepted_ms);
+        Ok(open)
     }
 }

@@ -37,8 +37,19 @@
 //!   fsync of its own: sled's background flush (a real fsync) makes it durable within
 //!   [`StoreConfig::ack_flush`], and [`Store::flush`] at shutdown at once. A crash or a power
 //!   cut in that window means duplicates, never loss.
-//! * [`Store::first_time`] (a command's request id) fsyncs before it says "first", so an
-//!   accepted command is never run twice because of a power cut.
+//! * Commands from the centre ([`CommandLog`], one record per `request_id`):
+//!   [`CommandLog::accept_command`] writes the record — the parsed command, state *accepted*
+//!   — and fsyncs before it returns, and control acknowledges the command to the broker, and
+//!   queues its polls, only after that. A crash before the fsync: the broker still has the
+//!   command and delivers it again. A crash after it: the record is there, and the next start
+//!   finds it in [`CommandLog::unfinished_commands`] and runs the command to its end.
+//!   [`CommandLog::finish_command`] writes the final reply into the record (state *done*) and
+//!   fsyncs before control sends that reply, so a command is never run again once its reply
+//!   went out; a crash between the fsync and the send loses that one reply (the same
+//!   `request_id` again gets it from the record). [`CommandLog::forget_command`] (a command
+//!   that could not be queued) removes the record, durably. Records are forgotten a week
+//!   after they were accepted, by the next `accept_command` or `unfinished_commands`.
+//! * [`Store::first_time`] (a bare request id, the older form) fsyncs before it says "first".
 //! * Evictions (the store is over `max_bytes`, or a record is older than `max_age`) happen
 //!   inside the batch that caused them, together with the eviction counters. The system event
 //!   that reports them is written by the next [`Store::maintain`] (once a minute), from those
@@ -292,7 +303,7 @@ pub enum StoreError {
 }
 
 /// The buffer. All methods may block on disk I/O: call them from a blocking thread.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: CommandLog + Send + Sync + 'static {
     /// Writes `batch` atomically and durably (see the module doc). Evicts if needed.
     fn append(&self, batch: Append) -> Result<Appended, StoreError>;
     /// Up to `max` of the oldest records of `stream` not already taken, oldest first.
@@ -312,9 +323,43 @@ pub trait Store: Send + Sync + 'static {
     fn maintain(&self) -> Result<u64, StoreError>;
     /// Makes every acknowledgement durable now (on shutdown).
     fn flush(&self) -> Result<(), StoreError>;
-    /// Records `key` (a command's request id), durably, and says whether it is new: a command
-    /// delivered twice runs once, across restarts too. Keys are kept for a week.
+    /// Records `key` (a command's request id), durably, and says whether it is new. Keys are
+    /// kept for a week. Control uses [`CommandLog`] instead, which keeps what the command was
+    /// and how it ended; this stays until `sled_store.rs` is split, then goes.
     fn first_time(&self, key: &str) -> Result<bool, StoreError>;
+}
+
+/// How long a command's record is kept: the same `request_id` within it runs once.
+pub const COMMAND_TTL_MS: i64 = 7 * 86_400_000;
+
+/// A command the gateway accepted, as the store keeps it: what to run and, once it has run,
+/// the reply that said so. What the strings hold is control's business (JSON); the store
+/// keeps them as they are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub request_id: String,
+    /// When it was accepted, Unix ms; [`COMMAND_TTL_MS`] later the record is forgotten.
+    pub accepted_ms: i64,
+    /// The parsed command.
+    pub command: String,
+    /// The final reply, once the command is done; `None` while it runs.
+    pub outcome: Option<String>,
+}
+
+/// Accepted commands, durably (see the module doc). Every [`Store`] is one. All methods may
+/// block on disk I/O.
+pub trait CommandLog {
+    /// Records `record` durably, unless one with its `request_id` is kept: then returns that
+    /// one and writes nothing. First forgets records accepted more than [`COMMAND_TTL_MS`]
+    /// before `record.accepted_ms`.
+    fn accept_command(&self, record: &CommandRecord) -> Result<Option<CommandRecord>, StoreError>;
+    /// The command is done: keeps `outcome` in its record, durably. Unknown ids are ignored.
+    fn finish_command(&self, request_id: &str, outcome: &str) -> Result<(), StoreError>;
+    /// Removes a command's record, durably (it was accepted but could not be queued).
+    fn forget_command(&self, request_id: &str) -> Result<(), StoreError>;
+    /// Commands accepted and not done, oldest first: to finish after a restart. Forgets
+    /// records accepted more than [`COMMAND_TTL_MS`] before `now_ms` first.
+    fn unfinished_commands(&self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError>;
 }
 
 /// The sequence number a new store starts at: its creation time in microseconds, so that a

@@ -35,6 +35,10 @@ use super::{
 use crate::clock::SharedClock;
 use crate::reading::{Cadence, EventKind, Flags, Stamp, SystemEvent};
 
+// The command records, in a file of their own (a child module, so it reaches the handles).
+#[path = "commands.rs"]
+mod commands;
+
 const META: &[u8] = b"m";
 /// Beside the store: the highest sequence number handed out, as of the last minute.
 const HIGH_WATER: &str = "store.seq";

@@ -1,0 +1,465 @@
+//! Running commands: parse and verify, record durably, queue the polls, reply, and say `done`
+//! when the polls are answered. Talks to the broker only through [`Mqtt`], to the buses
+//! through the [`Router`] and to the disk through the [`Store`], so all of it is tested
+//! against fakes (`tests.rs`).
+//!
+//! A command's life, and what a crash at each step leaves (see the store's module doc):
+//!
+//! 1. parsed and verified, or `rejected` (then acknowledged to the broker: it is answered);
+//! 2. recorded, *accepted* with its parsed command ([`CommandLog::accept_command`], fsynced).
+//!    A record already there means a duplicate: it gets the stored `done` again, or, while
+//!    the first one still runs, `accepted` marked `duplicate` — never a second run;
+//! 3. its polls queued and `accepted` sent; then the delivery is acknowledged. A crash from
+//!    here on: the next start finds the record unfinished and runs the command again, from
+//!    its polls ([`Handler::resume`]), and the broker's redelivery, if any, is a duplicate;
+//! 4. the polls answered (or timed out): the `done` reply is written into the record
+//!    ([`CommandLog::finish_command`], fsynced), then sent.
+//!
+//! A poll still waiting when control stops leaves its record *accepted*: it is run after the
+//! restart, not reported as cancelled.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::Topics;
+use super::command::{self, Command, Rejection, Request, Rules};
+use super::link::{Delivery, Mqtt};
+use super::reply::{
+    Accepted, Buffer, Cancelled, Done, Inspection, MeterResult, Outcome, Pong, Rejected, State,
+    Status, StatusDoc, Value, to_json,
+};
+use super::tasks::Tasks;
+use crate::beat::BeatConfig;
+use crate::bus::{PollReport, PollRequest, RouteError, Router};
+use crate::clock::SharedClock;
+use crate::drain::DrainStatus;
+use crate::reading::{Cadence, Stamp};
+use crate::status::StatusReport;
+use crate::store::{CommandRecord, Store, StoreError};
+
+/// Everything commands need from the rest of the agent.
+pub struct Context {
+    pub router: Router,
+    pub store: Arc<dyn Store>,
+    pub drain: watch::Receiver<DrainStatus>,
+    pub clock: SharedClock,
+    pub tz: TimeZone,
+    pub beat: BeatConfig,
+    /// Every configured meter, in config order ("all" for a poll without `meters`).
+    pub meters: Vec<String>,
+    pub gateway: String,
+    pub started_at: Timestamp,
+    pub topics: Topics,
+    pub poll_timeout: Duration,
+    /// The HMAC key, when commands must be signed.
+    pub key: Option<Vec<u8>>,
+    pub max_payload: usize,
+    pub signature_window: Duration,
+}
+
+/// Runs commands; cheap to clone (one clone per poll waiter).
+#[derive(Clone)]
+pub struct Handler<M: Mqtt> {
+    cx: Arc<Context>,
+    known: Arc<HashSet<String>>,
+    mqtt: M,
+    tasks: Tasks,
+    stop: CancellationToken,
+}
+
+impl<M: Mqtt> Handler<M> {
+    pub fn new(cx: Arc<Context>, mqtt: M, tasks: Tasks, stop: CancellationToken) -> Self {
+        let known = Arc::new(cx.meters.iter().cloned().collect());
+        Handler {
+            cx,
+            known,
+            mqtt,
+            tasks,
+            stop,
+        }
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.cx
+    }
+
+    pub fn mqtt(&self) -> &M {
+        &self.mqtt
+    }
+
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// One delivered command, start to acknowledgement.
+    pub async fn handle(&self, delivery: Delivery) {
+        let rules = Rules {
+            max_payload: self.cx.max_payload,
+            meters: &self.known,
+            key: self.cx.key.as_deref(),
+            now_s: self.cx.clock.now().as_second(),
+            window_s: self.cx.signature_window.as_secs() as i64,
+        };
+        match command::parse(&delivery.payload, &rules) {
+            Err(Rejection { request_id, reason }) => {
+                tracing::warn!(request_id = ?request_id, reason = %reason, "Command rejected");
+                self.reply(&Rejected::new(request_id.as_deref(), reason))
+                    .await;
+            }
+            Ok(req) => self.accept(req).await,
+        }
+        // Recorded (durably) or answered: only now may the broker forget it.
+        if let Err(e) = self.mqtt.ack(&delivery).await {
+            tracing::warn!(error = %e, "Could not acknowledge a command");
+        }
+    }
+
+    async fn accept(&self, req: Request) {
+        let Request {
+            request_id,
+            command,
+        } = req;
+        let record = CommandRecord {
+            request_id: request_id.clone(),
+            accepted_ms: self.cx.clock.now_ms(),
+            command: serde_json::to_string(&command).unwrap_or_default(),
+            outcome: None,
+        };
+        match self.blocking(move |s| s.accept_command(&record)).await {
+            Ok(None) => {}
+            Ok(Some(kept)) => return self.duplicate(kept).await,
+            Err(e) => {
+                tracing::warn!(request_id = %request_id, error = %e, "Command not recorded");
+                let why = "the gateway cannot record commands now (store unavailable); try again";
+                return self.reply(&Rejected::new(Some(&request_id), why)).await;
+            }
+        }
+        tracing::info!(request_id = %request_id, command = command.name(), "Command accepted");
+        self.run(request_id, command, true).await;
+    }
+
+    /// Finishes the commands a stop or crash interrupted (recorded, never done).
+    pub async fn resume(&self) {
+        let now = self.cx.clock.now_ms();
+        let open = match self.blocking(move |s| s.unfinished_commands(now)).await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the accepted commands: those a restart interrupted are not finished");
+                return;
+            }
+        };
+        for record in open {
+            match serde_json::from_str::<Command>(&record.command) {
+                Ok(command) => {
+                    tracing::info!(request_id = %record.request_id, command = command.name(), "Finishing a command accepted before the restart");
+                    self.run(record.request_id, command, false).await;
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %record.request_id, error = %e, "An accepted command cannot be read back; dropped");
+                    let id = record.request_id;
+                    let _ = self.blocking(move |s| s.forget_command(&id)).await;
+                }
+            }
+        }
+    }
+
+    /// The same `request_id` again: the original outcome, not a second run.
+    async fn duplicate(&self, kept: CommandRecord) {
+        tracing::info!(request_id = %kept.request_id, done = kept.outcome.is_some(), "Duplicate command not run again");
+        match kept.outcome {
+            Some(outcome) => {
+                let mut again: serde_json::Value =
+                    serde_json::from_str(&outcome).unwrap_or_default();
+                if let Some(map) = again.as_object_mut() {
+                    map.insert("duplicate".into(), true.into());
+                }
+                self.publish(to_json(&again)).await;
+            }
+            None => {
+                let command = serde_json::from_str::<Command>(&kept.command).ok();
+                let meters = match &command {
+                    Some(Command::Poll { meters, .. }) => {
+                        meters.clone().unwrap_or_else(|| self.cx.meters.clone())
+                    }
+                    _ => Vec::new(),
+                };
+                let accepted_at = Timestamp::from_millisecond(kept.accepted_ms)
+                    .ok()
+                    .map(|t| t.to_string());
+                self.reply(&Accepted {
+                    request_id: kept.request_id,
+                    status: Status::Accepted,
+                    command: command.as_ref().map_or("unknown", Command::name),
+                    meters,
+                    duplicate: true,
+                    accepted_at,
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Runs a recorded command. `fresh`: just accepted (else resumed after a restart, when
+    /// `accepted` was sent long ago and the centre waits for `done`).
+    async fn run(&self, request_id: String, command: Command, fresh: bool) {
+        let outcome = match command {
+            Command::Ping => Outcome::Ping {
+                result: Pong {
+                    pong: true,
+                    gateway: self.cx.gateway.clone(),
+                    version: env!("CARGO_PKG_VERSION"),
+                    uptime_s: self.cx.clock.now().as_second() - self.cx.started_at.as_second(),
+                },
+            },
+            Command::Inspect => Outcome::Inspect {
+                result: Box::new(self.inspect().await),
+            },
+            Command::Cancel { target } => {
+                let mut cancelled = 0;
+                for bus in self.cx.router.buses() {
+                    cancelled += bus.cancel(&target).await.len();
+                }
+                Outcome::Cancel {
+                    result: Cancelled { target, cancelled },
+                }
+            }
+            Command::Poll { meters, series } => {
+                return self.start_poll(request_id, meters, series, fresh).await;
+            }
+        };
+        self.finish(Done::new(&request_id, outcome)).await;
+    }
+
+    async fn start_poll(
+        &self,
+        request_id: String,
+        meters: Option<Vec<String>>,
+        series: Option<Vec<crate::reading::Obis>>,
+        fresh: bool,
+    ) {
+        let mut waits = Vec::new();
+        let mut missed = Vec::new();
+        for meter in meters.unwrap_or_else(|| self.cx.meters.clone()) {
+            let (tx, rx) = oneshot::channel();
+            let mut req = PollRequest::new(meter.clone(), Cadence::OnDemand);
+            req.request_id = Some(request_id.clone());
+            req.series = series.clone();
+            req.reply = Some(tx);
+            match self.cx.router.try_poll(req) {
+                Ok(()) => waits.push((meter, rx)),
+                Err(RouteError::Busy(_)) => missed.push(MeterResult::failed(
+                    &meter,
+                    "not queued: the bus queue is full",
+                )),
+                // Only after a restart with another config.
+                Err(RouteError::UnknownMeter(_)) => missed.push(MeterResult::failed(
+                    &meter,
+                    "not queued: no such meter in the configuration",
+                )),
+            }
+        }
+        if waits.is_empty() && fresh {
+            // Nothing runs: forget it, so the centre may send it again as it is.
+            let id = request_id.clone();
+            if let Err(e) = self.blocking(move |s| s.forget_command(&id)).await {
+                tracing::warn!(request_id = %request_id, error = %e, "Could not forget a command not run");
+            }
+            let why = "busy: the bus queues are full, try again later";
+            return self.reply(&Rejected::new(Some(&request_id), why)).await;
+        }
+        if fresh {
+            self.reply(&Accepted {
+                request_id: request_id.clone(),
+                status: Status::Accepted,
+                command: "poll",
+                meters: waits.iter().map(|(m, _)| m.clone()).collect(),
+                duplicate: false,
+                accepted_at: None,
+            })
+            .await;
+        }
+        let this = self.clone();
+        self.tasks.spawn("poll waiter", async move {
+            if let Some(results) = this.wait_poll(waits, missed).await {
+                this.finish(Done::new(&request_id, Outcome::Poll { results }))
+                    .await;
+            }
+        });
+    }
+
+    /// Waits for every meter of a poll, at most `poll_timeout`; `None` if control stops
+    /// first (the command stays accepted, to run after the restart).
+    async fn wait_poll(
+        &self,
+        waits: Vec<(String, oneshot::Receiver<PollReport>)>,
+        missed: Vec<MeterResult>,
+    ) -> Option<Vec<MeterResult>> {
+        let timeout = self.cx.poll_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut results = Vec::new();
+        for (meter, rx) in waits {
+            let answer = tokio::select! {
+                a = tokio::time::timeout_at(deadline, rx) => a,
+                () = self.stop.cancelled() => return None,
+            };
+            results.push(match answer {
+                Ok(Ok(report)) => meter_result(&report),
+                // The bus dropped it: a `cancel`, or the bus stopping (and then so do we).
+                Ok(Err(_)) if self.stop.is_cancelled() => return None,
+                Ok(Err(_)) => MeterResult::failed(&meter, "cancelled"),
+                Err(_) => MeterResult::failed(
+                    &meter,
+                    format!("no result within {}", humantime::format_duration(timeout)),
+                ),
+            });
+        }
+        results.extend(missed);
+        Some(results)
+    }
+
+    /// Writes the `done` into the command's record, then sends it.
+    async fn finish(&self, done: Done) {
+        let json = to_json(&done);
+        let (id, text) = (
+            done.request_id.clone(),
+            String::from_utf8_lossy(&json).into_owned(),
+        );
+        if let Err(e) = self.blocking(move |s| s.finish_command(&id, &text)).await {
+            // Sent anyway: the centre gets its answer; a restart would run it once more.
+            tracing::warn!(request_id = %done.request_id, error = %e, "Could not record a command as done");
+        }
+        self.publish(json).await;
+    }
+
+    async fn reply(&self, reply: &impl serde::Serialize) {
+        self.publish(to_json(reply)).await;
+    }
+
+    async fn publish(&self, json: Vec<u8>) {
+        if let Err(e) = self
+            .mqtt
+            .publish(&self.cx.topics.replies, false, json)
+            .await
+        {
+            tracing::warn!(error = %e, "Could not queue a reply");
+        }
+    }
+
+    async fn inspect(&self) -> Inspection {
+        let cx = &self.cx;
+        let mut buses = Vec::new();
+        for bus in cx.router.buses() {
+            if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(5), bus.inspect()).await {
+                buses.push(s);
+            }
+        }
+        let (stats, meter_states) = self
+            .blocking(|s| {
+                Ok((
+                    s.stats().unwrap_or_default(),
+                    s.meters().unwrap_or_default(),
+                ))
+            })
+            .await
+            .unwrap_or_default();
+        let drain = cx.drain.borrow().clone();
+        let report = StatusReport::build(
+            &cx.gateway,
+            &stats,
+            &meter_states,
+            &cx.meters,
+            Some(&drain),
+            cx.clock.now_ms(),
+        );
+        let next_reads: BTreeMap<String, String> =
+            crate::beat::next_fires(&cx.beat, &cx.tz, cx.clock.now())
+                .into_iter()
+                .map(|(c, _, fire)| (c.to_string(), Stamp::in_zone(fire, &cx.tz).rfc3339()))
+                .collect();
+        Inspection {
+            gateway: cx.gateway.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            started_at: cx.started_at.to_string(),
+            buses,
+            next_reads,
+            store: report.buffer,
+            drain: report.drain,
+            meters: report.meters,
+        }
+    }
+
+    /// The retained `online` document, or `None` if the store does not answer.
+    pub async fn online(&self) -> Option<StatusDoc> {
+        let stats = self.blocking(|s| s.stats()).await.ok()?;
+        let ts = |ms: Option<i64>| {
+            ms.and_then(|m| Timestamp::from_millisecond(m).ok())
+                .map(|t| t.to_string())
+        };
+        Some(StatusDoc {
+            state: State::Online,
+            gateway: self.cx.gateway.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            started_at: Some(self.cx.started_at.to_string()),
+            at: Some(self.cx.clock.now().to_string()),
+            reason: None,
+            buffer: Some(Buffer {
+                readings: stats.readings(),
+                events: stats.events.count,
+                bytes: stats.bytes(),
+                oldest_unsent: ts(stats.oldest_ms),
+                evictions: stats.evicted,
+            }),
+            last_drain: Some(ts(stats.last_drain_ms)),
+            broker_connected: Some(self.cx.drain.borrow().connected),
+        })
+    }
+
+    pub fn offline(&self, reason: &'static str) -> StatusDoc {
+        StatusDoc::offline(
+            &self.cx.gateway,
+            reason,
+            Some(self.cx.clock.now().to_string()),
+        )
+    }
+
+    /// A store call on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.cx.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
+    }
+}
+
+/// The one place that reads a [`PollReport`]'s values and errors.
+fn meter_result(report: &PollReport) -> MeterResult {
+    let values = report
+        .readings
+        .iter()
+        .map(|r| Value {
+            series: r.series.to_string(),
+            value: r.value.as_str().to_owned(),
+            unit: r.unit.clone(),
+            timestamp: r.timestamp.rfc3339(),
+        })
+        .collect();
+    MeterResult {
+        meter: report.meter.clone(),
+        ok: report.errors.is_empty(),
+        values: Some(values),
+        stored: Some(report.stored),
+        error: (!report.errors.is_empty()).then(|| {
+            let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+            errors.join("; ")
+        }),
+    }
+}
