@@ -5,6 +5,7 @@
 //! poll into requests on a transport the bus worker owns, and the answers into
 //! [`Reading`](crate::reading::Reading)s.
 
+pub mod dlms;
 pub mod iec62056_21;
 pub mod modbus;
 
