@@ -35,7 +35,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::apdu::{
-    self, Aarq, AccessError, ApduError, AttributeRef, Conformance, Context, Diagnostic, GetResult,
+    self, Aarq, ApduError, AttributeRef, Conformance, Context, Diagnostic, GetResult,
     InitiateRequest, InitiateResponse, Mechanism, Response, Selector, ciphered,
 };
 use super::axdr::Data;
@@ -1145,7 +1145,7 @@ impl<C: InvocationCounter> Association<C> {
                     };
                 }
                 let whole = std::mem::take(&mut op.blocks);
-                if op.in_flight == 1 && !op.with_list_in_flight() {
+                if op.in_flight == 1 {
                     match Data::from_bytes(&whole) {
                         Ok(d) => op.results.push(Ok(d)),
                         Err(e) => return self.fail(Error::malformed(ApduError::from(e), &whole)),
@@ -1162,16 +1162,4 @@ impl<C: InvocationCounter> Association<C> {
             _ => self.fail(Error::malformed("GET response of the wrong kind", raw)),
         }
     }
-}
-
-impl GetOp {
-    /// Whether the exchange under way is a GET-Request-With-List.
-    fn with_list_in_flight(&self) -> bool {
-        self.with_list && self.requests.len() - self.results.len() > 1 && self.in_flight > 1
-    }
-}
-
-/// An access error for every attribute of a request, for callers that fill gaps.
-pub fn refused(n: usize, code: u8) -> Vec<GetResult> {
-    vec![Err(AccessError(code)); n]
 }

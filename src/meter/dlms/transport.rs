@@ -212,3 +212,54 @@ where
         )?)
     }
 }
+
+/// Why the mode E opening failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModeEFailure {
+    #[error("serial line: {0}")]
+    Io(#[from] io::Error),
+    #[error("no identification within {0:?}")]
+    NoAnswer(std::time::Duration),
+    #[error(transparent)]
+    Refused(#[from] super::mode_e::ModeEError),
+}
+
+/// The mode E opening on an optical probe: sign-on at 300 Bd, `ACK 2 Z 2`, then the line at
+/// the agreed rate. Returns the rate. The caller must also switch the port's framing from
+/// 7E1 to 8N1 before running HDLC on it: the IEC 62056-21 [`Line`] changes only the rate.
+///
+/// [`Line`]: crate::meter::iec62056_21::transport::Line
+pub async fn mode_e_sign_on<L: crate::meter::iec62056_21::transport::Line>(
+    line: &mut L,
+    max_baud: u32,
+    answer_timeout: std::time::Duration,
+) -> Result<super::mode_e::Switch, ModeEFailure> {
+    let mut m = super::mode_e::ModeE::new(max_baud);
+    line.set_baud(300)?;
+    line.discard_input()?;
+    line.send(&m.request()).await?;
+    let mut buf = [0u8; 128];
+    let deadline = Instant::now() + answer_timeout;
+    let switch = loop {
+        match tokio::time::timeout_at(deadline, line.recv(&mut buf)).await {
+            Err(_) => return Err(ModeEFailure::NoAnswer(answer_timeout)),
+            Ok(Ok(0)) => {
+                return Err(ModeEFailure::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the serial line closed",
+                )));
+            }
+            Ok(Ok(n)) => {
+                if let Some(r) = m.received(&buf[..n]) {
+                    break r?;
+                }
+            }
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    };
+    // The meter's reaction time before the agent answers, as in mode C.
+    tokio::time::sleep(switch.identification.reaction_time()).await;
+    line.send(&switch.acknowledgement).await?;
+    line.set_baud(switch.baud)?;
+    Ok(switch)
+}
