@@ -980,6 +980,68 @@ mod tests {
     }
 
     #[test]
+    fn range_descriptor_should_match_published_bytes() {
+        // dlms-cosem (pwitab) tests: buffer of 1-0:99.1.0 from 2018-06-01 00:03 (dev -120)
+        // to 2021-01-06 00:03 (dev -60), clock column, all columns.
+        let dt = |b: &[u8]| DateTime::decode(b).unwrap();
+        let sel = Selector::Range {
+            restricting: CaptureObject::CLOCK,
+            from: dt(b"\x07\xe2\x06\x01\xff\x00\x03\x00\xff\xff\x88\x80"),
+            to: dt(b"\x07\xe5\x01\x06\xff\x00\x03\x00\xff\xff\xc4\x00"),
+            columns: vec![],
+        };
+        let req = get_request_normal(
+            1,
+            &AttributeRef::new(7, [1, 0, 99, 1, 0, 255], 2),
+            Some(&sel),
+        );
+        let expected: &[u8] = b"\xc0\x01\xc1\x00\x07\x01\x00c\x01\x00\xff\x02\x01\x01\
+            \x02\x04\x02\x04\x12\x00\x08\t\x06\x00\x00\x01\x00\x00\xff\x0f\x02\x12\x00\x00\
+            \t\x0c\x07\xe2\x06\x01\xff\x00\x03\x00\xff\xff\x88\x80\
+            \t\x0c\x07\xe5\x01\x06\xff\x00\x03\x00\xff\xff\xc4\x00\x01\x00";
+        assert_eq!(req, expected);
+    }
+
+    #[test]
+    fn entry_descriptor_should_encode_selector_2() {
+        let sel = Selector::Entry {
+            from_entry: 1,
+            to_entry: 0,
+            from_column: 1,
+            to_column: 0,
+        };
+        let req = get_request_normal(
+            2,
+            &AttributeRef::new(7, [1, 0, 99, 1, 0, 255], 2),
+            Some(&sel),
+        );
+        assert_eq!(
+            &req[12..],
+            [
+                0x01, 0x02, 0x02, 0x04, 0x06, 0, 0, 0, 1, 0x06, 0, 0, 0, 0, 0x12, 0, 1, 0x12, 0, 0
+            ]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn aare_should_round_trip(result in 0u8..3, diag in 0u8..15, user: bool,
+                                  st in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 8)),
+                                  ch in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 8..64))) {
+            let a = Aare {
+                context: 1,
+                result,
+                diagnostic: if user { Diagnostic::User(diag) } else { Diagnostic::Provider(diag) },
+                responding_ap_title: st,
+                mechanism: ch.as_ref().map(|_| 5),
+                authentication_value: ch,
+                user_information: Some(vec![0x08, 0x00, 0x06]),
+            };
+            proptest::prop_assert_eq!(Aare::decode(&a.encode()).unwrap(), a);
+        }
+    }
+
+    #[test]
     fn get_responses_should_decode() {
         assert_eq!(
             Response::decode(b"\xc4\x01\xc1\x00\x06\x00\x00\x13\x91").unwrap(),

@@ -658,6 +658,28 @@ fn long_answer_should_be_read_in_blocks() {
 }
 
 #[test]
+fn long_list_answer_should_be_read_in_blocks() {
+    let mut app = App::new();
+    app.block = 7;
+    let mut m = Meter::wrapper(app);
+    let mut a = Association::new(
+        wrapper_config(SecurityConfig::None),
+        MemoryCounter::default(),
+    );
+    let first = a.connect();
+    run(&mut a, &mut m, first).unwrap();
+    assert_eq!(
+        read_registers(&mut a, &mut m),
+        [
+            ("14567.125".into(), Some("Wh")),
+            ("230.1".into(), Some("V"))
+        ]
+    );
+    assert_eq!(m.app.requests[0], 3);
+    assert!(m.app.requests[1..].iter().all(|r| *r == 2) && m.app.requests.len() > 2);
+}
+
+#[test]
 fn hdlc_should_negotiate_and_segment_both_ways() {
     // A 32-byte information field: the AARQ goes out in segments, the answers come in them.
     let mut m = Meter::hdlc(App::new(), 32);
@@ -929,6 +951,102 @@ mod garbage {
             }
         }
     }
+}
+
+fn profile_app() -> (App, [u8; 6], jiff::Timestamp) {
+    let mut app = App::new();
+    let t0: jiff::Timestamp = "2024-03-01T00:00:00Z".parse().unwrap();
+    let rows: Vec<Data> = (0..8)
+        .map(|i| {
+            let t = t0 + jiff::SignedDuration::from_secs(900 * i);
+            Data::Structure(vec![
+                if i % 2 == 0 {
+                    Data::OctetString(DateTime::from_timestamp_utc(t, 0x80).encode().to_vec())
+                } else {
+                    // Rows between are sent without a time: the previous row's plus the period.
+                    Data::Null
+                },
+                Data::UInt32(1000 + i as u32),
+                Data::UInt8(0),
+            ])
+        })
+        .collect();
+    let p = [1, 0, 99, 1, 0, 255];
+    app.objects.insert((7, p, 2), Data::Array(rows));
+    app.objects.insert(
+        (7, p, 3),
+        Data::Array(vec![
+            apdu::CaptureObject::CLOCK.to_data(),
+            apdu::CaptureObject {
+                attribute: apdu::AttributeRef::new(3, [1, 0, 1, 8, 0, 255], 2),
+                data_index: 0,
+            }
+            .to_data(),
+            apdu::CaptureObject {
+                attribute: apdu::AttributeRef::new(1, [0, 0, 96, 10, 1, 255], 2),
+                data_index: 0,
+            }
+            .to_data(),
+        ]),
+    );
+    app.objects.insert((7, p, 4), Data::UInt32(900));
+    (app, p, t0)
+}
+
+async fn serve(meter: Meter) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<Meter>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client_end, mut meter_end) = tokio::io::duplex(4096);
+    let mut meter = meter;
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = match meter_end.read(&mut buf).await {
+                Ok(0) | Err(_) => return meter,
+                Ok(n) => n,
+            };
+            let answer = meter.handle(&buf[..n]);
+            if meter_end.write_all(&answer).await.is_err() {
+                return meter;
+            }
+        }
+    });
+    (client_end, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_range_should_come_back_as_timed_scaled_values() {
+    let (app, p, t0) = profile_app();
+    let (io, task) = serve(Meter::hdlc(app, 64)).await;
+    let mut client = super::transport::Client::new(io, hdlc_config(128), MemoryCounter::default());
+    client.connect().await.unwrap();
+    let profile = client
+        .read_profile(
+            Obis(p),
+            Some((t0, t0 + jiff::SignedDuration::from_hours(2))),
+            &jiff::tz::TimeZone::UTC,
+        )
+        .await
+        .unwrap();
+    client.release().await.unwrap();
+    assert_eq!(profile.capture_period_s, 900);
+    assert_eq!(
+        profile.scalers[1],
+        Some(cosem::ScalerUnit {
+            scaler: -3,
+            unit: 30
+        })
+    );
+    let values = profile.values();
+    // Eight rows of two numeric columns (energy, and a status word without scaler).
+    assert_eq!(values.len(), 16);
+    let last = &values[14];
+    assert_eq!(last.timestamp.to_string(), "2024-03-01T01:45:00Z");
+    assert_eq!((last.value.as_str(), last.unit), ("1.007", Some("Wh")));
+    assert_eq!(values[0].clock_status, Some(0x80));
+    drop(client.into_parts());
+    let meter = task.await.unwrap();
+    // Header with list, scalers, then the buffer.
+    assert_eq!(meter.app.requests[..3], [3, 1, 1]);
 }
 
 #[tokio::test(start_paused = true)]
