@@ -699,13 +699,36 @@ impl<C: InvocationCounter> Association<C> {
         op.blocks.clear();
         op.next_block = 1;
         let apdu = if op.with_list && op.requests.len() - done > 1 {
-            let n = (op.requests.len() - done).min(self.config.max_list.max(1));
+            let mut n = (op.requests.len() - done).min(self.config.max_list.max(1));
+            // The request must fit the meter's max PDU, with room for the ciphering header
+            // and tag; a meter with a small one gets shorter lists (down to a normal GET).
+            let limit = self
+                .negotiated
+                .as_ref()
+                .map_or(usize::MAX, |n| usize::from(n.server_max_receive_pdu))
+                .saturating_sub(if self.ciphered() { 24 } else { 0 });
+            loop {
+                let list: Vec<(AttributeRef, Option<Selector>)> = op.requests[done..done + n]
+                    .iter()
+                    .map(|r| (r.attribute, r.access.clone()))
+                    .collect();
+                let apdu = apdu::get_request_with_list(op.invoke, &list);
+                if apdu.len() <= limit || n == 1 {
+                    break;
+                }
+                n -= 1;
+            }
             op.in_flight = n;
-            let list: Vec<(AttributeRef, Option<Selector>)> = op.requests[done..done + n]
-                .iter()
-                .map(|r| (r.attribute, r.access.clone()))
-                .collect();
-            apdu::get_request_with_list(op.invoke, &list)
+            if n == 1 {
+                let r = &op.requests[done];
+                apdu::get_request_normal(op.invoke, &r.attribute, r.access.as_ref())
+            } else {
+                let list: Vec<(AttributeRef, Option<Selector>)> = op.requests[done..done + n]
+                    .iter()
+                    .map(|r| (r.attribute, r.access.clone()))
+                    .collect();
+                apdu::get_request_with_list(op.invoke, &list)
+            }
         } else {
             op.in_flight = 1;
             let r = &op.requests[done];

@@ -39,6 +39,7 @@ struct App {
     block: usize,
     refuse_lists: bool,
     wrong_ctos: bool,
+    max_pdu: u16,
     // State.
     pending: Vec<u8>,
     next_block: u32,
@@ -67,6 +68,7 @@ impl App {
             block: 200,
             refuse_lists: false,
             wrong_ctos: false,
+            max_pdu: 512,
             pending: vec![],
             next_block: 0,
             pending_invoke: 0,
@@ -139,7 +141,7 @@ impl App {
         let resp = InitiateResponse {
             dlms_version: 6,
             conformance: Conformance(self.conformance.0 & ir.conformance.0),
-            max_receive_pdu: 512,
+            max_receive_pdu: self.max_pdu,
             vaa_name: 7,
         }
         .encode();
@@ -549,6 +551,22 @@ fn without_multiple_references_gets_should_fall_back_to_normal() {
     run(&mut a, &mut m, first).unwrap();
     assert_eq!(read_registers(&mut a, &mut m).len(), 2);
     assert_eq!(m.app.requests, [1, 1, 1, 1]);
+}
+
+#[test]
+fn small_meter_pdu_should_shorten_the_lists() {
+    let mut app = App::new();
+    // Room for two attributes a list (3 + 1 + 2 × 10 bytes), not four.
+    app.max_pdu = 30;
+    let mut m = Meter::wrapper(app);
+    let mut a = Association::new(
+        wrapper_config(SecurityConfig::None),
+        MemoryCounter::default(),
+    );
+    let first = a.connect();
+    run(&mut a, &mut m, first).unwrap();
+    assert_eq!(read_registers(&mut a, &mut m).len(), 2);
+    assert_eq!(m.app.requests, [3, 3]);
 }
 
 #[test]
