@@ -1108,3 +1108,82 @@ async fn client_should_read_over_a_stream_and_time_out_on_silence() {
     // One SNRM and two retries, each given the answer timeout.
     assert_eq!(started.elapsed(), Duration::from_secs(9));
 }
+
+fn from_meter(control: Control, info: Vec<u8>) -> Vec<u8> {
+    Frame {
+        destination: Address::client(16),
+        source: Address::server(1, Some(17)),
+        control,
+        segmented: false,
+        info,
+    }
+    .encode()
+}
+
+#[test]
+fn busy_meter_should_be_polled_then_given_up() {
+    let mut a = Association::new(hdlc_config(128), MemoryCounter::default());
+    let Output::Send { .. } = a.connect() else {
+        panic!()
+    };
+    let ua = from_meter(Control::Ua, Parameters::default().encode());
+    let Some(Output::Send { .. }) = a.received(&ua) else {
+        panic!("AARQ")
+    };
+    let rnr = from_meter(Control::Rnr { nr: 1, pf: true }, vec![]);
+    for _ in 0..10 {
+        let Some(Output::Send { bytes, .. }) = a.received(&rnr) else {
+            panic!("RR poll")
+        };
+        let mut s = hdlc::Splitter::new();
+        s.push(&bytes);
+        assert_eq!(
+            s.next_frame().unwrap().unwrap().control,
+            Control::Rr { nr: 0, pf: true }
+        );
+    }
+    assert_eq!(a.received(&rnr), Some(Output::Failed(Error::Busy)));
+}
+
+#[test]
+fn frame_reject_should_be_typed() {
+    let mut a = Association::new(hdlc_config(128), MemoryCounter::default());
+    let Output::Send { .. } = a.connect() else {
+        panic!()
+    };
+    let ua = from_meter(Control::Ua, vec![]);
+    let Some(Output::Send { .. }) = a.received(&ua) else {
+        panic!("AARQ")
+    };
+    let frmr = from_meter(Control::Frmr, vec![0x10, 0x00, 0x01]);
+    assert_eq!(
+        a.received(&frmr),
+        Some(Output::Failed(Error::FrameReject(vec![0x10, 0x00, 0x01])))
+    );
+}
+
+#[test]
+fn out_of_sequence_i_frame_should_be_a_sequence_error() {
+    let mut a = Association::new(hdlc_config(128), MemoryCounter::default());
+    let Output::Send { .. } = a.connect() else {
+        panic!()
+    };
+    let Some(Output::Send { .. }) = a.received(&from_meter(Control::Ua, vec![])) else {
+        panic!()
+    };
+    let wrong = from_meter(
+        Control::I {
+            ns: 3,
+            nr: 1,
+            pf: true,
+        },
+        hdlc::LLC_RESPONSE.to_vec(),
+    );
+    assert_eq!(
+        a.received(&wrong),
+        Some(Output::Failed(Error::Sequence {
+            expected: 0,
+            got: 3
+        }))
+    );
+}
