@@ -30,6 +30,7 @@
 //!    [`MeterConfig::resolve`] (which links can carry it) and [`Meter::read`].
 //! 3. Its simulator in `sim/`, used by the tests and the demo.
 
+pub mod dlms;
 pub mod iec62056_21;
 pub mod link;
 pub mod modbus;

@@ -1,0 +1,312 @@
+//! Reads as requests and results: which attributes to GET for a set of registers or a
+//! profile range, and how the answers become values with units and times. Sans-IO; the
+//! transport's [`Client`](super::transport::Client) runs them.
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+use super::apdu::{AccessError, AttributeRef, CaptureObject, GetResult, Selector};
+use super::association::Request;
+use super::axdr::{Data, DateTime, clock_status};
+use super::cosem::{self, CosemError, ProfileRow, Quantity, ScalerUnit, class};
+use crate::reading::{Decimal, Obis};
+
+/// An object to read: its interface class and logical name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Object {
+    pub class: u16,
+    pub obis: Obis,
+}
+
+/// A value read from an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Value {
+    pub obis: Obis,
+    pub value: Decimal,
+    pub unit: Option<&'static str>,
+    /// The meter's own time for the value: an extended or demand register's capture time,
+    /// the clock's time.
+    pub time: Option<DateTime>,
+}
+
+/// Why one object gave no value while the others did.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// The meter refused or does not have it (object-undefined, read-write-denied …).
+    #[error("meter refused: {0}")]
+    Access(AccessError),
+    /// It answered something this client cannot turn into a value.
+    #[error("unexpected value: {0}")]
+    Shape(#[from] CosemError),
+    #[error("class {0} is not read as a value")]
+    Class(u16),
+}
+
+/// The attributes read for `obj`, in the order [`value_of`] expects.
+pub fn attributes(obj: Object) -> Vec<AttributeRef> {
+    let a = |n| AttributeRef::new(obj.class, obj.obis.0, n);
+    match obj.class {
+        class::REGISTER => vec![a(2), a(3)],
+        class::EXTENDED_REGISTER => vec![a(2), a(3), a(5)],
+        // Last average value: the completed period's demand.
+        class::DEMAND_REGISTER => vec![a(3), a(4), a(6)],
+        _ => vec![a(2)],
+    }
+}
+
+/// The requests for `objects`, flattened.
+pub fn requests(objects: &[Object]) -> Vec<Request> {
+    objects
+        .iter()
+        .flat_map(|o| attributes(*o))
+        .map(Request::from)
+        .collect()
+}
+
+/// Turns the results of [`requests`] back into one value (or error) per object.
+pub fn values(objects: &[Object], results: &[GetResult]) -> Vec<(Obis, Result<Value, ValueError>)> {
+    let mut out = Vec::with_capacity(objects.len());
+    let mut at = 0;
+    for o in objects {
+        let n = attributes(*o).len();
+        let slice = results.get(at..at + n).unwrap_or(&[]);
+        at += n;
+        out.push((o.obis, value_of(*o, slice)));
+    }
+    out
+}
+
+fn ok(r: Option<&GetResult>) -> Result<&Data, ValueError> {
+    match r {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(ValueError::Access(*e)),
+        None => Err(ValueError::Access(AccessError(AccessError::OTHER_REASON))),
+    }
+}
+
+/// One object's value from its attributes' results.
+pub fn value_of(obj: Object, r: &[GetResult]) -> Result<Value, ValueError> {
+    let v = |q: Quantity, time| Value {
+        obis: obj.obis,
+        value: q.value,
+        unit: q.unit,
+        time,
+    };
+    match obj.class {
+        class::REGISTER => {
+            let reg = cosem::RegisterValue::new(ok(r.first())?, ok(r.get(1))?, None)?;
+            Ok(v(reg.quantity, None))
+        }
+        class::EXTENDED_REGISTER => {
+            let reg =
+                cosem::RegisterValue::new(ok(r.first())?, ok(r.get(1))?, Some(ok(r.get(2))?))?;
+            Ok(v(reg.quantity, reg.capture_time))
+        }
+        class::DEMAND_REGISTER => {
+            let su = ScalerUnit::from_data(ok(r.get(1))?)?;
+            let q = cosem::scaled(ok(r.first())?, su)?;
+            Ok(v(q, ok(r.get(2)).ok().and_then(Data::as_date_time)))
+        }
+        class::CLOCK => {
+            let c = cosem::ClockValue::new(ok(r.first())?, None, None)?;
+            // The clock as a value: seconds since the epoch are of no use to the centre, so
+            // a clock read is only its time.
+            Ok(Value {
+                obis: obj.obis,
+                value: Decimal::from_scaled(0, 0).map_err(|e| CosemError::Decimal {
+                    what: "clock",
+                    error: e,
+                })?,
+                unit: None,
+                time: Some(c.time),
+            })
+        }
+        class::DATA => match cosem::DataValue::new(ok(r.first())?) {
+            cosem::DataValue::Number(n) => Ok(Value {
+                obis: obj.obis,
+                value: n,
+                unit: None,
+                time: None,
+            }),
+            _ => Err(ValueError::Shape(CosemError::Shape {
+                what: "data value",
+                expected: "a number",
+                got: "non-numeric data",
+            })),
+        },
+        c => Err(ValueError::Class(c)),
+    }
+}
+
+/// The first step of a profile read: its columns and capture period.
+pub fn profile_header_requests(profile: Obis) -> Vec<Request> {
+    vec![
+        AttributeRef::new(class::PROFILE_GENERIC, profile.0, 3).into(),
+        AttributeRef::new(class::PROFILE_GENERIC, profile.0, 4).into(),
+    ]
+}
+
+/// The scaler_unit attribute of a column, where the column is a scaled register value.
+pub fn scaler_attribute(col: &CaptureObject) -> Option<AttributeRef> {
+    let a = col.attribute;
+    match (a.class, a.attribute) {
+        (class::REGISTER | class::EXTENDED_REGISTER, 2) => {
+            Some(AttributeRef::new(a.class, a.obis, 3))
+        }
+        (class::DEMAND_REGISTER, 2 | 3) => Some(AttributeRef::new(a.class, a.obis, 4)),
+        _ => None,
+    }
+}
+
+/// The buffer request for rows captured in `from ..= to` (selector 1 on the clock column),
+/// or every row.
+pub fn profile_buffer_request(
+    profile: Obis,
+    clock: Option<CaptureObject>,
+    range: Option<(Timestamp, Timestamp)>,
+) -> Request {
+    Request {
+        attribute: AttributeRef::new(class::PROFILE_GENERIC, profile.0, 2),
+        access: range.map(|(from, to)| Selector::Range {
+            restricting: clock.unwrap_or(CaptureObject::CLOCK),
+            from: DateTime::from_timestamp_utc(from, 0xFF),
+            to: DateTime::from_timestamp_utc(to, 0xFF),
+            columns: vec![],
+        }),
+    }
+}
+
+/// The buffer request for entries `from ..= to` (selector 2), all columns.
+pub fn profile_entries_request(profile: Obis, from: u32, to: u32) -> Request {
+    Request {
+        attribute: AttributeRef::new(class::PROFILE_GENERIC, profile.0, 2),
+        access: Some(Selector::Entry {
+            from_entry: from,
+            to_entry: to,
+            from_column: 1,
+            to_column: 0,
+        }),
+    }
+}
+
+/// A profile read: its columns with their scalers, and its rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    pub columns: Vec<CaptureObject>,
+    /// Per column: its scaler and unit, for register values.
+    pub scalers: Vec<Option<ScalerUnit>>,
+    pub capture_period_s: u32,
+    pub rows: Vec<ProfileRow>,
+}
+
+/// One value of a profile row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileValue {
+    pub timestamp: Timestamp,
+    pub obis: Obis,
+    pub value: Decimal,
+    pub unit: Option<&'static str>,
+    /// The row's clock status bits ([`clock_status`]).
+    pub clock_status: Option<u8>,
+}
+
+impl Profile {
+    /// The column holding the clock's time, if captured.
+    pub fn clock_column(columns: &[CaptureObject]) -> Option<usize> {
+        columns
+            .iter()
+            .position(|c| c.attribute.class == class::CLOCK && c.attribute.attribute == 2)
+    }
+
+    /// Builds the profile from its header's and the buffer's answers.
+    pub fn new(
+        capture_objects: &Data,
+        capture_period: &Data,
+        scalers: Vec<Option<ScalerUnit>>,
+        buffer: &Data,
+        tz: &TimeZone,
+    ) -> Result<Profile, CosemError> {
+        let columns = cosem::capture_objects(capture_objects)?;
+        let capture_period_s = match capture_period.as_integer() {
+            Some(p) => u32::try_from(p).unwrap_or(0),
+            None => 0,
+        };
+        let rows = cosem::profile_rows(buffer, Self::clock_column(&columns), capture_period_s, tz)?;
+        Ok(Profile {
+            columns,
+            scalers,
+            capture_period_s,
+            rows,
+        })
+    }
+
+    /// Every numeric value of every row with a known time; other columns (the clock, status
+    /// words) are left out. Rows without a time cannot become readings and are skipped.
+    pub fn values(&self) -> Vec<ProfileValue> {
+        let mut out = Vec::new();
+        for row in &self.rows {
+            let Some(ts) = row.timestamp else { continue };
+            for (i, d) in row.values.iter().enumerate() {
+                let Some(col) = self.columns.get(i) else {
+                    continue;
+                };
+                if col.attribute.class == class::CLOCK {
+                    continue;
+                }
+                let su = self.scalers.get(i).copied().flatten();
+                let Ok(q) = cosem::scaled(d, su.unwrap_or(ScalerUnit::NONE)) else {
+                    continue;
+                };
+                out.push(ProfileValue {
+                    timestamp: ts,
+                    obis: Obis(col.attribute.obis),
+                    value: q.value,
+                    unit: q.unit,
+                    clock_status: row.clock_status,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Whether a row's clock status says its time is not to be trusted.
+pub fn status_invalid(status: Option<u8>) -> bool {
+    status.is_some_and(|s| s & (clock_status::INVALID | clock_status::DOUBTFUL) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_reads_should_pair_values_with_scalers_and_keep_refusals_apart() {
+        let objs = [
+            Object {
+                class: 3,
+                obis: Obis([1, 0, 1, 8, 0, 255]),
+            },
+            Object {
+                class: 3,
+                obis: Obis([1, 0, 2, 8, 0, 255]),
+            },
+        ];
+        assert_eq!(requests(&objs).len(), 4);
+        let su = Data::Structure(vec![Data::Int8(-1), Data::Enum(30)]);
+        let results = vec![
+            Ok(Data::UInt32(123_456)),
+            Ok(su),
+            Err(AccessError(AccessError::OBJECT_UNDEFINED)),
+            Err(AccessError(AccessError::OBJECT_UNDEFINED)),
+        ];
+        let v = values(&objs, &results);
+        let first = v[0].1.as_ref().unwrap();
+        assert_eq!((first.value.as_str(), first.unit), ("12345.6", Some("Wh")));
+        assert_eq!(
+            v[1].1,
+            Err(ValueError::Access(AccessError(
+                AccessError::OBJECT_UNDEFINED
+            )))
+        );
+    }
+}
