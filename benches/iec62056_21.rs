@@ -14,8 +14,9 @@
 use std::time::{Duration, Instant};
 
 use amr_edge::meter::Selection;
+use amr_edge::meter::Timing;
 use amr_edge::meter::iec62056_21::codec::{self, Decoder, Frame};
-use amr_edge::meter::iec62056_21::{IecMeterConfig, ReadParams, dataset, mapping, read_line};
+use amr_edge::meter::iec62056_21::{IecMeterConfig, dataset, mapping, read_line};
 use amr_edge::sim::iec::{SimBus, SimMeter, large_readout, spawn_pty};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jiff::tz::TimeZone;
@@ -114,15 +115,15 @@ fn readout_on_the_wire(c: &mut Criterion) {
     bus.set_wire_time(true);
     let pty = spawn_pty(bus).expect("pty");
     let config: IecMeterConfig = toml::from_str("max_baud = 9600").expect("config");
-    let tz = TimeZone::UTC;
-    let params = ReadParams {
-        selection: &Selection::All,
-        gateway_tz: &tz,
+    let config = config
+        .resolve("bench", &TimeZone::UTC, &mut Default::default())
+        .expect("resolves");
+    let timing = Timing {
         timeout: Duration::from_secs(2),
         retries: 0,
     };
     let mut port = rt.block_on(async {
-        amr_edge::bus::link::open_serial(
+        amr_edge::meter::link::open_serial(
             &toml::from_str(&format!("device = \"{}\"", pty.path().display())).expect("serial"),
             300,
             amr_edge::bus::Parity::Even,
@@ -154,7 +155,8 @@ fn readout_on_the_wire(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    let out = read_line(&mut port, "bench", &config, &params).await;
+                    let out =
+                        read_line(&mut port, "bench", &config, &Selection::All, &timing).await;
                     let took = start.elapsed();
                     assert!(out.failure.is_none(), "{:?}", out.failure);
                     assert!(out.refused.is_empty(), "{:?}", out.refused);

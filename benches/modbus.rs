@@ -12,7 +12,7 @@ use amr_edge::clock::SystemClock;
 use amr_edge::meter::modbus::plan::{self, MAX_REGISTERS, Request};
 use amr_edge::meter::modbus::profile::{Profiles, Register};
 use amr_edge::meter::modbus::wire::{SharedWire, Tap};
-use amr_edge::meter::modbus::{self, ModbusMeterConfig, ReadPlan};
+use amr_edge::meter::modbus::{self, ReadPlan};
 use amr_edge::meter::{MeterConfig, Selection};
 use amr_edge::reading::Cadence;
 use amr_edge::sim::modbus::{Meters, Unit, spawn_tcp};
@@ -70,13 +70,12 @@ fn minimum(regs: &[&Register]) -> (usize, u64) {
 async fn coalescing(rows: &mut Vec<(String, String)>) {
     let profiles = Profiles::built_in();
     let profile = profiles.get("eastron-sdm630").unwrap();
-    let config = ModbusMeterConfig {
-        unit: 1,
-        profile: profile.name.clone(),
-        max_gap: None,
-        max_registers: None,
-    };
-    let plan = ReadPlan::new(profile, &config, &Selection::All);
+    let plan = ReadPlan::new(
+        profile,
+        profile.max_gap,
+        plan::MAX_REGISTERS,
+        &Selection::All,
+    );
     let regs: Vec<&Register> = plan.registers.iter().collect();
     let (fewest, fewest_bytes) = minimum(&regs);
     let naive: Vec<Request> = plan::plan(&regs, 0, 2);
@@ -202,10 +201,11 @@ async fn thousand_meters(rows: &mut Vec<(String, String)>) {
                 })
                 .collect();
             let ids: Vec<String> = meters.iter().map(|m| m.id.clone()).collect();
+            let (bus, meters) =
+                amr_edge::bus::resolve(&bus, &meters, &profiles, &jiff::tz::TimeZone::UTC).unwrap();
             let (w, h) = BusWorker::new(
                 bus,
                 meters,
-                &profiles,
                 store.clone(),
                 Arc::new(Notify::new()),
                 Arc::new(SystemClock),

@@ -23,7 +23,6 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::drain::{AmqpPublisher, Drain, DrainSettings, DrainStatus};
 use crate::lock::DirLock;
-use crate::meter::modbus::profile::Profiles;
 use crate::status::{SOCKET, StatusServer};
 use crate::store::{SledStore, Store};
 use crate::watchdog::{self, Watchdog};
@@ -99,8 +98,8 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
     )?;
     Watchdog::ready();
     tracing::info!(
-        buses = config.bus.len(),
-        meters = config.meter.len(),
+        buses = config.buses.len(),
+        meters = config.meters.len(),
         "Agent running"
     );
     let watchdog = Watchdog::from_env();
@@ -197,7 +196,7 @@ fn open_store(
                 "store.damaged-{}",
                 jiff::Timestamp::now().as_second()
             ));
-            std::fs::rename(data_dir.join("store"), &aside)
+            crate::store::disk::rename_durably(&data_dir.join("store"), &aside)
                 .with_context(|| format!("the store cannot be opened ({why}) nor moved aside"))?;
             tracing::error!(error = %why, moved_to = %aside.display(), "The store cannot be opened: moved aside, starting an empty one");
             let store = SledStore::open(data_dir, &config.store, clock.clone())
@@ -230,7 +229,7 @@ pub fn start(
     let token = root.child_token();
     let mut tasks = JoinSet::new();
     let wake = Arc::new(Notify::new());
-    let tz = config.gateway.tz();
+    let tz = config.gateway.tz.clone();
 
     let publisher = AmqpPublisher::new(
         config.amqp.clone(),
@@ -244,15 +243,13 @@ pub fn start(
     );
     tasks.spawn(drain.run(token.clone()));
 
-    let profiles = Profiles::load(&config.modbus_profiles)?;
     let mut router = Router::default();
-    for bus in &config.bus {
+    for bus in &config.buses {
         let meters: Vec<_> = config.meters_on(&bus.name).cloned().collect();
         let ids: Vec<String> = meters.iter().map(|m| m.id.clone()).collect();
         let (worker, handle) = BusWorker::new(
             bus.clone(),
             meters,
-            &profiles,
             store.clone(),
             wake.clone(),
             clock.clone(),
@@ -277,7 +274,7 @@ pub fn start(
         BeatMode::Schedule => {
             let beat = crate::beat::Beat::new(
                 config.beat.clone(),
-                &config.meter,
+                &config.meters,
                 router.clone(),
                 store.clone(),
                 clock.clone(),
@@ -298,7 +295,7 @@ pub fn start(
             clock.clone(),
             tz.clone(),
             config.beat.clone(),
-            config.meter.iter().map(|m| m.id.clone()).collect(),
+            config.meter_ids(),
             started_at,
         )?;
         tasks.spawn(control.run(token.clone()));
@@ -308,7 +305,7 @@ pub fn start(
         StatusServer {
             path: config.gateway.data_dir.join(SOCKET),
             gateway: config.gateway.id.clone(),
-            meters: config.meter.iter().map(|m| m.id.clone()).collect(),
+            meters: config.meter_ids(),
             store: store.clone(),
             drain: drain_status.clone(),
             started_at,

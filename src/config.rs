@@ -7,24 +7,30 @@
 //! type, which names the file, line, column and key of every problem.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jiff::tz::TimeZone;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::beat::BeatConfig;
-use crate::bus::BusConfig;
+use crate::bus::{Bus, BusConfig};
 use crate::control::MqttConfig;
 use crate::drain::AmqpConfig;
-use crate::meter::MeterConfig;
 use crate::meter::modbus::profile::Profiles;
+use crate::meter::{Meter, MeterConfig, Resolver};
 use crate::store::StoreConfig;
 
-/// The whole file.
+pub use crate::primitives::{
+    ByteSize, ConfigError, HumanDuration, Located, Problem, Problems, Secret, read_secret_file,
+    redact_url,
+};
+
+/// The whole file, as written: serde's view of it. [`ConfigFile::resolve`] turns it into a
+/// [`Config`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct ConfigFile {
     pub gateway: GatewayConfig,
     #[serde(default)]
     pub store: StoreConfig,
@@ -40,9 +46,6 @@ pub struct Config {
     /// to the config file.
     #[serde(default)]
     pub modbus_profiles: Vec<PathBuf>,
-    /// Where the file came from, for messages; not part of the TOML.
-    #[serde(skip)]
-    pub source: PathBuf,
 }
 
 /// `[gateway]`: who this agent is and where it keeps its data.
@@ -61,15 +64,36 @@ fn default_timezone() -> String {
     "UTC".to_owned()
 }
 
-impl GatewayConfig {
-    /// The configured zone. Only valid after [`Config::validate`] has passed.
-    pub fn tz(&self) -> TimeZone {
-        zone(&self.timezone).unwrap_or(TimeZone::UTC)
-    }
+/// The configuration as the agent runs it: checked, with every string that carries meaning
+/// parsed once (zones, links, protocols, profiles, read plans). `run`, `check`, `poll`,
+/// `demo`, reload and `status` all take this; nothing downstream parses the file again.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub store: StoreConfig,
+    pub amqp: AmqpConfig,
+    pub mqtt: Option<MqttConfig>,
+    pub beat: BeatConfig,
+    /// In file order.
+    pub buses: Vec<Bus>,
+    /// In file order; shared with the bus workers.
+    pub meters: Vec<Arc<Meter>>,
+    /// Where the file came from, for messages.
+    pub source: PathBuf,
+}
+
+/// `[gateway]`, resolved.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub id: String,
+    /// The zone's name as configured, for people.
+    pub timezone: String,
+    pub tz: TimeZone,
+    pub data_dir: PathBuf,
 }
 
 impl Config {
-    /// Reads, parses and validates `path`.
+    /// Reads, parses and resolves `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
@@ -82,7 +106,7 @@ impl Config {
         Config::from_toml(&text, path)
     }
 
-    /// Parses and validates `text`, naming `path` in errors.
+    /// Parses and resolves `text`, naming `path` in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let err = |problems| ConfigError {
             file: path.to_owned(),
@@ -95,7 +119,7 @@ impl Config {
                 message: e.message().to_owned(),
             }])
         })?;
-        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut file: ConfigFile = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
             let line = inner
@@ -108,29 +132,38 @@ impl Config {
                 message: inner.message().to_owned(),
             }])
         })?;
-        config.source = path.to_owned();
         let base = path.parent().unwrap_or(Path::new("."));
-        for f in &mut config.modbus_profiles {
+        for f in &mut file.modbus_profiles {
             if f.is_relative() {
                 *f = base.join(&*f);
             }
         }
-        let problems = config.validate();
-        if !problems.is_empty() {
-            return Err(err(problems
+        file.resolve(path).map_err(|problems| {
+            err(problems
                 .into_iter()
                 .map(|p| Located {
                     line: locate(text, &p.key),
                     key: p.key,
                     message: p.message,
                 })
-                .collect()));
-        }
-        Ok(config)
+                .collect())
+        })
     }
 
-    /// Every problem in the file, not just the first.
-    pub fn validate(&self) -> Vec<Problem> {
+    /// The meters on `bus`, in file order.
+    pub fn meters_on<'a>(&'a self, bus: &'a str) -> impl Iterator<Item = &'a Arc<Meter>> + 'a {
+        self.meters.iter().filter(move |m| m.bus == bus)
+    }
+
+    /// Every meter's id, in file order.
+    pub fn meter_ids(&self) -> Vec<String> {
+        self.meters.iter().map(|m| m.id.clone()).collect()
+    }
+}
+
+impl ConfigFile {
+    /// Checks everything and resolves it; every problem, not just the first.
+    pub fn resolve(self, source: &Path) -> Result<Config, Vec<Problem>> {
         let mut p = Problems::default();
         let g = &self.gateway;
         if g.id.is_empty()
@@ -148,9 +181,10 @@ impl Config {
                 ),
             );
         }
-        if let Err(e) = zone(&g.timezone) {
+        let tz = zone(&g.timezone).unwrap_or_else(|e| {
             p.push("gateway.timezone", e);
-        }
+            TimeZone::UTC
+        });
         if g.data_dir.as_os_str().is_empty() {
             p.push("gateway.data_dir", "must not be empty");
         }
@@ -161,16 +195,17 @@ impl Config {
         }
         self.beat.validate("beat", &mut p);
 
-        let mut buses = HashSet::new();
+        let mut names = HashSet::new();
+        let mut buses: Vec<Option<Bus>> = Vec::new();
         for (i, bus) in self.bus.iter().enumerate() {
             let at = format!("bus[{i}]");
-            if !buses.insert(bus.name.as_str()) {
+            if !names.insert(bus.name.as_str()) {
                 p.push(
                     format!("{at}.name"),
                     format!("bus `{}` is defined twice", bus.name),
                 );
             }
-            bus.validate(&at, &mut p);
+            buses.push(bus.resolve(&at, &mut p));
         }
         let profiles = match Profiles::load(&self.modbus_profiles) {
             Ok(p) => p,
@@ -184,16 +219,18 @@ impl Config {
                 Profiles::built_in()
             }
         };
-        let mut meters = HashSet::new();
+        let mut resolver = Resolver::new(&profiles, &tz);
+        let mut ids = HashSet::new();
+        let mut meters = Vec::new();
         for (i, meter) in self.meter.iter().enumerate() {
             let at = format!("meter[{i}]");
-            if !meters.insert(meter.id.as_str()) {
+            if !ids.insert(meter.id.as_str()) {
                 p.push(
                     format!("{at}.id"),
                     format!("meter `{}` is defined twice", meter.id),
                 );
             }
-            match self.bus.iter().find(|b| b.name == meter.bus) {
+            match self.bus.iter().position(|b| b.name == meter.bus) {
                 None => {
                     let names: Vec<&str> = self.bus.iter().map(|b| b.name.as_str()).collect();
                     p.push(
@@ -209,15 +246,37 @@ impl Config {
                         ),
                     );
                 }
-                Some(bus) => meter.validate(&at, bus, &profiles, &mut p),
+                // A bus with problems of its own has been reported; its meters are checked
+                // once it is fixed.
+                Some(b) => {
+                    if let Some(bus) = &buses[b] {
+                        if let Some(m) =
+                            meter.resolve(&at, &bus.name, &bus.link, &mut resolver, &mut p)
+                        {
+                            meters.push(Arc::new(m));
+                        }
+                    }
+                }
             }
         }
-        p.0
-    }
-
-    /// The meters on `bus`, in file order.
-    pub fn meters_on<'a>(&'a self, bus: &'a str) -> impl Iterator<Item = &'a MeterConfig> + 'a {
-        self.meter.iter().filter(move |m| m.bus == bus)
+        if !p.0.is_empty() {
+            return Err(p.0);
+        }
+        Ok(Config {
+            gateway: Gateway {
+                id: g.id.clone(),
+                timezone: g.timezone.clone(),
+                tz,
+                data_dir: g.data_dir.clone(),
+            },
+            store: self.store,
+            amqp: self.amqp,
+            mqtt: self.mqtt,
+            beat: self.beat,
+            buses: buses.into_iter().flatten().collect(),
+            meters,
+            source: source.to_owned(),
+        })
     }
 }
 
@@ -236,65 +295,6 @@ pub fn zone(name: &str) -> Result<TimeZone, String> {
         format!("`{name}` is not an IANA time zone such as `Europe/Stockholm`: {e}{hint}")
     })
 }
-
-/// A problem found by validation, before it is located in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted key path: `meter[1].modbus.unit`.
-    pub key: String,
-    pub message: String,
-}
-
-/// Collects problems; each component's `validate` pushes into it.
-#[derive(Debug, Default)]
-pub struct Problems(pub Vec<Problem>);
-
-impl Problems {
-    pub fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem {
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-}
-
-/// A problem with its place in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Located {
-    /// 1-based line and column, where the key could be found.
-    pub line: Option<(usize, usize)>,
-    pub key: String,
-    pub message: String,
-}
-
-/// Why a config file cannot be used. Displays one line per problem:
-/// `FILE:LINE:COL: KEY: MESSAGE`.
-#[derive(Debug, Clone)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub problems: Vec<Located>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.problems.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{}", self.file.display())?;
-            if let Some((line, col)) = p.line {
-                write!(f, ":{line}:{col}")?;
-            }
-            if !p.key.is_empty() {
-                write!(f, ": {}", p.key)?;
-            }
-            write!(f, ": {}", p.message)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -345,149 +345,6 @@ fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
         }
     }
     span.map(|s| line_col(text, s.start))
-}
-
-/// A duration written as humans do: `1s`, `500ms`, `15m`, `90d`, `1h 30m`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Duration(pub std::time::Duration);
-
-impl<'de> Deserialize<'de> for Duration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(Duration).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "`{s}` is not a duration such as `1s`, `15m` or `90d`: {e}"
-            ))
-        })
-    }
-}
-
-impl fmt::Display for Duration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
-    }
-}
-
-/// A size in bytes: `256MiB`, `1GB`, `512KiB`, or a plain integer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let num: f64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size such as `256MiB`"))?;
-        let mult: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "K" | "KB" | "kB" => 1000,
-            "KiB" => 1 << 10,
-            "M" | "MB" => 1_000_000,
-            "MiB" => 1 << 20,
-            "G" | "GB" => 1_000_000_000,
-            "GiB" => 1 << 30,
-            u => {
-                return Err(format!(
-                    "`{u}` in `{s}` is not a size unit (B, kB, KiB, MB, MiB, GB, GiB)"
-                ));
-            }
-        };
-        Ok(ByteSize((num * mult as f64) as u64))
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        if b >= 1 << 30 && b % (1 << 20) == 0 {
-            write!(f, "{:.1}GiB", b as f64 / (1u64 << 30) as f64)
-        } else if b >= 1 << 20 {
-            write!(f, "{:.1}MiB", b as f64 / (1u64 << 20) as f64)
-        } else if b >= 1 << 10 {
-            write!(f, "{:.1}KiB", b as f64 / 1024.0)
-        } else {
-            write!(f, "{b}B")
-        }
-    }
-}
-
-/// A credential-bearing string (a broker URL with a password). `Debug` and `Display` never
-/// show the password; use [`Secret::expose`] only to hand it to the client library.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// The URL with any password replaced by `***`: safe for logs.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-/// `amqp://user:pw@host/vhost` → `amqp://user:***@host/vhost`.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return "***".to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***@{}", &url[..scheme_end + 3], user, &rest[at + 1..])
-        }
-        None => url.to_owned(),
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret({})", self.redacted())
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Secret)
-    }
-}
-
-/// Reads a secret from a file, trimming the trailing newline editors add.
-pub fn read_secret_file(path: &Path) -> std::io::Result<Secret> {
-    let s = std::fs::read_to_string(path)?;
-    Ok(Secret(s.trim_end_matches(['\n', '\r']).to_owned()))
 }
 
 #[cfg(test)]
@@ -571,26 +428,5 @@ url = "amqp://guest:guest@localhost"
     fn syntax_error_should_give_a_line() {
         let s = load("[gateway\nid=1").unwrap_err().to_string();
         assert!(s.starts_with("test.toml:1:"), "{s}");
-    }
-
-    #[test]
-    fn byte_sizes_should_parse_binary_and_decimal_units() {
-        assert_eq!(ByteSize::parse("256MiB").unwrap(), ByteSize(256 << 20));
-        assert_eq!(ByteSize::parse("1GB").unwrap(), ByteSize(1_000_000_000));
-        assert_eq!(ByteSize::parse("512").unwrap(), ByteSize(512));
-        assert!(ByteSize::parse("12 parsecs").is_err());
-    }
-
-    #[test]
-    fn redacted_urls_should_hide_the_password_only() {
-        assert_eq!(
-            redact_url("amqps://user:s3cret@broker:5671/vh"),
-            "amqps://user:***@broker:5671/vh"
-        );
-        assert_eq!(redact_url("amqp://broker"), "amqp://broker");
-        assert_eq!(
-            format!("{:?}", Secret::new("amqp://u:p@h")),
-            "Secret(amqp://u:***@h)"
-        );
     }
 }

@@ -10,13 +10,17 @@
 //! * [`beat`] — when each meter is read: wall-clock boundaries per cadence.
 //! * [`bus`] — one worker per serial port or TCP endpoint, the only owner of its link;
 //!   priority queue of polls.
-//! * [`meter`] — what to read from a meter, and the protocol drivers: [`meter::modbus`]
-//!   (RTU, TCP; register profiles as data) and [`meter::iec62056_21`].
+//! * [`meter`] — what to read from a meter, the one driver interface ([`meter::Meter::read`])
+//!   and the protocol drivers: [`meter::modbus`] (RTU, TCP; register profiles as data) and
+//!   [`meter::iec62056_21`]; the links they run on ([`meter::link`]).
 //! * [`store`] — the durable buffer on sled: append, take, ack; eviction when full.
 //! * [`drain`] — the store to RabbitMQ as Celery protocol v2 tasks, with publisher confirms.
 //! * [`control`] — MQTT commands from the centre: on-demand polls, inspect, cancel, status.
 //! * [`reading`] — the data model: readings, OBIS series, exact decimals, system events.
-//! * [`config`] — the TOML file, its value types and located errors.
+//! * [`config`] — the TOML file and its resolution into the typed [`config::Config`] the
+//!   agent runs.
+//! * [`primitives`] — value types the sections share (durations, sizes, secrets) and the
+//!   located errors; a leaf that imports nothing from the crate.
 //! * [`agent`] — the wiring of a running agent, signals and reload.
 //! * [`status`] — what `amr-edge status` reports, from a running agent or from the store.
 //! * [`sim`] — simulated meters for the demo and the tests.
@@ -37,6 +41,7 @@ pub mod control;
 pub mod drain;
 pub mod lock;
 pub mod meter;
+pub mod primitives;
 pub mod reading;
 pub mod sim;
 pub mod status;

@@ -147,8 +147,8 @@ impl StatusReport {
             "buffer       {} readings, {} events, {} ({} on disk)",
             b.readings,
             b.events,
-            crate::config::ByteSize(b.bytes),
-            crate::config::ByteSize(b.disk_bytes)
+            crate::primitives::ByteSize(b.bytes),
+            crate::primitives::ByteSize(b.disk_bytes)
         );
         let _ = writeln!(
             s,

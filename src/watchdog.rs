@@ -175,10 +175,16 @@ mod tests {
             "name = \"{name}\"\ntcp = {{ host = \"127.0.0.1\", port = 1 }}"
         ))
         .expect("bus config");
-        BusWorker::new(
-            config,
-            Vec::new(),
+        let (bus, meters) = crate::bus::resolve(
+            &config,
+            &[],
             &Profiles::built_in(),
+            &jiff::tz::TimeZone::UTC,
+        )
+        .expect("resolves");
+        BusWorker::new(
+            bus,
+            meters,
             store,
             Arc::new(Notify::new()),
             Arc::new(SystemClock),

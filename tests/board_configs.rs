@@ -40,8 +40,8 @@ fn every_board_config_should_load_and_validate() {
     for path in &configs {
         match Config::load(path) {
             Ok(config) => {
-                assert!(!config.bus.is_empty(), "{}: no bus", path.display());
-                assert!(!config.meter.is_empty(), "{}: no meter", path.display());
+                assert!(!config.buses.is_empty(), "{}: no bus", path.display());
+                assert!(!config.meters.is_empty(), "{}: no meter", path.display());
                 // The shipped unit's StateDirectory: anything else is not writable under
                 // ProtectSystem=strict.
                 assert_eq!(

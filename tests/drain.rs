@@ -349,7 +349,7 @@ async fn an_unroutable_message_should_stay_in_the_store_until_the_queue_is_back(
     let mut amqp = AmqpConfig::for_url(AMQP_URL);
     amqp.queue = queue.clone();
     amqp.events_queue = events.clone();
-    amqp.max_backoff = amr_edge::config::Duration(Duration::from_secs(1));
+    amqp.max_backoff = amr_edge::primitives::HumanDuration(Duration::from_secs(1));
     let wake = Arc::new(Notify::new());
     let (drain, status) = Drain::new(
         DrainSettings::new("gw-unroutable", &amqp),

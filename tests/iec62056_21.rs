@@ -14,7 +14,6 @@ use amr_edge::bus::{BusWorker, PollReport, PollRequest};
 use amr_edge::clock::SystemClock;
 use amr_edge::config::Config;
 use amr_edge::meter::iec62056_21::codec::Identification;
-use amr_edge::meter::modbus::profile::Profiles;
 use amr_edge::reading::{Cadence, EventKind, Reading, SystemEvent};
 use amr_edge::sim::iec::{Clock, Fault, SimBus, SimMeter, spawn_pty};
 use amr_edge::store::{Record, SledStore, Store, StoreConfig, Stream};
@@ -138,16 +137,15 @@ async fn start(sim: &SimBus, extra: &str) -> Agent {
         )
         .expect("store"),
     );
-    let bus = config.bus[0].clone();
+    let bus = config.buses[0].clone();
     let meters = config.meters_on(&bus.name).cloned().collect();
     let (worker, handle) = BusWorker::new(
         bus,
         meters,
-        &Profiles::built_in(),
         store.clone(),
         Arc::new(Notify::new()),
         clock,
-        config.gateway.tz(),
+        config.gateway.tz.clone(),
         16,
     );
     let shutdown = CancellationToken::new();

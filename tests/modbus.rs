@@ -520,7 +520,9 @@ async fn every_fault_should_give_its_event_and_the_good_meter_on_the_bus_keeps_b
     }
     let r = p.poll("nodevice-bad").await;
     assert!(
-        r.errors[0].contains("cannot open /dev/ttyAMR-does-not-exist"),
+        r.errors[0]
+            .to_string()
+            .contains("cannot open /dev/ttyAMR-does-not-exist"),
         "{:?}",
         r.errors
     );
@@ -563,7 +565,9 @@ async fn a_port_that_disappears_should_give_link_errors_and_reads_resume_when_it
     );
     let r = p.poll("m").await;
     assert!(
-        r.errors.iter().any(|e| e.contains("link error")),
+        r.errors
+            .iter()
+            .any(|e| e.to_string().contains("link error")),
         "{:?}",
         r.errors
     );

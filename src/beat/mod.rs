@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{PollRequest, RouteError, Router};
 use crate::clock::SharedClock;
-use crate::config::{Duration as HumanDuration, Problems};
-use crate::meter::MeterConfig;
+use crate::meter::Meter;
+use crate::primitives::{HumanDuration, Problems};
 use crate::reading::{Cadence, EventKind, Flags, Stamp, SystemEvent};
 use crate::store::{Append, Store};
 
@@ -165,7 +165,7 @@ pub struct Beat {
 impl Beat {
     pub fn new(
         config: BeatConfig,
-        meters: &[MeterConfig],
+        meters: &[Arc<Meter>],
         router: Router,
         store: Arc<dyn Store>,
         clock: SharedClock,

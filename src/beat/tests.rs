@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::bus::{BusCommand, BusHandle};
 use crate::clock::Clock;
+use crate::meter::{Meter, MeterConfig};
 use crate::store::{Mark, MemoryStore};
 
 /// Wall time = start + (paused tokio time elapsed) + jumps.
@@ -87,9 +88,9 @@ fn fake_bus(store: Arc<MemoryStore>, reads: Arc<Mutex<Vec<Read>>>) -> Router {
     router
 }
 
-fn meters() -> Vec<MeterConfig> {
+fn meters() -> Vec<Arc<Meter>> {
     let all = r#"reads = { quarterly = "all", hourly = "all", daily = "all", monthly = "all", yearly = "all" }"#;
-    ["m1", "m2"]
+    let configs: Vec<MeterConfig> = ["m1", "m2"]
         .iter()
         .map(|id| {
             toml::from_str(&format!(
@@ -97,7 +98,13 @@ fn meters() -> Vec<MeterConfig> {
             ))
             .unwrap()
         })
-        .collect()
+        .collect();
+    let bus: crate::bus::BusConfig =
+        toml::from_str("name = \"bus\"\ntcp = { host = \"127.0.0.1\", port = 1 }").unwrap();
+    let profiles = crate::meter::modbus::profile::Profiles::built_in();
+    crate::bus::resolve(&bus, &configs, &profiles, &TimeZone::UTC)
+        .unwrap()
+        .1
 }
 
 fn tz() -> TimeZone {

@@ -2,14 +2,18 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use tokio::sync::{Notify, oneshot};
 use tokio_modbus::ExceptionCode;
+use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::reading::Decimal;
+use crate::meter::modbus::profile::Profiles;
+use crate::reading::{Cadence, Decimal, EventKind, SystemEvent};
 use crate::sim::modbus::{Fault, Meters, Unit, spawn_tcp};
-use crate::store::{MemoryStore, Record};
+use crate::store::{MemoryStore, Record, Store};
 
 struct Bench {
     meters: Meters,
@@ -47,14 +51,15 @@ async fn bench(units: &[u8], concurrency: usize) -> Bench {
         .collect();
     let store = Arc::new(MemoryStore::new());
     let clock = ManualClock::new("2026-11-21T10:15:02Z".parse().unwrap());
+    let tz = TimeZone::get("Europe/Stockholm").unwrap();
+    let (bus, resolved) = resolve(&bus, &configs, &profiles, &tz).unwrap();
     let (worker, handle) = BusWorker::new(
         bus,
-        configs,
-        &profiles,
+        resolved,
         store.clone(),
         Arc::new(Notify::new()),
         clock,
-        TimeZone::get("Europe/Stockholm").unwrap(),
+        tz,
         64,
     );
     let shutdown = CancellationToken::new();
@@ -153,7 +158,11 @@ async fn a_meter_that_never_answers_should_give_an_event_and_not_stop_the_others
     )
     .await;
     assert!(dead.readings.is_empty());
-    assert!(dead.errors[0].contains("no answer"), "{:?}", dead.errors);
+    assert!(
+        dead.errors[0].to_string().contains("no answer"),
+        "{:?}",
+        dead.errors
+    );
     assert_eq!(alive.readings.len(), 17);
     let ev = events(&b.store);
     assert_eq!(ev.len(), 1);

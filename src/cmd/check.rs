@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use amr_edge::config::Config;
 use amr_edge::meter::Protocol;
-use amr_edge::meter::modbus::ReadPlan;
-use amr_edge::meter::modbus::profile::Profiles;
+use amr_edge::primitives::HumanDuration;
 use amr_edge::reading::Cadence;
 
 pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
@@ -83,72 +82,46 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
         )?,
         None => writeln!(s, "mqtt       off (no [mqtt] section)")?,
     }
-    let profiles = Profiles::load(&config.modbus_profiles)?;
-    for bus in &config.bus {
+    for bus in &config.buses {
         writeln!(s)?;
-        let link = match (&bus.serial, &bus.tcp) {
-            (Some(ser), _) => format!(
-                "serial {} {} {}{}{}{}",
-                ser.device.display(),
-                ser.baud,
-                ser.data_bits,
-                match ser.parity {
-                    amr_edge::bus::Parity::None => "N",
-                    amr_edge::bus::Parity::Even => "E",
-                    amr_edge::bus::Parity::Odd => "O",
-                },
-                ser.stop_bits,
-                if ser.rs485.enabled {
-                    ", RS-485 direction by the driver"
-                } else {
-                    ""
-                }
-            ),
-            (None, Some(t)) => format!("tcp {}:{}, {} at once", t.host, t.port, t.concurrency),
-            (None, None) => "no link".into(),
-        };
         writeln!(
             s,
-            "bus {}: {link}; timeout {}, {} retries",
-            bus.name, bus.timeout, bus.retries
+            "bus {}: {}; timeout {}, {} retries",
+            bus.name,
+            bus.link,
+            HumanDuration(bus.timing.timeout),
+            bus.timing.retries
         )?;
         for m in config.meters_on(&bus.name) {
-            match m.protocol() {
-                Protocol::Modbus => {
-                    let mc = m.modbus.as_ref().expect("modbus meter");
+            match &m.protocol {
+                Protocol::Modbus(mc) => {
                     writeln!(
                         s,
                         "  meter {:<24} modbus unit {}, profile {}",
-                        m.id, mc.unit, mc.profile
+                        m.id, mc.unit, mc.profile.name
                     )?;
-                    let Some(profile) = profiles.get(&mc.profile) else {
-                        continue;
-                    };
                     for c in m.reads.cadences() {
-                        if let Some(sel) = m.reads.get(c) {
-                            let p = ReadPlan::new(profile, mc, sel);
-                            writeln!(
-                                s,
-                                "    {:<10} {} series in {} request(s): {}",
-                                c.as_str(),
-                                p.registers.len(),
-                                p.requests.len(),
-                                p.requests
-                                    .iter()
-                                    .map(|r| format!(
-                                        "fc{:02} {}+{}",
-                                        r.function.code(),
-                                        r.start,
-                                        r.count
-                                    ))
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )?;
-                        }
+                        let Some(p) = mc.plans.get(&c) else { continue };
+                        writeln!(
+                            s,
+                            "    {:<10} {} series in {} request(s): {}",
+                            c.as_str(),
+                            p.registers.len(),
+                            p.requests.len(),
+                            p.requests
+                                .iter()
+                                .map(|r| format!(
+                                    "fc{:02} {}+{}",
+                                    r.function.code(),
+                                    r.start,
+                                    r.count
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )?;
                     }
                 }
-                Protocol::Iec62056_21 => {
-                    let ic = m.iec62056_21.as_ref().expect("iec meter");
+                Protocol::Iec62056_21(ic) => {
                     writeln!(
                         s,
                         "  meter {:<24} IEC 62056-21 {}, up to {} baud",
@@ -170,7 +143,7 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
         }
     }
     writeln!(s)?;
-    let tz = config.gateway.tz();
+    let tz = config.gateway.tz.clone();
     if let Some(every) = config.beat.every {
         writeln!(
             s,
@@ -180,14 +153,14 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
     }
     writeln!(s, "next reads ({})", g.timezone)?;
     let used: Vec<Cadence> = config
-        .meter
+        .meters
         .iter()
         .flat_map(|m| m.reads.cadences())
         .collect();
     for (c, boundary, fire) in amr_edge::beat::next_fires(&config.beat, &tz, jiff::Timestamp::now())
     {
         let n = config
-            .meter
+            .meters
             .iter()
             .filter(|m| m.reads.get(c).is_some() && c != Cadence::OnDemand)
             .count();

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use amr_edge::bus::{BusWorker, PollReport, PollRequest, Router};
 use amr_edge::clock::SystemClock;
 use amr_edge::lock::DirLock;
-use amr_edge::meter::modbus::profile::Profiles;
 use amr_edge::reading::Cadence;
 use amr_edge::store::MemoryStore;
 use tokio::sync::{Notify, oneshot};
@@ -36,7 +35,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let unknown: Vec<&String> = args
         .meters
         .iter()
-        .filter(|m| !config.meter.iter().any(|c| &&c.id == m))
+        .filter(|m| !config.meters.iter().any(|c| &&c.id == m))
         .collect();
     if !unknown.is_empty() {
         anyhow::bail!(
@@ -50,27 +49,25 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let wanted: Vec<String> = if args.meters.is_empty() {
-        config.meter.iter().map(|m| m.id.clone()).collect()
+        config.meter_ids()
     } else {
         args.meters.clone()
     };
-    let profiles = Profiles::load(&config.modbus_profiles)?;
     // Values are printed, not buffered: this is a field engineer's check, not a read.
     let store = Arc::new(MemoryStore::new());
     let shutdown = CancellationToken::new();
     let mut router = Router::default();
     let mut workers = Vec::new();
-    for bus in &config.bus {
+    for bus in &config.buses {
         let meters: Vec<_> = config.meters_on(&bus.name).cloned().collect();
         let ids = meters.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
         let (w, h) = BusWorker::new(
             bus.clone(),
             meters,
-            &profiles,
             store.clone(),
             Arc::new(Notify::new()),
             Arc::new(SystemClock),
-            config.gateway.tz(),
+            config.gateway.tz.clone(),
             wanted.len().max(1),
         );
         workers.push(tokio::spawn(w.run(shutdown.clone())));
@@ -111,7 +108,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                         "unit": x.unit,
                         "timestamp": x.timestamp.rfc3339(),
                     })).collect::<Vec<_>>(),
-                    "errors": r.errors,
+                    "errors": r.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                 })
             })
             .collect();

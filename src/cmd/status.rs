@@ -17,7 +17,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         Ok(_lock) => {
             let clock = Arc::new(SystemClock);
             let store = SledStore::open(dir, &config.store, clock.clone())?;
-            let meters: Vec<String> = config.meter.iter().map(|m| m.id.clone()).collect();
+            let meters: Vec<String> = config.meter_ids();
             StatusReport::build(
                 &config.gateway.id,
                 &store.stats()?,

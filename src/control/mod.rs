@@ -38,8 +38,8 @@ use crate::backoff::Backoff;
 use crate::beat::BeatConfig;
 use crate::bus::{PollReport, PollRequest, RouteError, Router};
 use crate::clock::SharedClock;
-use crate::config::{ByteSize, Duration as HumanDuration, Problems, read_secret_file};
 use crate::drain::DrainStatus;
+use crate::primitives::{ByteSize, HumanDuration, Problems, read_secret_file};
 use crate::reading::{Cadence, Stamp};
 use crate::status::StatusReport;
 use crate::store::Store;
@@ -822,7 +822,8 @@ fn meter_result(report: &PollReport) -> Value {
         "stored": report.stored,
     });
     if !report.errors.is_empty() {
-        v["error"] = json!(report.errors.join("; "));
+        let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+        v["error"] = json!(errors.join("; "));
     }
     v
 }

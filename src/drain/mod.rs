@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub use amqp::AmqpPublisher;
 
 use crate::backoff::Backoff;
-use crate::config::{Duration as HumanDuration, Problems, Secret, read_secret_file};
+use crate::primitives::{HumanDuration, Problems, Secret, read_secret_file};
 use crate::store::{Entry, EntryId, Record, Store, StoreError, Stream};
 use celery::{Envelope, TaskMessage};
 use rate::{Pacer, RateLimit};
@@ -190,7 +190,7 @@ fn check_url(url: &str, key: &str, p: &mut Problems) {
             key.to_owned(),
             format!(
                 "`{}` must start with amqp:// or amqps://",
-                crate::config::redact_url(url)
+                crate::primitives::redact_url(url)
             ),
         );
     } else if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
@@ -402,6 +402,9 @@ impl<P: Publisher> Drain<P> {
         let mut ahead: [std::collections::VecDeque<Entry>; 2] = Default::default();
         let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
         let mut failure: Option<PublishError> = None;
+        // The store could not be read: the broker is fine, so the connection stays; the
+        // drain waits a moment and reads again.
+        let mut store_failed: Option<StoreError> = None;
         let mut stopping = false;
         // Events are few and often explain the readings around them: send them first.
         let mut streams = [Stream::Events, Stream::Readings].into_iter().cycle();
@@ -410,6 +413,7 @@ impl<P: Publisher> Drain<P> {
             let mut idle_streams = 0;
             while !stopping
                 && failure.is_none()
+                && store_failed.is_none()
                 && in_flight.len() < self.settings.max_unconfirmed
                 && idle_streams < 2
             {
@@ -419,8 +423,7 @@ impl<P: Publisher> Drain<P> {
                     match self.take(stream).await {
                         Ok(e) => buf.extend(e),
                         Err(e) => {
-                            tracing::error!(error = %e, "Cannot read the store");
-                            failure = Some(PublishError::Unreachable(format!("store: {e}")));
+                            store_failed = Some(e);
                             break;
                         }
                     }
@@ -474,6 +477,18 @@ impl<P: Publisher> Drain<P> {
                 }
                 if stopping {
                     return SessionEnd::Shutdown;
+                }
+                if let Some(e) = store_failed.take() {
+                    let msg = format!("cannot read the store: {e}");
+                    if self.status.borrow().last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!(error = %e, "Cannot read the store; the broker connection stays, reading again shortly");
+                    }
+                    self.status.send_modify(|s| s.last_error = Some(msg));
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.cancelled() => stopping = true,
+                    }
+                    continue;
                 }
                 // Nothing to send: wait for new records (or poll the store now and then, in case
                 // a wake-up was missed or records came back from a nack).

@@ -29,6 +29,24 @@ struct Broker {
 struct FakePublisher(Arc<Mutex<Broker>>);
 
 impl FakePublisher {
+    /// A broker that is up and has the queues; the test confirms messages by hand.
+    fn up() -> Self {
+        let broker = FakePublisher::default();
+        {
+            let mut b = broker.broker();
+            b.up = true;
+            b.queue_exists = true;
+        }
+        broker
+    }
+
+    /// A broker that is up, has the queues and acknowledges every message at once.
+    fn acking() -> Self {
+        let broker = FakePublisher::up();
+        broker.broker().auto = Some(Confirmation::Ack);
+        broker
+    }
+
     fn broker(&self) -> std::sync::MutexGuard<'_, Broker> {
         self.0.lock().unwrap()
     }
@@ -161,13 +179,7 @@ async fn until(mut f: impl FnMut() -> bool) {
 async fn confirmed_messages_should_leave_the_store_in_batches() {
     let store = Arc::new(MemoryStore::new());
     fill(&store, 250);
-    let broker = FakePublisher::default();
-    {
-        let mut b = broker.broker();
-        b.up = true;
-        b.queue_exists = true;
-        b.auto = Some(Confirmation::Ack);
-    }
+    let broker = FakePublisher::acking();
     let r = start(settings(100, 8), store, broker);
     until(|| r.store.records().is_empty()).await;
     let sizes: Vec<usize> = r
@@ -187,12 +199,7 @@ async fn confirmed_messages_should_leave_the_store_in_batches() {
 async fn unconfirmed_messages_should_never_exceed_the_window() {
     let store = Arc::new(MemoryStore::new());
     fill(&store, 100);
-    let broker = FakePublisher::default();
-    {
-        let mut b = broker.broker();
-        b.up = true;
-        b.queue_exists = true;
-    }
+    let broker = FakePublisher::up();
     let r = start(settings(1, 4), store, broker);
     // Confirm by hand, one at a time, while the drain keeps the window full.
     let mut confirmed = 0;
@@ -213,12 +220,7 @@ async fn unconfirmed_messages_should_never_exceed_the_window() {
 async fn a_lost_confirmation_should_resend_the_same_readings_with_the_same_task_id() {
     let store = Arc::new(MemoryStore::new());
     fill(&store, 10);
-    let broker = FakePublisher::default();
-    {
-        let mut b = broker.broker();
-        b.up = true;
-        b.queue_exists = true;
-    }
+    let broker = FakePublisher::up();
     let r = start(settings(10, 4), store, broker);
     until(|| !r.broker.broker().pending.is_empty()).await;
     // The connection drops before the broker confirms.
@@ -317,13 +319,7 @@ async fn a_missing_queue_or_a_down_broker_should_be_retried_with_growing_waits()
 async fn the_rate_limit_should_pace_messages_after_an_outage() {
     let store = Arc::new(MemoryStore::new());
     fill(&store, 50);
-    let broker = FakePublisher::default();
-    {
-        let mut b = broker.broker();
-        b.up = true;
-        b.queue_exists = true;
-        b.auto = Some(Confirmation::Ack);
-    }
+    let broker = FakePublisher::acking();
     let mut s = settings(1, 64);
     s.rate_limit = Some("10/s".parse().unwrap());
     let t0 = tokio::time::Instant::now();
@@ -341,12 +337,7 @@ async fn the_rate_limit_should_pace_messages_after_an_outage() {
 async fn shutdown_should_wait_for_confirmations_in_flight() {
     let store = Arc::new(MemoryStore::new());
     fill(&store, 1);
-    let broker = FakePublisher::default();
-    {
-        let mut b = broker.broker();
-        b.up = true;
-        b.queue_exists = true;
-    }
+    let broker = FakePublisher::up();
     let r = start(settings(10, 4), store, broker);
     until(|| !r.broker.broker().pending.is_empty()).await;
     r.shutdown.cancel();
@@ -373,13 +364,7 @@ async fn events_should_go_to_the_events_queue_as_their_own_task() {
             ..Append::default()
         })
         .unwrap();
-    let broker = FakePublisher::default();
-    {
-        let mut b = broker.broker();
-        b.up = true;
-        b.queue_exists = true;
-        b.auto = Some(Confirmation::Ack);
-    }
+    let broker = FakePublisher::acking();
     let r = start(settings(10, 4), store, broker);
     until(|| r.store.records().is_empty()).await;
     let m = r.broker.broker().published[0].clone();
@@ -394,3 +379,41 @@ async fn events_should_go_to_the_events_queue_as_their_own_task() {
 }
 
 use crate::reading::SystemEvent;
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_cannot_be_read_should_not_be_taken_for_a_broker_that_is_down() {
+    let store = Arc::new(MemoryStore::new());
+    fill(&store, 30);
+    store.fail_reads(true);
+    let broker = FakePublisher::acking();
+    let r = start(settings(10, 4), store, broker);
+    until(|| {
+        r.status
+            .borrow()
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot read the store"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    {
+        let s = r.status.borrow();
+        assert!(s.connected, "the broker connection stays up: {s:?}");
+        assert!(
+            !s.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("unreachable")
+        );
+    }
+    assert_eq!(
+        r.broker.broker().connects,
+        1,
+        "no reconnect for a store error"
+    );
+    r.store.fail_reads(false);
+    until(|| r.store.records().is_empty()).await;
+    assert_eq!(r.broker.broker().connects, 1);
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}

@@ -1,20 +1,49 @@
 //! Meters: what to read from each, and the protocol drivers that read them.
 //!
 //! A meter is configured with one protocol section (`modbus` or `iec62056_21`) and which
-//! series to read at each cadence (`reads`). The drivers ([`modbus`], [`iec62056_21`]) turn a
-//! poll into requests on a transport the bus worker owns, and the answers into
-//! [`Reading`](crate::reading::Reading)s.
+//! series to read at each cadence (`reads`). [`MeterConfig`] is the file's shape;
+//! [`MeterConfig::resolve`] turns it, once, into a [`Meter`] whose [`Protocol`] holds the
+//! driver's settings parsed and checked (profiles loaded, read plans built, time zones
+//! looked up). Nothing downstream parses a string of the config again.
+//!
+//! # The driver interface
+//!
+//! [`Meter::read`] is the one entry point the bus worker calls: given a [`Request`] (what to
+//! read), the bus's [`link::Slot`] (the transport the bus owns) and the bus's [`Timing`], it
+//! returns one [`Outcome`]: values, or a typed [`Failure`], the requests the meter refused,
+//! and whether the link must be reopened. Retrying, reopening and "another unit answered"
+//! are decided inside the driver; the bus worker knows nothing about any protocol.
+//!
+//! The interface is an enum ([`Protocol`]) whose arms call each driver, not a trait: the set
+//! of drivers is closed and compiled in, each driver's `read` is an `async fn` that a trait
+//! object could only call boxed (one allocation per poll on every meter), and an exhaustive
+//! `match` makes the compiler point at every place a new protocol must be handled (`check`,
+//! link compatibility, the demo).
+//!
+//! # Adding a protocol
+//!
+//! 1. A folder under `meter/` with the sans-IO codec and state machine, a thin transport
+//!    over [`link::Slot`] (or any `AsyncRead + AsyncWrite`), its file section
+//!    (`XxxMeterConfig`, `deny_unknown_fields`) with a `resolve` into its typed settings, and
+//!    a `read` that returns an [`Outcome`].
+//! 2. A field for the section on [`MeterConfig`], a variant in [`Protocol`], and its arms in
+//!    [`MeterConfig::resolve`] (which links can carry it) and [`Meter::read`].
+//! 3. Its simulator in `sim/`, used by the tests and the demo.
 
 pub mod iec62056_21;
+pub mod link;
 pub mod modbus;
 
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
 use serde::{Deserialize, Deserializer};
 
-use crate::bus::BusConfig;
-use crate::config::Problems;
-use crate::reading::{Cadence, Obis};
+use crate::primitives::Problems;
+use crate::reading::{Cadence, Decimal, Obis, Stamp};
+use link::{Link, Slot};
 
-/// `[[meter]]`.
+/// `[[meter]]`, as written in the file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeterConfig {
@@ -33,6 +62,187 @@ pub struct MeterConfig {
 
 fn default_id_type() -> String {
     "name".into()
+}
+
+/// A meter, resolved: its protocol's settings parsed and checked.
+#[derive(Debug)]
+pub struct Meter {
+    pub id: String,
+    pub id_type: String,
+    pub bus: String,
+    pub protocol: Protocol,
+    pub reads: Reads,
+}
+
+/// The protocol of a meter with its driver's settings, resolved. One variant per driver.
+#[derive(Debug)]
+pub enum Protocol {
+    Modbus(modbus::ModbusMeter),
+    Iec62056_21(iec62056_21::IecMeter),
+}
+
+impl Protocol {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::Modbus(_) => "modbus",
+            Protocol::Iec62056_21(_) => "iec62056_21",
+        }
+    }
+}
+
+/// What resolving every meter of a file shares: the register maps, and read plans (1,000
+/// SDM630s read the same way hold one plan).
+pub struct Resolver<'a> {
+    pub profiles: &'a modbus::profile::Profiles,
+    pub gateway_tz: &'a TimeZone,
+    plans: modbus::PlanCache,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(profiles: &'a modbus::profile::Profiles, gateway_tz: &'a TimeZone) -> Self {
+        Resolver {
+            profiles,
+            gateway_tz,
+            plans: modbus::PlanCache::default(),
+        }
+    }
+}
+
+impl MeterConfig {
+    /// Checks the meter against its bus's link and resolves its protocol. Every problem goes
+    /// to `p` under `at` (`meter[3]`); `None` if there were any.
+    pub fn resolve(
+        &self,
+        at: &str,
+        bus: &str,
+        link: &Link,
+        r: &mut Resolver<'_>,
+        p: &mut Problems,
+    ) -> Option<Meter> {
+        let before = p.0.len();
+        if self.id.is_empty() || self.id.len() > 128 {
+            p.push(format!("{at}.id"), "must be 1-128 characters");
+        }
+        let protocol = match (&self.modbus, &self.iec62056_21) {
+            (Some(_), Some(_)) => {
+                p.push(
+                    at.to_owned(),
+                    "set one protocol: either `modbus` or `iec62056_21`",
+                );
+                None
+            }
+            (None, None) => {
+                p.push(
+                    at.to_owned(),
+                    "no protocol: add `modbus = { unit = …, profile = … }` or `iec62056_21 = { … }`",
+                );
+                None
+            }
+            (Some(m), None) => m
+                .resolve(&format!("{at}.modbus"), link, &self.reads, r, p)
+                .map(Protocol::Modbus),
+            (None, Some(i)) => {
+                if !link.is_serial() {
+                    p.push(
+                        format!("{at}.iec62056_21"),
+                        format!("IEC 62056-21 needs a serial bus; `{bus}` is a TCP bus"),
+                    );
+                }
+                i.resolve(&format!("{at}.iec62056_21"), r.gateway_tz, p)
+                    .map(Protocol::Iec62056_21)
+            }
+        };
+        match protocol {
+            Some(protocol) if p.0.len() == before => Some(Meter {
+                id: self.id.clone(),
+                id_type: self.id_type.clone(),
+                bus: self.bus.clone(),
+                protocol,
+                reads: self.reads.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What one poll asks of a meter.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub cadence: Cadence,
+    /// Only these series (an on-demand command that names them); `None`: what the meter's
+    /// `reads` say for the cadence.
+    pub series: Option<&'a [Obis]>,
+}
+
+/// How a bus runs its requests: the same for every meter on it.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Per request (per frame exchange).
+    pub timeout: Duration,
+    /// Further attempts of a request before the poll counts as failed.
+    pub retries: u32,
+}
+
+/// What a driver's read produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The values read; empty when `failure` is set.
+    pub values: Vec<Value>,
+    /// Why the read failed: the meter or the link did not answer properly. No values then.
+    pub failure: Option<Failure>,
+    /// Requests the meter refused (an exception, a baud switch it would not make): the rest
+    /// of the read is still good.
+    pub refused: Vec<Failure>,
+    /// The link is out of step or gone: the bus must close it before the next poll.
+    pub reopen: bool,
+    /// Data the meter sent that could not be mapped to a series (logged at debug with the
+    /// raw text; counted for `inspect`).
+    pub unmapped: usize,
+}
+
+impl Outcome {
+    pub fn failed(failure: Failure) -> Self {
+        Outcome {
+            failure: Some(failure),
+            ..Outcome::default()
+        }
+    }
+}
+
+/// One value a driver read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Value {
+    pub series: Obis,
+    pub value: Decimal,
+    pub unit: String,
+    /// The meter's own time for the value, where the protocol gives one.
+    pub meter_time: Option<Stamp>,
+}
+
+impl Meter {
+    /// Reads the meter on `slot`: the one driver entry point (see the module doc).
+    pub async fn read(&self, slot: &mut Slot, request: &Request<'_>, timing: &Timing) -> Outcome {
+        match &self.protocol {
+            Protocol::Modbus(m) => m.read(slot, &self.id, request, timing).await,
+            Protocol::Iec62056_21(m) => {
+                let selection = self.selection(request);
+                m.read(slot, &self.id, &selection, timing).await
+            }
+        }
+    }
+
+    /// What `request` selects: the series it names, else the meter's `reads` for the
+    /// cadence, else everything.
+    pub fn selection(&self, request: &Request<'_>) -> Selection {
+        match request.series {
+            Some(series) => Selection::Series(series.to_vec()),
+            None => self
+                .reads
+                .get(request.cadence)
+                .cloned()
+                .unwrap_or(Selection::All),
+        }
+    }
 }
 
 /// `reads = { quarterly = ["1-0:1.8.0"], monthly = "all" }`.
@@ -111,81 +321,6 @@ impl<'de> Deserialize<'de> for Selection {
     }
 }
 
-/// The protocol of a meter, resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Modbus,
-    Iec62056_21,
-}
-
-impl MeterConfig {
-    pub fn protocol(&self) -> Protocol {
-        if self.modbus.is_some() {
-            Protocol::Modbus
-        } else {
-            Protocol::Iec62056_21
-        }
-    }
-
-    pub fn validate(
-        &self,
-        at: &str,
-        bus: &BusConfig,
-        profiles: &modbus::profile::Profiles,
-        p: &mut Problems,
-    ) {
-        if self.id.is_empty() || self.id.len() > 128 {
-            p.push(format!("{at}.id"), "must be 1-128 characters");
-        }
-        match (&self.modbus, &self.iec62056_21) {
-            (Some(_), Some(_)) => p.push(
-                at.to_owned(),
-                "set one protocol: either `modbus` or `iec62056_21`",
-            ),
-            (None, None) => p.push(
-                at.to_owned(),
-                "no protocol: add `modbus = { unit = …, profile = … }` or `iec62056_21 = { … }`",
-            ),
-            (Some(m), None) => {
-                m.validate(&format!("{at}.modbus"), bus.serial.is_some(), profiles, p);
-                if let Some(profile) = profiles.get(&m.profile) {
-                    for c in self.reads.cadences() {
-                        if let Some(sel) = self.reads.get(c) {
-                            let missing = modbus::ReadPlan::missing(profile, sel);
-                            if !missing.is_empty() {
-                                p.push(
-                                    format!("{at}.reads.{c}"),
-                                    format!(
-                                        "profile `{}` has no register for {}",
-                                        m.profile,
-                                        missing
-                                            .iter()
-                                            .map(|o| o.to_string())
-                                            .collect::<Vec<_>>()
-                                            .join(", ")
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-            (None, Some(i)) => {
-                if bus.tcp.is_some() {
-                    p.push(
-                        format!("{at}.iec62056_21"),
-                        format!(
-                            "IEC 62056-21 needs a serial bus; `{}` is a TCP bus",
-                            bus.name
-                        ),
-                    );
-                }
-                i.validate(&format!("{at}.iec62056_21"), p);
-            }
-        }
-    }
-}
-
 /// Why a read failed, in terms the centre acts on. Each maps to one system event kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
@@ -221,5 +356,17 @@ impl Failure {
             Failure::WrongDevice { .. } => K::WrongDeviceAnswered,
             Failure::Link(_) => K::LinkError,
         }
+    }
+}
+
+/// As `{"kind": "meter_not_answering", "message": "no answer within 1s"}`: the event kind the
+/// centre knows, and the words for a person.
+impl serde::Serialize for Failure {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Failure", 2)?;
+        st.serialize_field("kind", self.event_kind().as_str())?;
+        st.serialize_field("message", &self.to_string())?;
+        st.end()
     }
 }

@@ -27,6 +27,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     fail_writes: AtomicBool,
+    fail_reads: AtomicBool,
 }
 
 impl MemoryStore {
@@ -39,6 +40,11 @@ impl MemoryStore {
     /// Makes every following write fail as a full disk would, until switched off.
     pub fn fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every following `take` fail as a damaged disk would, until switched off.
+    pub fn fail_reads(&self, fail: bool) {
+        self.fail_reads.store(fail, Ordering::SeqCst);
     }
 
     /// Everything buffered, oldest first (for assertions).
@@ -94,6 +100,11 @@ impl Store for MemoryStore {
     }
 
     fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
+        if self.fail_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "Input/output error (simulated)".into(),
+            ));
+        }
         let mut s = self.lock();
         let picked: Vec<Entry> = s
             .records

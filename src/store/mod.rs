@@ -15,30 +15,47 @@
 //!
 //! # What is durable when
 //!
+//! "Durable" here means: survives a power cut, not only a killed process. A killed process
+//! loses nothing the kernel has accepted; a power cut (or a board reset, a pulled SD card)
+//! loses everything in the page cache and the device's write cache that no `fsync` covered.
+//! sled's own `flush()` is not enough for that (it uses `sync_file_range`, see [`disk`]), so
+//! every step below that says "fsyncs" means sled's flush followed by [`disk`]'s fdatasync of
+//! the log, fsync of new blob files and fsync of the directories whose entries changed.
+//!
 //! * [`Store::append`] writes the records, the boundary marks of the reads they came from, the
 //!   per-meter bookkeeping and the counters in **one atomic batch**, then fsyncs, and only then
-//!   returns. A crash before the fsync loses the whole batch (the caller was never told it was
-//!   stored, and the boundary is not marked read, so the beat reads it again); a crash after
-//!   it loses nothing. There is never a boundary marked done without its readings, nor a
-//!   reading without its boundary mark.
+//!   returns. A crash or power cut before the fsync loses the whole batch (the caller was never
+//!   told it was stored, and the boundary is not marked read, so the beat reads it again); one
+//!   after it loses nothing. There is never a boundary marked done without its readings, nor a
+//!   reading without its boundary mark: sled's recovery replays whole batches or none.
 //! * [`Store::take`] hands out only records whose append has returned (its fsync done), so
 //!   nothing reaches the broker that a crash could make the store forget.
 //! * Taking changes nothing on disk. After a crash or a reopen, everything taken but not
 //!   acknowledged is pending again and will be sent again, with the same reading ids: delivery
 //!   is at least once, and duplicates are recognisable.
 //! * [`Store::ack`] removes records and updates the counters in one atomic batch, without an
-//!   fsync of its own: sled's background flush makes it durable within
-//!   [`StoreConfig::ack_flush`]. A crash in that window means duplicates, never loss.
+//!   fsync of its own: sled's background flush (a real fsync) makes it durable within
+//!   [`StoreConfig::ack_flush`], and [`Store::flush`] at shutdown at once. A crash or a power
+//!   cut in that window means duplicates, never loss.
+//! * [`Store::first_time`] (a command's request id) fsyncs before it says "first", so an
+//!   accepted command is never run twice because of a power cut.
 //! * Evictions (the store is over `max_bytes`, or a record is older than `max_age`) happen
 //!   inside the batch that caused them, together with the eviction counters. The system event
 //!   that reports them is written by the next [`Store::maintain`] (once a minute), from those
 //!   counters, so a crash in between delays the report but never loses it. Eviction is the
 //!   only way a record leaves without being delivered.
+//! * The high-water mark beside the store (`store.seq`: the sequence number after the last
+//!   durable one, written by `maintain` and `flush`) is replaced atomically and durably (temp
+//!   file, fsync, rename, fsync of the directory): after any cut it holds a value that was
+//!   true, so a store that comes back with less than it says is known to have lost its tail.
+//! * A store sled cannot open at all is moved aside with a durable rename before a new one is
+//!   started (`agent`), so a cut right after cannot bring the damaged one back.
 //!
 //! Counters (depth and bytes per range, evictions, the next sequence number) are kept in the
 //! same batches as the records they count, so they are right after a crash and nothing is
 //! counted by scanning.
 
+pub mod disk;
 mod memory;
 mod sled_store;
 
@@ -49,7 +66,7 @@ use serde::{Deserialize, Serialize};
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
-use crate::config::{ByteSize, Duration, Problems};
+use crate::primitives::{ByteSize, HumanDuration, Problems};
 use crate::reading::{Cadence, Reading, SystemEvent};
 
 /// `[store]`.
@@ -61,27 +78,27 @@ pub struct StoreConfig {
     pub max_bytes: ByteSize,
     /// Records older than this are evicted, whatever the space.
     #[serde(default = "default_max_age")]
-    pub max_age: Duration,
+    pub max_age: HumanDuration,
     /// sled's page cache. Small: a gateway has little RAM and the buffer is read once.
     #[serde(default = "default_cache")]
     pub cache: ByteSize,
     /// How soon an acknowledgement reaches the disk. A crash within this window means the
     /// acknowledged records are sent again (same ids), never that they are lost.
     #[serde(default = "default_ack_flush")]
-    pub ack_flush: Duration,
+    pub ack_flush: HumanDuration,
 }
 
 fn default_max_bytes() -> ByteSize {
     ByteSize(256 << 20)
 }
-fn default_max_age() -> Duration {
-    Duration(std::time::Duration::from_secs(90 * 86_400))
+fn default_max_age() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(90 * 86_400))
 }
 fn default_cache() -> ByteSize {
     ByteSize(4 << 20)
 }
-fn default_ack_flush() -> Duration {
-    Duration(std::time::Duration::from_millis(500))
+fn default_ack_flush() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(500))
 }
 
 impl Default for StoreConfig {

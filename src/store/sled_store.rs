@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use sled::{Batch, IVec, Tree};
 
+use super::disk::DiskSync;
 use super::{
     Append, Appended, Depth, Entry, EntryId, MeterState, Range, Record, Stats, Store, StoreConfig,
     StoreError, Stream, initial_sequence,
@@ -129,6 +130,18 @@ struct Handles {
     db: sled::Db,
     tree: Tree,
     aside: Tree,
+    disk: Arc<DiskSync>,
+}
+
+impl Handles {
+    /// sled's flush, then what it leaves out for a power cut (see [`super::disk`]): only
+    /// after this returns is what was applied durable.
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(io)?;
+        self.disk.sync().map_err(|e| {
+            StoreError::Unavailable(format!("could not make the store durable (fsync): {e}"))
+        })
+    }
 }
 
 fn rkey(range: Range, seq: u64) -> [u8; 10] {
@@ -290,10 +303,8 @@ impl SledStore {
             seq,
             &[(seq, &Record::Event(event))],
         );
-        if self.write(&mut st, meta, batch).is_ok() {
-            if let Ok(h) = self.h() {
-                let _ = h.db.flush();
-            }
+        let written = self.write(&mut st, meta, batch);
+        if written.and_then(|()| self.h()?.flush()).is_ok() {
             st.durable_through(seq);
         }
     }
@@ -304,9 +315,8 @@ impl SledStore {
     fn save_high_water(&self) {
         let next = self.lock().durable + 1;
         let path = self.dir.join(HIGH_WATER);
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, next.to_string()).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
+        if let Err(e) = super::disk::write_atomically(&path, next.to_string().as_bytes()) {
+            tracing::warn!(path = %path.display(), error = %e, "Could not record the store's high-water mark");
         }
     }
 
@@ -651,7 +661,7 @@ impl SledStore {
         });
         st.forget_chunk(range, first);
         self.write(st, meta, batch)?;
-        self.h()?.db.flush().map_err(io)?;
+        self.h()?.flush()?;
         st.durable_through(seq);
         Ok(())
     }
@@ -685,7 +695,15 @@ fn open_db(path: &Path, config: &StoreConfig) -> Result<Handles, StoreError> {
         .open_tree("buffer")
         .map_err(|e| open_err(e.to_string()))?;
     let aside = db.open_tree("aside").map_err(|e| open_err(e.to_string()))?;
-    Ok(Handles { db, tree, aside })
+    db.flush().map_err(|e| open_err(e.to_string()))?;
+    let disk = DiskSync::open(path)
+        .map_err(|e| open_err(format!("could not make the store durable (fsync): {e}")))?;
+    Ok(Handles {
+        db,
+        tree,
+        aside,
+        disk: Arc::new(disk),
+    })
 }
 
 /// The counters as last written, made safe: recounted if unreadable, and the next sequence
@@ -850,7 +868,7 @@ impl Drop for SledStore {
         }
         drop(st);
         if let Ok(h) = self.h() {
-            let _ = h.db.flush();
+            let _ = h.flush();
         }
     }
 }
@@ -925,7 +943,7 @@ impl SledStore {
         self.write(&mut st, meta, batch)?;
         drop(st);
 
-        if let Err(e) = self.h()?.db.flush() {
+        if let Err(e) = self.h()?.flush() {
             // Not on disk, so not stored: undo in memory so a retry by the caller does not
             // also leave this copy behind to be flushed later.
             let mut st = self.lock();
@@ -936,7 +954,7 @@ impl SledStore {
                 }
             }
             let _ = self.write(&mut st, snapshot, undo);
-            return Err(io(e));
+            return Err(e);
         }
         self.lock().durable_through(last);
         Ok(Appended { seqs, evicted })
@@ -1216,14 +1234,14 @@ impl SledStore {
         let last = meta.next_seq - 1;
         self.write(&mut st, meta, batch)?;
         drop(st);
-        self.h()?.db.flush().map_err(io)?;
+        self.h()?.flush()?;
         self.lock().durable_through(last);
         Ok(n)
     }
 
     fn flush_inner(&self) -> Result<(), StoreError> {
         self.persist_partial(&mut self.lock())?;
-        self.h()?.db.flush().map(|_| ()).map_err(io)
+        self.h()?.flush()
     }
 
     fn first_time_inner(&self, key: &str) -> Result<bool, StoreError> {
@@ -1234,7 +1252,7 @@ impl SledStore {
             .map_err(io)?
             .is_ok();
         if fresh {
-            self.h()?.db.flush().map_err(io)?;
+            self.h()?.flush()?;
         }
         Ok(fresh)
     }

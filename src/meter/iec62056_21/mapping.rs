@@ -19,8 +19,8 @@ use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
 
 use super::dataset::DataSet;
-use crate::bus::Value;
 use crate::meter::Selection;
+use crate::meter::Value;
 use crate::reading::{Decimal, Obis, Stamp};
 
 /// What became of a readout.

@@ -43,10 +43,9 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use serde::Deserialize;
 
-use crate::bus::Value;
-use crate::bus::link::Slot;
-use crate::config::{Duration as HumanDuration, Problems};
-use crate::meter::{Failure, MeterConfig, Selection};
+use crate::meter::link::Slot;
+use crate::meter::{Failure, Outcome, Selection, Timing};
+use crate::primitives::{HumanDuration, Problems};
 use session::{Session, SessionConfig, SessionError};
 use transport::Line;
 
@@ -83,7 +82,10 @@ fn default_readout_timeout() -> HumanDuration {
 }
 
 impl IecMeterConfig {
-    pub fn validate(&self, at: &str, p: &mut Problems) {
+    /// Checks the section and resolves it: the medium as OBIS A-B, the meter's zone (its
+    /// own, else the gateway's).
+    pub fn resolve(&self, at: &str, gateway_tz: &TimeZone, p: &mut Problems) -> Option<IecMeter> {
+        let before = p.0.len();
         if let Some(a) = &self.address {
             if a.is_empty()
                 || a.len() > 32
@@ -103,91 +105,73 @@ impl IecMeterConfig {
                 "must be one of 300, 600, 1200, 2400, 4800, 9600, 19200",
             );
         }
-        if crate::reading::Obis::parse_with(&format!("{}:1.8.0", self.medium), [0, 0]).is_err() {
-            p.push(
-                format!("{at}.medium"),
-                format!(
-                    "`{}` is not an OBIS medium and channel such as `1-0`",
-                    self.medium
-                ),
-            );
-        }
+        let ab = match crate::reading::Obis::parse_with(&format!("{}:1.8.0", self.medium), [0, 0]) {
+            Ok(o) => [o.0[0], o.0[1]],
+            Err(_) => {
+                p.push(
+                    format!("{at}.medium"),
+                    format!(
+                        "`{}` is not an OBIS medium and channel such as `1-0`",
+                        self.medium
+                    ),
+                );
+                crate::reading::Obis::DEFAULT_AB
+            }
+        };
         if self.readout_timeout.0 < Duration::from_secs(1)
             || self.readout_timeout.0 > Duration::from_secs(3600)
         {
             p.push(format!("{at}.readout_timeout"), "must be between 1s and 1h");
         }
-        if let Some(tz) = &self.timezone {
-            if crate::config::zone(tz).is_err() {
-                p.push(
-                    format!("{at}.timezone"),
-                    format!("`{tz}` is not an IANA time zone"),
-                );
-            }
+        let tz = match &self.timezone {
+            None => gateway_tz.clone(),
+            Some(tz) => match crate::config::zone(tz) {
+                Ok(z) => z,
+                Err(e) => {
+                    p.push(format!("{at}.timezone"), e);
+                    TimeZone::UTC
+                }
+            },
+        };
+        (p.0.len() == before).then(|| IecMeter {
+            address: self.address.clone(),
+            max_baud: self.max_baud,
+            ab,
+            tz,
+            readout_timeout: self.readout_timeout.0,
+        })
+    }
+}
+
+/// An IEC 62056-21 meter, resolved.
+#[derive(Debug, Clone)]
+pub struct IecMeter {
+    /// `/?address!`; `None`: `/?!` (a single meter on an optical probe).
+    pub address: Option<String>,
+    pub max_baud: u32,
+    /// OBIS medium and channel for data-set addresses written without them.
+    pub ab: [u8; 2],
+    /// The zone of the meter's clock, for its time and date registers.
+    pub tz: TimeZone,
+    pub readout_timeout: Duration,
+}
+
+impl IecMeter {
+    /// Reads the meter on `slot`: the bus's port, in IEC framing.
+    pub async fn read(
+        &self,
+        slot: &mut Slot,
+        meter: &str,
+        selection: &Selection,
+        timing: &Timing,
+    ) -> Outcome {
+        match slot.iec_port() {
+            Ok(port) => read_line(port, meter, self, selection, timing).await,
+            Err(f) => Outcome {
+                reopen: true,
+                ..Outcome::failed(f)
+            },
         }
-    }
-}
-
-impl IecMeterConfig {
-    /// The OBIS medium and channel (A-B) of `medium`.
-    pub fn ab(&self) -> [u8; 2] {
-        crate::reading::Obis::parse_with(&format!("{}:1.8.0", self.medium), [1, 0])
-            .map(|o| [o.0[0], o.0[1]])
-            .unwrap_or(crate::reading::Obis::DEFAULT_AB)
-    }
-
-    /// The zone of the meter's clock: its own, else the gateway's.
-    pub fn tz(&self, gateway: &TimeZone) -> TimeZone {
-        self.timezone
-            .as_deref()
-            .and_then(|t| crate::config::zone(t).ok())
-            .unwrap_or_else(|| gateway.clone())
-    }
-}
-
-/// What a read produced: values, or why not; and problems that did not stop it.
-#[derive(Debug, Default)]
-pub struct ReadOutcome {
-    pub values: Vec<Value>,
-    /// Why the read failed; no values then.
-    pub failure: Option<Failure>,
-    /// Problems the read got past (a refused baud switch, read again at 300 Bd).
-    pub refused: Vec<Failure>,
-}
-
-impl ReadOutcome {
-    fn failed(failure: Failure) -> Self {
-        ReadOutcome {
-            failure: Some(failure),
-            ..ReadOutcome::default()
-        }
-    }
-}
-
-/// How the bus runs a read.
-#[derive(Clone, Debug)]
-pub struct ReadParams<'a> {
-    /// Which series to keep.
-    pub selection: &'a Selection,
-    /// The gateway's zone, for meters without their own.
-    pub gateway_tz: &'a TimeZone,
-    /// The bus's answer timeout (raised to the standard's 1.5 s if shorter).
-    pub timeout: Duration,
-    /// Further sign-ons after a failed one.
-    pub retries: u32,
-}
-
-/// Reads an IEC 62056-21 meter on `slot`: the bus's port, in IEC framing.
-pub async fn read(slot: &mut Slot, meter: &MeterConfig, params: &ReadParams<'_>) -> ReadOutcome {
-    let Some(config) = meter.iec62056_21.as_ref() else {
-        return ReadOutcome::failed(Failure::Link(format!(
-            "meter {} has no iec62056_21 section",
-            meter.id
-        )));
-    };
-    match slot.iec_port() {
-        Ok(port) => read_line(port, &meter.id, config, params).await,
-        Err(f) => ReadOutcome::failed(f),
     }
 }
 
@@ -195,16 +179,17 @@ pub async fn read(slot: &mut Slot, meter: &MeterConfig, params: &ReadParams<'_>)
 pub async fn read_line<L: Line>(
     line: &mut L,
     meter: &str,
-    config: &IecMeterConfig,
-    params: &ReadParams<'_>,
-) -> ReadOutcome {
+    config: &IecMeter,
+    selection: &Selection,
+    timing: &Timing,
+) -> Outcome {
     let mut session = SessionConfig {
         address: config.address.clone(),
         max_baud: config.max_baud,
         switch_baud: config.max_baud > 300,
-        answer_timeout: transport::answer_timeout(params.timeout),
+        answer_timeout: transport::answer_timeout(timing.timeout),
         gap_timeout: session::TR_MAX,
-        readout_timeout: config.readout_timeout.0,
+        readout_timeout: config.readout_timeout,
         max_block: codec::DEFAULT_MAX_BLOCK,
     };
     let mut refused: Option<(SessionError, Failure)> = None;
@@ -212,7 +197,10 @@ pub async fn read_line<L: Line>(
     let readout = loop {
         let error = match transport::run(line, Session::new(session.clone())).await {
             Err(e) => {
-                return ReadOutcome::failed(Failure::Link(format!("serial line: {e}")));
+                return Outcome {
+                    reopen: true,
+                    ..Outcome::failed(Failure::Link(format!("serial line: {e}")))
+                };
             }
             Ok(Ok(readout)) => break readout,
             Ok(Err(e)) => e,
@@ -231,8 +219,8 @@ pub async fn read_line<L: Line>(
             }
         }
         failed += 1;
-        if failed > params.retries {
-            let mut out = ReadOutcome::failed(failure(&error));
+        if failed > timing.retries {
+            let mut out = Outcome::failed(failure(&error));
             // Only a refusal the meter made plain is worth reporting beside the failure;
             // silence after the switch may as well have been a meter that went away.
             if let Some((SessionError::SwitchRefused { how, .. }, f)) = refused {
@@ -244,9 +232,8 @@ pub async fn read_line<L: Line>(
         }
         tracing::debug!(meter, failed, error = %error, "IEC readout failed, retrying");
     };
-    let tz = config.tz(params.gateway_tz);
-    let mapped = mapping::values(&readout.sets, config.ab(), params.selection, &tz);
-    if let Selection::Series(wanted) = params.selection {
+    let mapped = mapping::values(&readout.sets, config.ab, selection, &config.tz);
+    if let Selection::Series(wanted) = selection {
         let missing: Vec<String> = wanted
             .iter()
             .filter(|w| !mapped.values.iter().any(|v| v.series == **w))
@@ -267,10 +254,12 @@ pub async fn read_line<L: Line>(
         meter_time = ?mapped.meter_time.map(|t| t.rfc3339()),
         "IEC readout"
     );
-    ReadOutcome {
+    Outcome {
         values: mapped.values,
         failure: None,
         refused: refused.map(|(_, f)| f).into_iter().collect(),
+        reopen: false,
+        unmapped: mapped.left_out.len(),
     }
 }
 

@@ -91,13 +91,20 @@ fn line_to(bus: &SimBus, switch_delay: Duration) -> FakeLine {
     }
 }
 
-fn meter_config(address: &str) -> IecMeterConfig {
-    IecMeterConfig {
+fn meter_config(address: &str) -> IecMeter {
+    IecMeter {
         address: Some(address.into()),
         max_baud: 9600,
-        medium: "1-0".into(),
-        timezone: Some("Europe/Stockholm".into()),
-        readout_timeout: HumanDuration(Duration::from_secs(60)),
+        ab: [1, 0],
+        tz: TimeZone::get("Europe/Stockholm").unwrap(),
+        readout_timeout: Duration::from_secs(60),
+    }
+}
+
+fn timing(retries: u32) -> Timing {
+    Timing {
+        timeout: Duration::from_secs(1),
+        retries,
     }
 }
 
@@ -112,14 +119,15 @@ fn bus_with(address: &str, fault: Fault) -> SimBus {
     bus
 }
 
-async fn read_once(line: &mut FakeLine, retries: u32) -> ReadOutcome {
-    let params = ReadParams {
-        selection: &Selection::All,
-        gateway_tz: &TimeZone::UTC,
-        timeout: Duration::from_secs(1),
-        retries,
-    };
-    read_line(line, "m1", &meter_config("61234567"), &params).await
+async fn read_once(line: &mut FakeLine, retries: u32) -> Outcome {
+    read_line(
+        line,
+        "m1",
+        &meter_config("61234567"),
+        &Selection::All,
+        &timing(retries),
+    )
+    .await
 }
 
 #[tokio::test(start_paused = true)]
@@ -260,13 +268,7 @@ async fn max_baud_300_should_never_switch() {
     let mut line = line_to(&bus, Duration::ZERO);
     let mut config = meter_config("61234567");
     config.max_baud = 300;
-    let params = ReadParams {
-        selection: &Selection::All,
-        gateway_tz: &TimeZone::UTC,
-        timeout: Duration::from_secs(1),
-        retries: 0,
-    };
-    let out = read_line(&mut line, "m1", &config, &params).await;
+    let out = read_line(&mut line, "m1", &config, &Selection::All, &timing(0)).await;
     assert_eq!(out.failure, None);
     let events = line.events.lock().unwrap().clone();
     assert!(
@@ -319,7 +321,11 @@ readout_timeout = "10h""#,
     )
     .expect("parses");
     let mut p = Problems::default();
-    config.validate("meter[0].iec62056_21", &mut p);
+    assert!(
+        config
+            .resolve("meter[0].iec62056_21", &TimeZone::UTC, &mut p)
+            .is_none()
+    );
     let keys: Vec<&str> = p.0.iter().map(|x| x.key.as_str()).collect();
     assert_eq!(
         keys,
@@ -333,8 +339,8 @@ readout_timeout = "10h""#,
     );
     let good: IecMeterConfig = toml::from_str(r#"medium = "6-1""#).expect("parses");
     let mut p = Problems::default();
-    good.validate("m", &mut p);
+    let good = good.resolve("m", &TimeZone::UTC, &mut p).expect("resolves");
     assert!(p.0.is_empty(), "{:?}", p.0);
-    assert_eq!(good.ab(), [6, 1]);
-    assert_eq!(good.readout_timeout.0, Duration::from_secs(60));
+    assert_eq!(good.ab, [6, 1]);
+    assert_eq!(good.readout_timeout, Duration::from_secs(60));
 }

@@ -8,6 +8,8 @@ pub mod plan;
 pub mod profile;
 pub mod wire;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,9 +17,10 @@ use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
-use super::{Failure, Selection};
-use crate::config::Problems;
-use crate::reading::{Decimal, Obis};
+use super::link::{Link, Slot};
+use super::{Failure, Outcome, Reads, Request as Poll, Resolver, Selection, Timing, Value};
+use crate::primitives::Problems;
+use crate::reading::{Cadence, Decimal, Obis};
 use plan::{MAX_REGISTERS, Request};
 use profile::{Function, Profile, Register};
 use wire::{RtuDiagnosis, SharedWire};
@@ -38,21 +41,22 @@ pub struct ModbusMeterConfig {
 }
 
 impl ModbusMeterConfig {
-    pub fn validate(&self, at: &str, serial: bool, profiles: &profile::Profiles, p: &mut Problems) {
-        if serial && !(1..=247).contains(&self.unit) {
+    /// Checks the section against the bus's link and the profiles, and builds the read plan
+    /// of every cadence the meter is read at (shared through `r` with every meter read the
+    /// same way).
+    pub fn resolve(
+        &self,
+        at: &str,
+        link: &Link,
+        reads: &Reads,
+        r: &mut Resolver<'_>,
+        p: &mut Problems,
+    ) -> Option<ModbusMeter> {
+        let before = p.0.len();
+        if link.is_serial() && !(1..=247).contains(&self.unit) {
             p.push(
                 format!("{at}.unit"),
                 format!("{} is not a unit id for a serial bus (1-247)", self.unit),
-            );
-        }
-        if profiles.get(&self.profile).is_none() {
-            p.push(
-                format!("{at}.profile"),
-                format!(
-                    "no profile `{}` (known: {})",
-                    self.profile,
-                    profiles.names().collect::<Vec<_>>().join(", ")
-                ),
             );
         }
         if let Some(m) = self.max_registers {
@@ -60,18 +64,194 @@ impl ModbusMeterConfig {
                 p.push(format!("{at}.max_registers"), "must be between 1 and 125");
             }
         }
+        let Some(profile) = r.profiles.get(&self.profile) else {
+            p.push(
+                format!("{at}.profile"),
+                format!(
+                    "no profile `{}` (known: {})",
+                    self.profile,
+                    r.profiles.names().collect::<Vec<_>>().join(", ")
+                ),
+            );
+            return None;
+        };
+        let at_meter = at.strip_suffix(".modbus").unwrap_or(at);
+        for c in reads.cadences() {
+            if let Some(sel) = reads.get(c) {
+                let missing = ReadPlan::missing(profile, sel);
+                if !missing.is_empty() {
+                    p.push(
+                        format!("{at_meter}.reads.{c}"),
+                        format!(
+                            "profile `{}` has no register for {}",
+                            self.profile,
+                            missing
+                                .iter()
+                                .map(|o| o.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if p.0.len() != before {
+            return None;
+        }
+        let max_gap = self.max_gap.unwrap_or(profile.max_gap);
+        let max_registers = self.max_registers.unwrap_or(MAX_REGISTERS);
+        let profile = r
+            .plans
+            .profiles
+            .entry(self.profile.clone())
+            .or_insert_with(|| Arc::new(profile.clone()))
+            .clone();
+        let mut plans = HashMap::new();
+        let mut plan = |sel: &Selection| {
+            r.plans
+                .plans
+                .entry((self.profile.clone(), max_gap, max_registers, sel.clone()))
+                .or_insert_with(|| Arc::new(ReadPlan::new(&profile, max_gap, max_registers, sel)))
+                .clone()
+        };
+        for c in reads.cadences() {
+            if let Some(sel) = reads.get(c) {
+                plans.insert(c, plan(sel));
+            }
+        }
+        plans.insert(Cadence::OnDemand, plan(&Selection::All));
+        Some(ModbusMeter {
+            unit: self.unit,
+            profile,
+            max_gap,
+            max_registers,
+            plans,
+        })
+    }
+}
+
+/// Profiles and read plans shared by the meters of a config.
+#[derive(Default)]
+pub struct PlanCache {
+    profiles: HashMap<String, Arc<Profile>>,
+    plans: HashMap<(String, u16, u16, Selection), Arc<ReadPlan>>,
+}
+
+/// A Modbus meter, resolved.
+#[derive(Debug)]
+pub struct ModbusMeter {
+    pub unit: u8,
+    pub profile: Arc<Profile>,
+    pub max_gap: u16,
+    pub max_registers: u16,
+    /// Per scheduled cadence, and `OnDemand` for everything.
+    pub plans: HashMap<Cadence, Arc<ReadPlan>>,
+}
+
+impl ModbusMeter {
+    /// The plan for `request`: the precomputed one of its cadence, or one for the series it
+    /// names.
+    pub fn plan(&self, request: &Poll<'_>) -> Arc<ReadPlan> {
+        match request.series {
+            Some(series) => Arc::new(ReadPlan::new(
+                &self.profile,
+                self.max_gap,
+                self.max_registers,
+                &Selection::Series(series.to_vec()),
+            )),
+            None => self
+                .plans
+                .get(&request.cadence)
+                .or_else(|| self.plans.get(&Cadence::OnDemand))
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Reads the meter on the bus's link. A garbled answer leaves tokio-modbus's client
+    /// unusable: the link is reopened and the read tried again, as often as the bus allows
+    /// retries.
+    pub async fn read(
+        &self,
+        slot: &mut Slot,
+        meter: &str,
+        request: &Poll<'_>,
+        timing: &Timing,
+    ) -> Outcome {
+        let plan = self.plan(request);
+        let rtu = slot.is_serial();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let out = match slot.modbus().await {
+                Ok((client, wire)) => {
+                    read(
+                        client,
+                        wire,
+                        rtu,
+                        self.unit,
+                        &plan,
+                        timing.timeout,
+                        timing.retries,
+                    )
+                    .await
+                }
+                Err(f) => RegisterRead {
+                    failure: Some(f),
+                    ..Default::default()
+                },
+            };
+            let garbled = out.reset_link && !matches!(out.failure, Some(Failure::Link(_)) | None);
+            if garbled && attempt <= timing.retries {
+                tracing::debug!(
+                    meter,
+                    attempt,
+                    "Garbled answer, reopening the link to retry"
+                );
+                slot.reset();
+                continue;
+            }
+            // Drop the connection after a failure that may leave it out of step: a port that
+            // is gone, or on TCP any garbled or late answer (it could be taken for the next
+            // one). A serial line resynchronises by itself (tokio-modbus clears its buffer
+            // per request).
+            let reopen = out.reset_link
+                || match &out.failure {
+                    Some(Failure::Link(_)) => true,
+                    None | Some(Failure::Exception { .. } | Failure::Refused(_)) => false,
+                    Some(_) => !rtu,
+                };
+            return Outcome {
+                values: out
+                    .values
+                    .into_iter()
+                    .map(|(r, v)| Value {
+                        series: r.series,
+                        value: v,
+                        unit: r.unit,
+                        meter_time: None,
+                    })
+                    .collect(),
+                failure: out.failure,
+                refused: out.refused,
+                reopen,
+                unmapped: 0,
+            };
+        }
     }
 }
 
 /// What to read for one selection: the registers and the requests that cover them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReadPlan {
     pub registers: Vec<Register>,
     pub requests: Vec<Request>,
 }
 
 impl ReadPlan {
-    pub fn new(profile: &Profile, config: &ModbusMeterConfig, selection: &Selection) -> Self {
+    /// `max_gap`: unused registers a request may read through; `max_count`: registers per
+    /// request.
+    pub fn new(profile: &Profile, max_gap: u16, max_count: u16, selection: &Selection) -> Self {
         let registers: Vec<Register> = profile
             .registers
             .iter()
@@ -79,11 +259,7 @@ impl ReadPlan {
             .cloned()
             .collect();
         let refs: Vec<&Register> = registers.iter().collect();
-        let requests = plan::plan(
-            &refs,
-            config.max_gap.unwrap_or(profile.max_gap),
-            config.max_registers.unwrap_or(MAX_REGISTERS),
-        );
+        let requests = plan::plan(&refs, max_gap, max_count);
         ReadPlan {
             registers,
             requests,
@@ -105,7 +281,7 @@ impl ReadPlan {
 
 /// What a read produced: values for what could be read, and why the rest could not.
 #[derive(Debug, Default)]
-pub struct ReadOutcome {
+pub struct RegisterRead {
     pub values: Vec<(Register, Decimal)>,
     /// A failure that ended the read (the meter or the link is not answering properly).
     pub failure: Option<Failure>,
@@ -195,8 +371,8 @@ pub async fn read(
     plan: &ReadPlan,
     timeout: Duration,
     retries: u32,
-) -> ReadOutcome {
-    let mut out = ReadOutcome::default();
+) -> RegisterRead {
+    let mut out = RegisterRead::default();
     ctx.set_slave(Slave(unit));
     'requests: for req in &plan.requests {
         let mut attempt = 0;

@@ -7,16 +7,178 @@
 //! protocol closes one before opening the other (the port is opened exclusively); consecutive
 //! meters of the same protocol share the open port.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer, Serialize};
 use tokio::net::TcpStream;
 use tokio_modbus::client::Context;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
-use super::{BusConfig, Parity, Rs485Config, SerialConfig};
 use crate::meter::Failure;
 use crate::meter::modbus::wire::{SharedWire, Tap};
+use crate::primitives::HumanDuration;
+
+/// A bus's physical link, resolved from `[[bus]]`: exactly one of `serial` and `tcp`.
+#[derive(Debug, Clone)]
+pub enum Link {
+    Serial(SerialConfig),
+    Tcp(TcpConfig),
+}
+
+impl Link {
+    pub fn is_serial(&self) -> bool {
+        matches!(self, Link::Serial(_))
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Link::Serial(s) => write!(
+                f,
+                "serial {} {} {}{}{}{}",
+                s.device.display(),
+                s.baud,
+                s.data_bits,
+                match s.parity {
+                    Parity::None => "N",
+                    Parity::Even => "E",
+                    Parity::Odd => "O",
+                },
+                s.stop_bits,
+                if s.rs485.enabled {
+                    ", RS-485 direction by the driver"
+                } else {
+                    ""
+                }
+            ),
+            Link::Tcp(t) => write!(f, "tcp {}:{}, {} at once", t.host, t.port, t.concurrency),
+        }
+    }
+}
+
+/// `serial = { device = "/dev/ttyAMA0", baud = 9600, parity = "none", rs485 = true }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    pub device: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// RS-485 direction control by the UART driver (`TIOCSRS485`): `true`, or a table.
+    #[serde(default)]
+    pub rs485: Rs485Config,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+/// RS-485 settings of `struct serial_rs485`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rs485Config {
+    pub enabled: bool,
+    /// RTS level while sending (driver enable active high on most transceivers).
+    pub rts_on_send: bool,
+    pub rts_after_send: bool,
+    pub delay_before_send: HumanDuration,
+    pub delay_after_send: HumanDuration,
+    pub rx_during_tx: bool,
+}
+
+impl Default for Rs485Config {
+    fn default() -> Self {
+        Rs485Config {
+            enabled: false,
+            rts_on_send: true,
+            rts_after_send: false,
+            delay_before_send: HumanDuration(Duration::ZERO),
+            delay_after_send: HumanDuration(Duration::ZERO),
+            rx_during_tx: false,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Rs485Config {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            #[serde(default = "yes")]
+            rts_on_send: bool,
+            #[serde(default)]
+            rts_after_send: bool,
+            delay_before_send: Option<HumanDuration>,
+            delay_after_send: Option<HumanDuration>,
+            #[serde(default)]
+            rx_during_tx: bool,
+        }
+        fn yes() -> bool {
+            true
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Table(Table),
+        }
+        let zero = HumanDuration(Duration::ZERO);
+        Ok(match Raw::deserialize(d)? {
+            Raw::Flag(enabled) => Rs485Config {
+                enabled,
+                ..Rs485Config::default()
+            },
+            Raw::Table(t) => Rs485Config {
+                enabled: true,
+                rts_on_send: t.rts_on_send,
+                rts_after_send: t.rts_after_send,
+                delay_before_send: t.delay_before_send.unwrap_or(zero),
+                delay_after_send: t.delay_after_send.unwrap_or(zero),
+                rx_during_tx: t.rx_during_tx,
+            },
+        })
+    }
+}
+
+/// `tcp = { host = "10.0.0.20", port = 502, concurrency = 4 }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Requests in flight at once (one connection each).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_port() -> u16 {
+    502
+}
+fn default_concurrency() -> usize {
+    1
+}
 
 /// One unit of a bus's capacity: the serial port, or one TCP connection of `concurrency`.
 pub enum Slot {
@@ -34,24 +196,22 @@ pub enum Slot {
 }
 
 impl Slot {
-    /// The slots of `bus`: one for a serial bus (one frame at a time), `concurrency` for TCP.
-    pub fn for_bus(bus: &BusConfig) -> Vec<Slot> {
-        if let Some(s) = &bus.serial {
-            vec![Slot::Serial {
+    /// The slots of a link: one for a serial bus (one frame at a time), `concurrency` for
+    /// TCP. `timeout` is the bus's per-request timeout (connects get at least 3 s).
+    pub fn for_link(link: &Link, timeout: Duration) -> Vec<Slot> {
+        match link {
+            Link::Serial(s) => vec![Slot::Serial {
                 config: s.clone(),
                 modbus: None,
                 iec: None,
-            }]
-        } else if let Some(t) = &bus.tcp {
-            (0..t.concurrency.max(1))
+            }],
+            Link::Tcp(t) => (0..t.concurrency.max(1))
                 .map(|_| Slot::Tcp {
                     addr: format!("{}:{}", t.host, t.port),
-                    connect_timeout: bus.timeout.0.max(Duration::from_secs(3)),
+                    connect_timeout: timeout.max(Duration::from_secs(3)),
                     modbus: None,
                 })
-                .collect()
-        } else {
-            Vec::new()
+                .collect(),
         }
     }
 
@@ -81,10 +241,7 @@ impl Slot {
                     let ctx = tokio_modbus::client::rtu::attach(Tap::new(port, wire.clone()));
                     *modbus = Some((ctx, wire));
                 }
-                let (ctx, wire) = modbus
-                    .as_mut()
-                    .ok_or_else(|| Failure::Link("port closed".into()))?;
-                Ok((ctx, wire))
+                client(modbus, "port closed")
             }
             Slot::Tcp {
                 addr,
@@ -113,10 +270,7 @@ impl Slot {
                     let ctx = tokio_modbus::client::tcp::attach(Tap::new(stream, wire.clone()));
                     *modbus = Some((ctx, wire));
                 }
-                let (ctx, wire) = modbus
-                    .as_mut()
-                    .ok_or_else(|| Failure::Link("not connected".into()))?;
-                Ok((ctx, wire))
+                client(modbus, "not connected")
             }
         }
     }
@@ -155,6 +309,17 @@ impl Slot {
             Slot::Tcp { modbus, .. } => *modbus = None,
         }
     }
+}
+
+/// The open Modbus client of a slot.
+fn client<'a>(
+    modbus: &'a mut Option<(Context, SharedWire)>,
+    closed: &str,
+) -> Result<(&'a mut Context, &'a SharedWire), Failure> {
+    let (ctx, wire) = modbus
+        .as_mut()
+        .ok_or_else(|| Failure::Link(closed.into()))?;
+    Ok((ctx, wire))
 }
 
 /// Opens a serial port in the given framing, with RS-485 direction control if configured.

@@ -1,0 +1,131 @@
+//! A bus's writes to the store: every poll's batch in order, behind what the store could not
+//! take before. While the store cannot write (a full or failing disk) batches wait in the
+//! bus's [`super::spill`], bounded; what it had to give up is reported once the store takes
+//! writes again.
+
+use std::sync::Arc;
+
+use jiff::tz::TimeZone;
+use tokio::sync::Notify;
+
+use super::spill::Spill;
+use crate::clock::SharedClock;
+use crate::reading::{EventKind, Stamp, SystemEvent};
+use crate::store::{Append, Store, StoreError};
+
+/// Readings kept in memory per bus while the store cannot write (about 10 MiB).
+pub const SPILL_READINGS: usize = 100_000;
+
+/// What the writes of one bus share.
+pub struct Writer {
+    pub bus: String,
+    pub store: Arc<dyn Store>,
+    /// Poked after every append: the drain has something new.
+    pub wake: Arc<Notify>,
+    pub clock: SharedClock,
+    pub tz: TimeZone,
+    /// What the store could not take yet. The lock also serialises this bus's writes, so
+    /// they reach the store in order.
+    pub spill: tokio::sync::Mutex<Spill>,
+}
+
+impl Writer {
+    pub fn new(
+        bus: &str,
+        store: Arc<dyn Store>,
+        wake: Arc<Notify>,
+        clock: SharedClock,
+        tz: TimeZone,
+    ) -> Self {
+        Writer {
+            bus: bus.to_owned(),
+            store,
+            wake,
+            clock,
+            tz,
+            spill: tokio::sync::Mutex::new(Spill::new(SPILL_READINGS)),
+        }
+    }
+}
+
+/// Writes a poll's batch to the store, behind anything the store could not take before.
+/// If the store cannot write now (a full or failing disk), the batch waits in the bus's
+/// spill and `false` is returned: not durable yet, but not lost either.
+pub async fn store_append(ctx: &Writer, batch: Append) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let mut spill = ctx.spill.lock().await;
+    if !flush_spill(ctx, &mut spill).await {
+        keep(ctx, &mut spill, batch);
+        return false;
+    }
+    match append(ctx, batch.clone()).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(bus = %ctx.bus, error = %e, readings = batch.readings.len(), "Store cannot write: keeping the readings in memory until it can");
+            keep(ctx, &mut spill, batch);
+            false
+        }
+    }
+}
+
+fn keep(ctx: &Writer, spill: &mut Spill, batch: Append) {
+    let dropped = spill.push(batch);
+    if dropped > 0 {
+        tracing::error!(bus = %ctx.bus, dropped, kept = spill.readings(), "Readings lost: the store cannot write and the memory spill is full");
+    }
+}
+
+/// Writes what the spill holds, oldest first; `true` once it is empty. Reports readings the
+/// spill had to give up, once the store takes writes again.
+pub async fn flush_spill(ctx: &Writer, spill: &mut Spill) -> bool {
+    let had = spill.readings();
+    while let Some(front) = spill.front() {
+        if append(ctx, front.clone()).await.is_err() {
+            return false;
+        }
+        spill.pop_front();
+    }
+    if had > 0 {
+        tracing::info!(bus = %ctx.bus, readings = had, "The store takes writes again: kept readings stored");
+    }
+    let dropped = spill.take_dropped();
+    if dropped > 0 {
+        let now = Stamp::in_zone(ctx.clock.now(), &ctx.tz);
+        let event = SystemEvent::new(
+            EventKind::StoreError,
+            now,
+            format!("{dropped} readings were lost on bus {}: the store could not write and the memory spill was full", ctx.bus),
+        )
+        .bus(ctx.bus.clone())
+        .detail("lost_readings", dropped);
+        let _ = append(
+            ctx,
+            Append {
+                events: vec![event],
+                ..Append::default()
+            },
+        )
+        .await;
+    }
+    true
+}
+
+async fn append(ctx: &Writer, batch: Append) -> Result<(), StoreError> {
+    let store = ctx.store.clone();
+    let readings = batch.readings.len();
+    match tokio::task::spawn_blocking(move || store.append(batch)).await {
+        Ok(Ok(a)) => {
+            if readings > 0 {
+                // Which sequence numbers are now durable (fsynced): the crash and power-cut
+                // tests hold the agent to them, from this event's fields.
+                tracing::debug!(bus = %ctx.bus, first_seq = a.seqs[0], readings, "Buffered");
+            }
+            ctx.wake.notify_one();
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(StoreError::Unavailable(format!("store task failed: {e}"))),
+    }
+}
