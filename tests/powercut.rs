@@ -482,10 +482,33 @@ async fn power_cuts_should_lose_nothing_the_agent_reported_buffered() {
             .or_default()
             .insert(id);
     }
+    // Which start reported each id, and when, to tell a re-read after a cut from one within
+    // a run.
+    let reported_by: HashMap<String, (usize, jiff::Timestamp)> = reports
+        .iter()
+        .flat_map(|(b, life)| b.ids(&gw).map(move |id| (id, (*life, b.at))))
+        .collect();
     let read_twice: Vec<String> = ids_of
         .iter()
         .filter(|(_, ids)| ids.len() > 1)
-        .map(|(k, ids)| format!("{k:?} under {ids:?}"))
+        .map(|(k, ids)| {
+            let each: Vec<String> = ids
+                .iter()
+                .map(|id| {
+                    let r = by_id[id];
+                    let by = reported_by
+                        .get(*id)
+                        .map_or("not reported".to_owned(), |(life, at)| {
+                            format!("reported by start #{life} at {at}")
+                        });
+                    format!(
+                        "{id} ({}, flags {}, read_at {}, {by})",
+                        r["cadence"], r["flags"], r["read_at"]
+                    )
+                })
+                .collect();
+            format!("{k:?}: {}", each.join("; "))
+        })
         .collect();
     // No boundary marked read without its readings.
     let delivered_boundaries: BTreeSet<(String, i64)> = got
