@@ -473,6 +473,11 @@ async fn power_cuts_should_lose_nothing_the_agent_reported_buffered() {
                 conflicts.push(format!("{id} arrived with two contents: {prev} and {r}"));
             }
         }
+        // An on-demand read is not a boundary: its timestamp is its read time, which can fall
+        // on the very second the beat reads (a long run found one).
+        if r["cadence"] == "on_demand" {
+            continue;
+        }
         ids_of
             .entry((
                 r["meter"].to_string(),
