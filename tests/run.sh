@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian machine with Rust: installs and starts what the tests
-# talk to (RabbitMQ, Mosquitto, socat, faketime, openssl, Python's venv; the tests make their
-# own virtualenv with Celery and pymodbus from PyPI), then `cargo test`. Extra arguments go to
-# cargo test.
+# talk to (RabbitMQ, Mosquitto, socat, faketime, openssl, Python's venv, FUSE 3 for the
+# power-cut filesystem; the tests make their own virtualenv with Celery, pymodbus and mfusepy
+# from PyPI), then `cargo test`. Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,8 @@ command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 command -v socat >/dev/null || missing+=(socat)
 command -v faketime >/dev/null || missing+=(faketime)
 command -v openssl >/dev/null || missing+=(openssl)
+# fusermount3 and libfuse3, for tests/powercut (which also needs /dev/fuse and root).
+command -v fusermount3 >/dev/null || missing+=(fuse3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ -d /usr/share/zoneinfo ] || missing+=(tzdata)
 if [ ${#missing[@]} -gt 0 ]; then

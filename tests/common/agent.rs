@@ -51,11 +51,23 @@ pub struct AgentProc {
     starts: u32,
     /// Where the log stood when the current process was started.
     started_at_byte: usize,
+    /// `--log-format json`: one JSON object per log line (see [`buffered_events`]).
+    json_log: bool,
 }
 
 impl AgentProc {
     /// Writes `config` to `dir/config.toml` and runs `amr-edge run` on it.
     pub fn start(dir: &Path, config: &str) -> AgentProc {
+        Self::start_with(dir, config, false)
+    }
+
+    /// As [`AgentProc::start`], logging with `--log-format json`, so that the test reads the
+    /// agent's structured events (fields, not wording).
+    pub fn start_json(dir: &Path, config: &str) -> AgentProc {
+        Self::start_with(dir, config, true)
+    }
+
+    fn start_with(dir: &Path, config: &str, json_log: bool) -> AgentProc {
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut a = AgentProc {
@@ -65,6 +77,7 @@ impl AgentProc {
             log_path: dir.join("agent.log"),
             starts: 0,
             started_at_byte: 0,
+            json_log,
         };
         a.restart();
         a
@@ -80,7 +93,13 @@ impl AgentProc {
             .append(true)
             .open(&self.log_path)
             .unwrap();
+        let format: &[&str] = if self.json_log {
+            &["--log-format", "json"]
+        } else {
+            &[]
+        };
         let child = Command::new(bin())
+            .args(format)
             .args(["--log", "info,amr_edge=debug", "run", "--config"])
             .arg(&self.config_path)
             .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -109,6 +128,40 @@ impl AgentProc {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// As [`AgentProc::wait_running`], but says why instead of panicking: the process
+    /// exited, or did not come up within `timeout`.
+    pub async fn try_wait_running(&mut self, timeout: Duration) -> Result<(), String> {
+        let start = std::time::Instant::now();
+        loop {
+            let log = std::fs::read(&self.log_path).unwrap_or_default();
+            let since =
+                String::from_utf8_lossy(log.get(self.started_at_byte..).unwrap_or_default())
+                    .into_owned();
+            if since.contains("Agent running") {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Err(format!(
+                        "exited with {status}; its log since the start:\n{since}"
+                    ));
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "not up within {timeout:?}; its log since the start:\n{since}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How many bytes the log has now (to tell later lines from earlier ones).
+    pub fn log_len(&self) -> usize {
+        std::fs::metadata(&self.log_path).map_or(0, |m| m.len() as usize)
     }
 
     pub fn pid(&self) -> u32 {
@@ -210,6 +263,59 @@ pub fn buffered_ids(log: &str, gateway: &str) -> std::collections::BTreeSet<Stri
         }
     }
     ids
+}
+
+/// One durable append, as the agent reports it in its structured log (`--log-format json`):
+/// the `Buffered` event of `bus::append`, written only after the store's append returned.
+#[derive(Debug, Clone)]
+pub struct Buffered {
+    pub first_seq: u64,
+    pub readings: u64,
+    /// The event's own timestamp.
+    pub at: jiff::Timestamp,
+    /// Where its line starts in the log.
+    pub log_offset: usize,
+}
+
+impl Buffered {
+    pub fn ids(&self, gateway: &str) -> impl Iterator<Item = String> + '_ {
+        let gateway = gateway.to_owned();
+        (self.first_seq..self.first_seq + self.readings).map(move |s| format!("{gateway}-{s}"))
+    }
+}
+
+/// Every `Buffered` event in a JSON log, read from its fields (`first_seq`, `readings`), not
+/// from the wording of a line. Lines that are not JSON objects (a panic message) are skipped.
+pub fn buffered_events(log: &str) -> Vec<Buffered> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for line in log.split_inclusive('\n') {
+        let at_line = offset;
+        offset += line.len();
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        // Flattened (`flatten_event`) or nested under "fields", whichever the agent writes.
+        let fields = v.get("fields").unwrap_or(&v);
+        if fields["message"] != "Buffered" {
+            continue;
+        }
+        let (Some(first_seq), Some(readings)) =
+            (fields["first_seq"].as_u64(), fields["readings"].as_u64())
+        else {
+            continue;
+        };
+        let Some(at) = v["timestamp"].as_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        out.push(Buffered {
+            first_seq,
+            readings,
+            at,
+            log_offset: at_line,
+        });
+    }
+    out
 }
 
 /// Resident memory of a process, from /proc.
