@@ -234,7 +234,7 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, config: &StoreConfig, clock: SharedClock) -> Result<Self, StoreError> {
         let path = dir.join("store");
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+        super::disk::create_dir_durably(dir).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: e.to_string(),
         })?;
