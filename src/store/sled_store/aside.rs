@@ -4,7 +4,7 @@
 use sled::{Batch, IVec};
 
 use super::super::{Range, StoreError};
-use super::keys::{chunk_count, rkey};
+use super::keys::{chunk_count, parse_key, rkey};
 use super::state::State;
 use super::{SledStore, io};
 use crate::reading::EventKind;
@@ -22,6 +22,16 @@ impl SledStore {
         e: &postcard::Error,
     ) -> Result<(), StoreError> {
         let k = rkey(range, first);
+        // Its records are the ones below the next chunk's first sequence number: chunks of a
+        // range never overlap (each holds records of one append, or one event).
+        let end = self
+            .tree()?
+            .range(rkey(range, first.saturating_add(1))..=rkey(range, u64::MAX))
+            .next()
+            .transpose()
+            .map_err(io)?
+            .and_then(|(k, _)| parse_key(&k))
+            .map_or(u64::MAX, |(_, next)| next);
         // Copied first: a crash between the two writes leaves it in both places, and the next
         // take sets it aside again.
         self.h()?.aside.insert(k, v.clone()).map_err(io)?;
@@ -46,7 +56,7 @@ impl SledStore {
             ],
         )?;
         self.write(st, meta, batch)?;
-        st.forget_chunk(range, first, first + lost.max(1 << 20));
+        st.forget_chunk(range, first, end);
         self.h()?.flush()?;
         st.durable_through(seq);
         Ok(())

@@ -172,24 +172,26 @@ impl SledStore {
         };
         // (id, chunk first-seq, record)
         let mut found: Vec<(EntryId, u64, Record)> = Vec::with_capacity(max);
+        // Chunks that cannot be decoded, found by either path below: set aside once each.
+        let mut bad: BTreeMap<(Range, u64), (IVec, postcard::Error)> = BTreeMap::new();
         let mut decoded: BTreeMap<(Range, u64), Vec<(u64, Record)>> = BTreeMap::new();
         for id in st.retries(ranges, max) {
-            let chunk = self.chunk_of(id.range, id.seq)?;
-            let record = chunk.and_then(|(first, v)| {
-                let items = decoded
-                    .entry((id.range, first))
-                    .or_insert_with(|| decode_chunk(first, &v).unwrap_or_default());
-                items
-                    .iter()
-                    .find(|(s, _)| *s == id.seq)
-                    .map(|(_, r)| (first, r.clone()))
+            let Some((first, v)) = self.chunk_of(id.range, id.seq)? else {
+                st.settled(id);
+                continue;
+            };
+            let items = decoded.entry((id.range, first)).or_insert_with(|| {
+                decode_chunk(first, &v).unwrap_or_else(|e| {
+                    bad.insert((id.range, first), (v.clone(), e));
+                    Vec::new()
+                })
             });
-            match record {
-                Some((first, r)) => found.push((id, first, r)),
+            match items.iter().find(|(s, _)| *s == id.seq) {
+                Some((_, r)) => found.push((id, first, r.clone())),
+                // Acknowledged or evicted meanwhile, or in a chunk being set aside.
                 None => st.settled(id),
             }
         }
-        let mut bad: Vec<(Range, u64, IVec, postcard::Error)> = Vec::new();
         for &range in ranges {
             let (cursor, cursor_chunk) = st.cursor(range);
             let durable = st.durable();
@@ -214,7 +216,7 @@ impl SledStore {
                     None => match decode_chunk(first, &v) {
                         Ok(items) => Arc::new(items),
                         Err(e) => {
-                            bad.push((range, first, v, e));
+                            bad.entry((range, first)).or_insert((v, e));
                             continue;
                         }
                     },
@@ -238,7 +240,7 @@ impl SledStore {
             st.handed_out(id, first);
             out.push(Entry { id, record });
         }
-        for (range, first, v, e) in bad {
+        for ((range, first), (v, e)) in bad {
             self.set_aside(&mut st, range, first, &v, &e)?;
         }
         Ok(out)
