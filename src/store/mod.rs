@@ -283,7 +283,8 @@ pub enum StoreError {
     /// The write did not happen (disk full, I/O error). Keep the data and try again later.
     #[error("the store could not write: {0}")]
     Unavailable(String),
-    /// Another agent holds the data directory.
+    /// Another process holds the store's files (sled's lock, still held after several
+    /// seconds of waiting): leave them alone; do not move them aside.
     #[error("{0}")]
     Locked(String),
     /// The store's files cannot be opened at all.

@@ -263,9 +263,15 @@ fn open_db(path: &Path, config: &StoreConfig) -> Result<Handles, StoreError> {
     let db = loop {
         match sled_config.open() {
             Ok(db) => break db,
-            Err(e) if e.to_string().contains("could not acquire lock") && attempts < 50 => {
+            Err(e) if is_locked(&e) && attempts < 50 => {
                 attempts += 1;
                 std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) if is_locked(&e) => {
+                return Err(StoreError::Locked(format!(
+                    "the store at {} is in use by another process ({e})",
+                    path.display()
+                )));
             }
             Err(e) => return Err(open_err(e.to_string())),
         }
@@ -283,6 +289,11 @@ fn open_db(path: &Path, config: &StoreConfig) -> Result<Handles, StoreError> {
         aside,
         disk: Arc::new(disk),
     })
+}
+
+/// sled found its files locked by another open database (its message is all it gives).
+fn is_locked(e: &sled::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
 }
 
 /// Bytes available to us and the filesystem's size, for the directory `dir`.
