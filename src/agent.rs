@@ -182,9 +182,7 @@ fn open_store(
     };
     match attempt(clock.clone()) {
         Ok(Ok(store)) => Ok(store),
-        Ok(Err(crate::store::StoreError::Open { reason, .. }))
-            if reason.contains("could not acquire lock") =>
-        {
+        Ok(Err(crate::store::StoreError::Locked(reason))) => {
             anyhow::bail!("the store in {} is in use: {reason}", data_dir.display())
         }
         failed => {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{
     Append, Appended, COMMAND_TTL_MS, CommandLog, CommandRecord, Depth, Entry, EntryId, MeterState,
-    Range, Record, Stats, Store, StoreError, Stream, encode,
+    Range, Record, Stats, Store, StoreError, Stream, encoded_len,
 };
 use crate::reading::Cadence;
 
@@ -148,7 +148,7 @@ impl Store for MemoryStore {
         for (id, r) in &s.records {
             let d = &mut depth[id.range as usize];
             d.count += 1;
-            d.bytes += encode(r).len() as u64 + 10;
+            d.bytes += encoded_len(r) as u64 + 10;
         }
         Ok(Stats {
             profile: depth[0],

@@ -28,15 +28,21 @@
 //!   told it was stored, and the boundary is not marked read, so the beat reads it again); one
 //!   after it loses nothing. There is never a boundary marked done without its readings, nor a
 //!   reading without its boundary mark: sled's recovery replays whole batches or none.
+//!   A batch whose records cannot be encoded is refused before anything is written (the
+//!   caller keeps it, as for a full disk); the store's own small values (counters, a meter's
+//!   last failure) are encoded by a function that cannot fail, so no batch ever carries an
+//!   empty value in their place.
 //! * [`Store::take`] hands out only records whose append has returned (its fsync done), so
 //!   nothing reaches the broker that a crash could make the store forget.
 //! * Taking changes nothing on disk. After a crash or a reopen, everything taken but not
 //!   acknowledged is pending again and will be sent again, with the same reading ids: delivery
 //!   is at least once, and duplicates are recognisable.
-//! * [`Store::ack`] removes records and updates the counters in one atomic batch, without an
-//!   fsync of its own: sled's background flush (a real fsync) makes it durable within
-//!   [`StoreConfig::ack_flush`], and [`Store::flush`] at shutdown at once. A crash or a power
-//!   cut in that window means duplicates, never loss.
+//! * [`Store::ack`] removes the chunks whose records are now all acknowledged, with the
+//!   counters, in one atomic batch, without an fsync of its own: sled's background flush (a
+//!   real fsync) makes it durable within [`StoreConfig::ack_flush`], and [`Store::flush`] at
+//!   shutdown at once. Acknowledgements of part of a chunk are kept in memory and written (the
+//!   chunk rewritten without them) by the next `maintain` or `flush`. A crash or a power cut
+//!   before either means duplicates, never loss.
 //! * Commands from the centre ([`CommandLog`], one record per `request_id`):
 //!   [`CommandLog::accept_command`] writes the record — the parsed command, state *accepted*
 //!   — and fsyncs before it returns, and control acknowledges the command to the broker, and
@@ -54,17 +60,28 @@
 //!   inside the batch that caused them, together with the eviction counters. The system event
 //!   that reports them is written by the next [`Store::maintain`] (once a minute), from those
 //!   counters, so a crash in between delays the report but never loses it. Eviction is the
-//!   only way a record leaves without being delivered.
+//!   only way a readable record leaves without being delivered.
+//! * A chunk that cannot be decoded (met by `take`, first time or resent) is copied to the
+//!   `aside` tree, then removed with its counters and a `store_corruption` event in one batch,
+//!   fsynced. A crash between the two leaves it in both places, and the next take sets it
+//!   aside again; records of other chunks waiting to be resent keep waiting.
 //! * The high-water mark beside the store (`store.seq`: the sequence number after the last
 //!   durable one, written by `maintain` and `flush`) is replaced atomically and durably (temp
 //!   file, fsync, rename, fsync of the directory): after any cut it holds a value that was
 //!   true, so a store that comes back with less than it says is known to have lost its tail.
 //! * A store sled cannot open at all is moved aside with a durable rename before a new one is
-//!   started (`agent`), so a cut right after cannot bring the damaged one back.
+//!   started (`agent`), so a cut right after cannot bring the damaged one back. A store whose
+//!   files another process holds is [`StoreError::Locked`], never damaged: it is left alone.
 //!
 //! Counters (depth and bytes per range, evictions, the next sequence number) are kept in the
 //! same batches as the records they count, so they are right after a crash and nothing is
-//! counted by scanning.
+//! counted by scanning. What is in memory only (what was taken, what came back, partial
+//! acknowledgements) is lost by a crash without harm: everything not acknowledged on disk is
+//! handed out again.
+//!
+//! Where these rules live: `sled_store/ops.rs` (append, take, ack), `sled_store/meta.rs`
+//! (counters, high-water mark), `sled_store/evict.rs`, `sled_store/aside.rs`,
+//! `sled_store/state.rs` (the in-memory part), [`disk`] (the fsyncs).
 
 pub mod disk;
 mod memory;
@@ -294,7 +311,8 @@ pub enum StoreError {
     /// The write did not happen (disk full, I/O error). Keep the data and try again later.
     #[error("the store could not write: {0}")]
     Unavailable(String),
-    /// Another agent holds the data directory.
+    /// Another process holds the store's files (sled's lock, still held after several
+    /// seconds of waiting): leave them alone; do not move them aside.
     #[error("{0}")]
     Locked(String),
     /// The store's files cannot be opened at all.
@@ -383,15 +401,11 @@ pub(crate) fn clock_floor(now_ms: i64) -> u64 {
     }
 }
 
-/// Encodes a record for the disk.
-pub(crate) fn encode(record: &Record) -> Vec<u8> {
-    // Encoding our own types into a Vec cannot fail.
-    postcard::to_stdvec(record).unwrap_or_default()
-}
-
-/// The size of a record as the store encodes it (for benchmarks and capacity planning).
+/// The size of a record as the store encodes it (for benchmarks, capacity planning and the
+/// fake's byte counts); 0 for a record that cannot be encoded, which no store would take
+/// (its append fails).
 pub fn encoded_len(record: &Record) -> usize {
-    encode(record).len()
+    postcard::to_stdvec(record).map_or(0, |v| v.len())
 }
 
 #[cfg(test)]

@@ -34,12 +34,12 @@ fn clock() -> Arc<ManualClock> {
 fn open(dir: &std::path::Path, config: &StoreConfig, clock: SharedClock) -> SledStore {
     // Reopening in the same process right after a drop: sled's background I/O threads can
     // hold the database file (and its lock) a moment longer than the dropped `Db`, so the
-    // open fails with "could not acquire lock" (seen often on loaded CI machines and under
+    // open fails with `StoreError::Locked` (sled: "could not acquire lock"; seen often on loaded CI machines and under
     // qemu). The agent itself opens the store once per process; only tests reopen it.
     let mut attempts = 0;
     loop {
         match SledStore::open(dir, config, clock.clone()) {
-            Err(e) if attempts < 50 && e.to_string().contains("could not acquire lock") => {
+            Err(StoreError::Locked(_)) if attempts < 50 => {
                 attempts += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
@@ -230,12 +230,7 @@ fn an_undecodable_record_should_be_set_aside_and_reported_not_crash() {
         seqs.extend(a.seqs);
     }
     // Scribble over the first poll's records as a bad sector would.
-    let mut k = vec![b'r', Range::Billing as u8];
-    k.extend_from_slice(&seqs[0].to_be_bytes());
-    s.tree()
-        .unwrap()
-        .insert(k, &[1, 0, 0, 0, 0xff, 0xff, 0xff][..])
-        .unwrap();
+    scribble(&s, Range::Billing, seqs[0]);
     let got = s.take(Stream::Readings, 10).unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].id.seq, seqs[1]);
@@ -249,6 +244,63 @@ fn an_undecodable_record_should_be_set_aside_and_reported_not_crash() {
     assert_eq!(s.take(Stream::Readings, 10).unwrap().len(), 1);
 }
 
+/// Scribbles over the records of the chunk of `range` that starts at `first`, as a bad
+/// sector would; its header (the record count) stays.
+fn scribble(s: &SledStore, range: Range, first: u64) {
+    let mut k = vec![b'r', range as u8];
+    k.extend_from_slice(&first.to_be_bytes());
+    let tree = s.tree().unwrap();
+    let mut v = tree.get(&k).unwrap().expect("the chunk").to_vec();
+    v.truncate(4);
+    v.extend_from_slice(&[0xff, 0xff, 0xff]);
+    tree.insert(k, v).unwrap();
+}
+
+#[test]
+fn a_chunk_damaged_while_its_records_wait_to_be_resent_should_be_set_aside_and_its_neighbours_resent()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    // Three polls: three chunks of the same range, with consecutive sequence numbers.
+    let mut firsts = Vec::new();
+    for v in 0..3 {
+        let a = s
+            .append(Append {
+                readings: (0..2)
+                    .map(|i| reading("m", Cadence::Daily, v * 2 + i, c.now_ms()))
+                    .collect(),
+                ..Append::default()
+            })
+            .unwrap();
+        firsts.push(a.seqs[0]);
+    }
+    // All sent, none confirmed (the broker went away): all to be sent again.
+    let taken = s.take(Stream::Readings, 10).unwrap();
+    assert_eq!(taken.len(), 6);
+    s.nack(&taken.iter().map(|e| e.id).collect::<Vec<_>>());
+    scribble(&s, Range::Billing, firsts[0]);
+    // Taken again two at a time: the damaged chunk is met first (that take gives nothing),
+    // the others wait meanwhile.
+    let mut again = Vec::new();
+    for _ in 0..4 {
+        let got = s.take(Stream::Readings, 2).unwrap();
+        again.extend(got.iter().map(|e| e.id.seq));
+    }
+    let neighbours: Vec<u64> = taken[2..].iter().map(|e| e.id.seq).collect();
+    assert_eq!(
+        again, neighbours,
+        "the healthy chunks are sent again at once"
+    );
+    let st = s.stats().unwrap();
+    assert_eq!((st.set_aside, st.billing.count), (2, 4), "{st:?}");
+    let events = s.take(Stream::Events, 10).unwrap();
+    assert!(
+        matches!(&events[..], [e] if matches!(&e.record, Record::Event(ev) if ev.kind == EventKind::StoreCorruption)),
+        "{events:?}"
+    );
+}
+
 #[test]
 fn a_second_open_of_the_same_dir_should_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,7 +308,8 @@ fn a_second_open_of_the_same_dir_should_fail_cleanly() {
     let e = SledStore::open(dir.path(), &StoreConfig::default(), clock())
         .err()
         .expect("a second open must fail");
-    assert!(matches!(e, StoreError::Open { .. }), "{e}");
+    assert!(matches!(e, StoreError::Locked(_)), "{e}");
+    assert!(e.to_string().contains("in use by another process"), "{e}");
 }
 
 // ---- the model ----------------------------------------------------------------------------

@@ -3,25 +3,30 @@
 //! * **Series**: a data-set address is an OBIS code without medium and channel (`1.8.0`,
 //!   `C.1.0`, `1.8.0*19` for a stored billing period); the meter's `medium` (A-B, default
 //!   `1-0`) completes it and a missing billing period is 255, so `1.8.0` is `1-0-1-8-0-255`.
-//!   Addresses that carry A-B (`1-0:1.8.0*255`) keep theirs. Addresses that are not OBIS
-//!   codes (`F.F`, manufacturer registers) are left out.
+//!   Many meters write instantaneous values with two groups only, `C.D` (`32.7(231.2*V)`,
+//!   `31.7(1.23*A)`: Iskraemeco MT174 and others); their tariff (E) is 0, so `32.7` is
+//!   `1-0:32.7.0*255`. Addresses that carry A-B (`1-0:1.8.0*255`) keep theirs.
 //! * **Values** are the first value of a set, as an exact decimal in the digits the meter sent
-//!   (`001234.567` → `1234.567`); sets whose value is not a number (texts, the time and date
-//!   themselves) are left out. The unit is the meter's, as written (`kWh`); none is `""`.
+//!   (`001234.567` → `1234.567`). The unit is the meter's, as written (`kWh`); none is `""`.
 //! * **Time**: the meter's clock, time `0.9.1` and date `0.9.2`, read in the meter's time zone,
 //!   is the timestamp of every value. A set with a second value that is a time stamp
 //!   (`1.6.0(0.235*kW)(2311301415)`, a maximum demand and when it occurred) has that time
 //!   instead.
+//! * **Left out**: a set that gives no value — no address (`(ERROR)`), an address that is no
+//!   OBIS code (`F.F`, manufacturer registers), a value that is no number (texts, the gas
+//!   meter's time stamp), a second set for a series already mapped — is never dropped
+//!   silently: it is in [`Mapped::left_out`] as the meter wrote it, with the reason, and
+//!   logged at debug. Sets the meter's selection does not ask for are not left out: they
+//!   were not wanted.
 
 use std::collections::HashSet;
 
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
 
-use super::dataset::DataSet;
-use crate::meter::Selection;
-use crate::meter::Value;
-use crate::reading::{Decimal, Obis, Stamp};
+use super::dataset::{DataSet, write_set};
+use crate::meter::{Selection, Value};
+use crate::reading::{Decimal, Obis, ObisError, Stamp};
 
 /// What became of a readout.
 #[derive(Debug, Default)]
@@ -29,8 +34,48 @@ pub struct Mapped {
     pub values: Vec<Value>,
     /// The meter's clock (0.9.1 and 0.9.2), if it sent both and they are a valid time.
     pub meter_time: Option<Stamp>,
-    /// Addresses of sets that are not OBIS codes or not numbers.
-    pub left_out: Vec<String>,
+    /// Every set that gave no value (see the module doc); its length is the count to report.
+    pub left_out: Vec<LeftOut>,
+}
+
+/// A data set that gave no value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftOut {
+    /// The set as the meter wrote it: `F.F(00000000)`.
+    pub raw: String,
+    pub why: &'static str,
+}
+
+impl Mapped {
+    fn leave_out(&mut self, set: &DataSet, why: &'static str) {
+        let mut raw = String::new();
+        write_set(set, &mut raw);
+        tracing::debug!(raw = %raw, why, "Data set left out of the readout's values");
+        self.left_out.push(LeftOut { raw, why });
+    }
+}
+
+/// The series of a data-set address: a full OBIS code, `C.D.E` with the meter's `ab`, or
+/// `C.D` with tariff 0 (each with an optional `*F`).
+pub fn series(address: &str, ab: [u8; 2]) -> Result<Obis, ObisError> {
+    Obis::parse_with(address, ab).or_else(|e| match with_tariff_zero(address) {
+        Some(full) => Obis::parse_with(&full, ab).map_err(|_| e),
+        None => Err(e),
+    })
+}
+
+/// `[A-B:]C.D[*F]` as `[A-B:]C.D.0[*F]`; `None` for any other shape.
+fn with_tariff_zero(address: &str) -> Option<String> {
+    let (head, f) = address.split_at(address.find(['*', '&']).unwrap_or(address.len()));
+    let (ab, cd) = match head.split_once(':') {
+        Some((ab, cd)) => (&head[..=ab.len()], cd),
+        None => ("", head),
+    };
+    let (c, d) = cd.split_once('.')?;
+    if c.is_empty() || d.is_empty() || d.contains('.') {
+        return None;
+    }
+    Some(format!("{ab}{c}.{d}.0{f}"))
 }
 
 /// The values of `sets` that `selection` wants. `ab` is the meter's medium and channel; `tz`
@@ -40,10 +85,7 @@ pub fn values(sets: &[DataSet], ab: [u8; 2], selection: &Selection, tz: &TimeZon
     let parsed: Vec<(Option<Obis>, &DataSet)> = sets
         .iter()
         .map(|s| {
-            let obis = s
-                .address
-                .as_deref()
-                .and_then(|a| Obis::parse_with(a, ab).ok());
+            let obis = s.address.as_deref().and_then(|a| series(a, ab).ok());
             (obis, s)
         })
         .collect();
@@ -62,22 +104,29 @@ pub fn values(sets: &[DataSet], ab: [u8; 2], selection: &Selection, tz: &TimeZon
     let mut seen = HashSet::new();
     for (obis, set) in parsed {
         let Some(series) = obis else {
-            if let Some(a) = &set.address {
-                out.left_out.push(a.clone());
-            }
+            let why = match set.address {
+                Some(_) => "the address is not an OBIS code",
+                None => "no address",
+            };
+            out.leave_out(set, why);
             continue;
         };
         if matches!(series.0[2..5], [0, 9, 1] | [0, 9, 2]) {
             continue;
         }
         let Some(first) = set.values.first() else {
+            out.leave_out(set, "no value");
             continue;
         };
         let Ok(value) = Decimal::parse(&first.value) else {
-            out.left_out.push(set.address.clone().unwrap_or_default());
+            out.leave_out(set, "the value is not a number");
             continue;
         };
-        if !selection.wants(&series) || !seen.insert(series) {
+        if !selection.wants(&series) {
+            continue;
+        }
+        if !seen.insert(series) {
+            out.leave_out(set, "a second set for a series already mapped");
             continue;
         }
         let own_time = set
@@ -175,6 +224,18 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// (series, value, unit) of each value.
+    fn triples(m: &Mapped) -> Vec<(String, &str, &str)> {
+        m.values
+            .iter()
+            .map(|v| (v.series.to_string(), v.value.as_str(), v.unit.as_str()))
+            .collect()
+    }
+
+    fn raw(m: &Mapped) -> Vec<String> {
+        m.left_out.iter().map(|l| l.raw.clone()).collect()
+    }
+
     const LGZ: &str = "F.F(00000000)\r\n0.0.0(61234567)\r\n0.9.1(123456)\r\n0.9.2(260321)\r\n\
         C.1.0(61234567)\r\n1.8.0(001234.567*kWh)\r\n1.8.1(000800.123*kWh)\r\n\
         1.6.0(02.345*kW)(2603201415)\r\nC.7.0(0003)\r\n32.7.0(231.2*V)\r\nC.90.2(LGZ V1.2)\r\n!\r\n";
@@ -192,13 +253,8 @@ mod tests {
         };
         assert_eq!(clock.rfc3339(), "2026-03-21T12:34:56+01:00");
         assert_eq!(m.meter_time, Some(clock));
-        let got: Vec<(String, &str, &str)> = m
-            .values
-            .iter()
-            .map(|v| (v.series.to_string(), v.value.as_str(), v.unit.as_str()))
-            .collect();
         assert_eq!(
-            got,
+            triples(&m),
             vec![
                 ("1-0-0-0-0-255".into(), "61234567", ""),
                 ("1-0-96-1-0-255".into(), "61234567", ""),
@@ -222,7 +278,10 @@ mod tests {
                 .all(|v| v.meter_time == Some(clock))
         );
         // `F.F` is no OBIS code, the firmware text no number.
-        assert_eq!(m.left_out, vec!["F.F".to_owned(), "C.90.2".to_owned()]);
+        assert_eq!(
+            raw(&m),
+            vec!["F.F(00000000)".to_owned(), "C.90.2(LGZ V1.2)".to_owned()]
+        );
     }
 
     #[test]
@@ -249,7 +308,10 @@ mod tests {
         assert_eq!(m.values[1].value.as_str(), "101.71");
         // The gas set's first value is a time stamp with a season flag, not a number: the
         // value is not guessed from its second.
-        assert_eq!(m.left_out, vec!["0-1:24.2.1".to_owned()]);
+        assert_eq!(
+            raw(&m),
+            vec!["0-1:24.2.1(170102161005W)(00000.107*m3)".to_owned()]
+        );
         assert_eq!(m.meter_time, None);
     }
 
@@ -285,5 +347,97 @@ mod tests {
         let m = values(&sets, [1, 0], &Selection::All, &TimeZone::UTC);
         assert_eq!(m.values.len(), 1);
         assert_eq!(m.values[0].value.as_str(), "1");
+    }
+
+    #[test]
+    fn short_codes_should_map_with_the_meters_medium_and_tariff_zero() {
+        // Iskraemeco MT174: voltages and currents per phase with two groups only.
+        let sets = parse_readout(
+            "1.8.0(0012345.678*kWh)\r\n32.7(231.2*V)\r\n52.7(230.9*V)\r\n72.7(229.8*V)\r\n\
+             31.7(1.23*A)\r\n51.7(0.98*A)\r\n71.7(1.05*A)\r\n1-1:14.7(49.98*Hz)\r\n!\r\n",
+        )
+        .unwrap();
+        let m = values(&sets, [1, 0], &Selection::All, &TimeZone::UTC);
+        assert_eq!(
+            triples(&m),
+            vec![
+                ("1-0-1-8-0-255".into(), "12345.678", "kWh"),
+                ("1-0-32-7-0-255".into(), "231.2", "V"),
+                ("1-0-52-7-0-255".into(), "230.9", "V"),
+                ("1-0-72-7-0-255".into(), "229.8", "V"),
+                ("1-0-31-7-0-255".into(), "1.23", "A"),
+                ("1-0-51-7-0-255".into(), "0.98", "A"),
+                ("1-0-71-7-0-255".into(), "1.05", "A"),
+                ("1-1-14-7-0-255".into(), "49.98", "Hz"),
+            ]
+        );
+        assert!(m.left_out.is_empty(), "{:?}", m.left_out);
+        // The meter's medium completes them, as for three groups.
+        let gas = values(&sets, [7, 0], &Selection::All, &TimeZone::UTC);
+        assert_eq!(gas.values[1].series, Obis([7, 0, 32, 7, 0, 255]));
+    }
+
+    #[test]
+    fn short_codes_should_be_selectable_by_their_full_code() {
+        let sets = parse_readout("32.7(231.2*V)\r\n31.7(1.23*A)\r\n!\r\n").unwrap();
+        let sel = Selection::Series(vec![obis("1-0:32.7.0*255")]);
+        let m = values(&sets, [1, 0], &sel, &TimeZone::UTC);
+        assert_eq!(m.values.len(), 1);
+        assert_eq!(m.values[0].value.as_str(), "231.2");
+    }
+
+    #[test]
+    fn series_should_take_two_three_or_all_six_groups_and_nothing_else() {
+        for (address, want) in [
+            ("32.7", Some("1-0-32-7-0-255")),
+            ("32.7*01", Some("1-0-32-7-0-1")),
+            ("0-1:24.2", Some("0-1-24-2-0-255")),
+            ("C.1", Some("1-0-96-1-0-255")),
+            ("1.8.0", Some("1-0-1-8-0-255")),
+            ("1-0:1.8.0*255", Some("1-0-1-8-0-255")),
+            ("F.F", None),
+            ("32", None),
+            ("32.", None),
+            (".7", None),
+            ("32.7.0.1", None),
+            ("1-0:", None),
+            ("", None),
+        ] {
+            let got = series(address, [1, 0]).ok().map(|o| o.to_string());
+            assert_eq!(got.as_deref(), want, "{address:?}");
+        }
+    }
+
+    #[test]
+    fn every_set_that_gives_no_value_should_be_left_out_with_its_text() {
+        let sets = parse_readout(
+            "(ERROR)\r\nF.F(00)\r\n1.8.0(1*kWh)\r\nC.90.2(LGZ V1.2)\r\n1.8.0(2*kWh)\r\n\
+             99.1.2.3(4)\r\n2.8.0(5*kWh)\r\n!\r\n",
+        )
+        .unwrap();
+        let m = values(&sets, [1, 0], &Selection::All, &TimeZone::UTC);
+        assert_eq!(m.values.len(), 2);
+        let got: Vec<(&str, &str)> = m.left_out.iter().map(|l| (l.raw.as_str(), l.why)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("(ERROR)", "no address"),
+                ("F.F(00)", "the address is not an OBIS code"),
+                ("C.90.2(LGZ V1.2)", "the value is not a number"),
+                ("1.8.0(2*kWh)", "a second set for a series already mapped"),
+                ("99.1.2.3(4)", "the address is not an OBIS code"),
+            ]
+        );
+        // Every set is a value, the clock, or left out: none vanishes.
+        assert_eq!(m.values.len() + m.left_out.len(), sets.len());
+    }
+
+    #[test]
+    fn sets_not_selected_should_not_count_as_left_out() {
+        let sets = parse_readout("1.8.0(1*kWh)\r\n2.8.0(5*kWh)\r\n!\r\n").unwrap();
+        let sel = Selection::Series(vec![obis("1-0:2.8.0")]);
+        let m = values(&sets, [1, 0], &sel, &TimeZone::UTC);
+        assert_eq!(m.values.len(), 1);
+        assert!(m.left_out.is_empty());
     }
 }

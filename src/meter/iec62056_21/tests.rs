@@ -108,14 +108,18 @@ fn timing(retries: u32) -> Timing {
     }
 }
 
-fn bus_with(address: &str, fault: Fault) -> SimBus {
-    let bus = SimBus::new();
+fn meter_with(address: &str, fault: Fault) -> SimMeter {
     let mut m = SimMeter::landis_gyr(Some(address), "61234567");
     m.clock = Some(Clock::Fixed(
         jiff::civil::date(2026, 3, 21).at(12, 34, 56, 0),
     ));
     m.fault = fault;
-    bus.add(m);
+    m
+}
+
+fn bus_with(address: &str, fault: Fault) -> SimBus {
+    let bus = SimBus::new();
+    bus.add(meter_with(address, fault));
     bus
 }
 
@@ -308,6 +312,34 @@ async fn meter_that_keeps_300_baud_and_then_fails_should_report_both() {
         out.failure
     );
     assert!(matches!(out.refused.as_slice(), [Failure::Refused(_)]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_codes_in_a_readout_should_give_values() {
+    // Iskraemeco MT174 and others write instantaneous values with two groups, `C.D`.
+    let mut m = meter_with("61234567", Fault::None);
+    for (address, value, unit) in [("52.7", "230.9", "V"), ("31.7", "1.23", "A")] {
+        m.sets
+            .push(crate::sim::iec::set(Some(address), value, Some(unit)));
+    }
+    let bus = SimBus::new();
+    bus.add(m);
+    let mut line = line_to(&bus, Duration::ZERO);
+    let out = read_once(&mut line, 0).await;
+    assert_eq!(out.failure, None);
+    let short: Vec<(String, &str, &str)> = out
+        .values
+        .iter()
+        .filter(|v| matches!(v.series.0[2..4], [52, 7] | [31, 7]))
+        .map(|v| (v.series.to_string(), v.value.as_str(), v.unit.as_str()))
+        .collect();
+    assert_eq!(
+        short,
+        vec![
+            ("1-0-52-7-0-255".into(), "230.9", "V"),
+            ("1-0-31-7-0-255".into(), "1.23", "A"),
+        ]
+    );
 }
 
 #[test]

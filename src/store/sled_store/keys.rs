@@ -1,0 +1,210 @@
+//! Keys and values: how records and per-meter bookkeeping are laid out in sled's tree.
+//!
+//! Values the store writes beside the records (its counters, a meter's last failure) are
+//! encoded here by hand in postcard's wire format (postcard 1.0's format is specified and
+//! stable), so that encoding them cannot fail: a value that could come out empty would be
+//! written as an empty value. They are still read with `postcard::from_bytes`, and the tests
+//! hold the two to byte-for-byte agreement.
+
+use super::super::{Range, Record, StoreError};
+use crate::reading::Cadence;
+
+/// The key of the chunk of `range` whose first record has sequence number `seq`.
+pub(super) fn rkey(range: Range, seq: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[0] = b'r';
+    k[1] = range as u8;
+    k[2..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The range and first sequence number of a chunk key; `None` for any other key.
+pub(super) fn parse_key(k: &[u8]) -> Option<(Range, u64)> {
+    if k.len() != 10 || k[0] != b'r' {
+        return None;
+    }
+    let range = match k[1] {
+        0 => Range::Profile,
+        1 => Range::Events,
+        2 => Range::Billing,
+        _ => return None,
+    };
+    Some((range, u64::from_be_bytes(k[2..].try_into().ok()?)))
+}
+
+/// The prefix of every chunk key of `range`.
+pub(super) fn range_prefix(range: Range) -> [u8; 2] {
+    [b'r', range as u8]
+}
+
+/// `b` meter `\0` cadence: the last boundary read.
+pub(super) fn mark_key(meter: &str, cadence: Cadence) -> Vec<u8> {
+    let mut k = Vec::with_capacity(meter.len() + 12);
+    k.push(b'b');
+    k.extend_from_slice(meter.as_bytes());
+    k.push(0);
+    k.extend_from_slice(cadence.as_str().as_bytes());
+    k
+}
+
+/// `tag` followed by `name`: a meter's last read (`l`), last failure (`f`), or a command id
+/// (`c`).
+pub(super) fn meter_key(tag: u8, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 1);
+    k.push(tag);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// A value in postcard's wire format, built without a way to fail.
+#[derive(Default)]
+pub(super) struct Wire(Vec<u8>);
+
+impl Wire {
+    pub(super) fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+
+    /// Unsigned integers wider than a byte: LEB128, seven bits at a time, lowest first.
+    pub(super) fn varint(&mut self, mut v: u64) -> &mut Self {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+        self
+    }
+
+    /// Signed integers: zig-zag, then as unsigned.
+    pub(super) fn zigzag(&mut self, v: i64) -> &mut Self {
+        self.varint(((v << 1) ^ (v >> 63)) as u64)
+    }
+
+    pub(super) fn option<T>(&mut self, v: Option<T>, some: impl FnOnce(&mut Self, T)) -> &mut Self {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                some(self, v);
+                self
+            }
+        }
+    }
+
+    pub(super) fn str(&mut self, s: &str) -> &mut Self {
+        self.varint(s.len() as u64);
+        self.0.extend_from_slice(s.as_bytes());
+        self
+    }
+
+    pub(super) fn into_vec(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// The value under `f` meter: (Unix ms, kind, message), as postcard writes
+/// `(i64, &str, &str)` and [`super::SledStore`] reads back as `(i64, String, String)`.
+pub(super) fn encode_failure(at_ms: i64, kind: &str, message: &str) -> Vec<u8> {
+    let mut w = Wire::default();
+    w.zigzag(at_ms).str(kind).str(message);
+    w.into_vec()
+}
+
+/// Encodes a chunk whose first record has sequence number `first`. An error (which our own
+/// types should never give) aborts the batch: the caller keeps its records and tries again,
+/// rather than the store writing a chunk that says it holds records it does not.
+pub(super) fn encode_chunk(first: u64, items: &[(u64, &Record)]) -> Result<Vec<u8>, StoreError> {
+    let body: Vec<(u32, &Record)> = items
+        .iter()
+        .map(|(seq, r)| ((seq - first) as u32, *r))
+        .collect();
+    let encoded = postcard::to_stdvec(&body).map_err(|e| {
+        StoreError::Unavailable(format!("could not encode records for the disk: {e}"))
+    })?;
+    let mut v = Vec::with_capacity(4 + encoded.len());
+    v.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    v.extend(encoded);
+    Ok(v)
+}
+
+/// The records of a chunk with their sequence numbers.
+pub(super) fn decode_chunk(first: u64, v: &[u8]) -> Result<Vec<(u64, Record)>, postcard::Error> {
+    let body = v
+        .get(4..)
+        .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+    let items: Vec<(u32, Record)> = postcard::from_bytes(body)?;
+    Ok(items
+        .into_iter()
+        .map(|(off, r)| (first + u64::from(off), r))
+        .collect())
+}
+
+/// The record count from a chunk's header, without decoding it.
+pub(super) fn chunk_count(v: &[u8]) -> u64 {
+    v.get(..4)
+        .and_then(|h| h.try_into().ok())
+        .map_or(0, |h| u64::from(u32::from_le_bytes(h)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::{EventKind, Stamp, SystemEvent};
+
+    fn event(n: u32) -> Record {
+        Record::Event(SystemEvent::new(
+            EventKind::LinkError,
+            Stamp { ms: 1, offset: 0 },
+            format!("e{n}"),
+        ))
+    }
+
+    #[test]
+    fn a_failure_record_should_be_what_postcard_writes_and_reads() {
+        for (at, kind, message) in [
+            (0, "", ""),
+            (
+                1_774_092_896_000,
+                "link_error",
+                "serial line: no such device",
+            ),
+            (-1, "x", &*"é".repeat(200)),
+            (i64::MIN, "k", "m"),
+            (i64::MAX, "k", "m"),
+        ] {
+            let ours = encode_failure(at, kind, message);
+            assert_eq!(ours, postcard::to_stdvec(&(at, kind, message)).unwrap());
+            let back: (i64, String, String) = postcard::from_bytes(&ours).unwrap();
+            assert_eq!(back, (at, kind.to_owned(), message.to_owned()));
+        }
+    }
+
+    #[test]
+    fn chunk_keys_should_sort_by_range_then_sequence_and_parse_back() {
+        let a = rkey(Range::Profile, 300);
+        let b = rkey(Range::Profile, 1 << 40);
+        let c = rkey(Range::Events, 1);
+        assert!(a < b && b < c);
+        assert_eq!(parse_key(&b), Some((Range::Profile, 1 << 40)));
+        assert!(b.starts_with(&range_prefix(Range::Profile)));
+        assert_eq!(parse_key(&mark_key("m", Cadence::Daily)), None);
+        assert_eq!(parse_key(b"r\x07aaaaaaaa"), None);
+    }
+
+    #[test]
+    fn a_chunk_with_gaps_should_decode_to_its_records_and_sequence_numbers() {
+        let (r1, r2) = (event(1), event(2));
+        let v = encode_chunk(100, &[(100, &r1), (103, &r2)]).unwrap();
+        assert_eq!(chunk_count(&v), 2);
+        assert_eq!(decode_chunk(100, &v).unwrap(), vec![(100, r1), (103, r2)]);
+    }
+
+    #[test]
+    fn a_truncated_chunk_should_not_decode() {
+        let v = encode_chunk(7, &[(7, &event(1))]).unwrap();
+        assert!(decode_chunk(7, &v[..v.len() - 1]).is_err());
+        assert!(decode_chunk(7, &v[..2]).is_err());
+        assert_eq!(chunk_count(&v[..2]), 0);
+    }
+}

@@ -1,0 +1,467 @@
+//! The [`Store`] operations on sled: append, take, acknowledge, and the rest.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use sled::{Batch, IVec};
+
+use super::super::{
+    Append, Appended, Entry, EntryId, MeterState, Range, Record, Stats, Store, StoreError, Stream,
+};
+use super::keys::{
+    decode_chunk, encode_chunk, encode_failure, mark_key, meter_key, parse_key, rkey,
+};
+use super::state::{Acked, Items, State};
+use super::{SledStore, io};
+use crate::reading::Cadence;
+
+/// Command ids older than this are forgotten.
+fn cutoff_commands(now_ms: i64) -> i64 {
+    now_ms - 7 * 86_400_000
+}
+
+impl SledStore {
+    /// Writes the partial acknowledgements kept in memory: each partly delivered chunk is
+    /// rewritten without its delivered records. Done on flush (shutdown) and once a minute,
+    /// which bounds what a crash can make the drain send twice.
+    pub(super) fn persist_partial(&self, st: &mut State) -> Result<(), StoreError> {
+        let partial = st.take_partial();
+        if partial.is_empty() {
+            return Ok(());
+        }
+        let mut meta = st.meta.clone();
+        let written = (|| {
+            let mut batch = Batch::default();
+            let tree = self.tree()?;
+            for ((range, first), acked) in &partial {
+                let k = rkey(*range, *first);
+                let Some(v) = tree.get(k).map_err(io)? else {
+                    continue;
+                };
+                let Ok(items) = decode_chunk(*first, &v) else {
+                    continue;
+                };
+                let keep: Vec<(u64, &Record)> = items
+                    .iter()
+                    .filter(|(s, _)| !acked.contains(s))
+                    .map(|(s, r)| (*s, r))
+                    .collect();
+                let d = &mut meta.depth[*range as usize];
+                d.count = d.count.saturating_sub((items.len() - keep.len()) as u64);
+                d.bytes = d.bytes.saturating_sub((k.len() + v.len()) as u64);
+                if keep.is_empty() {
+                    batch.remove(&k[..]);
+                } else {
+                    let nv = encode_chunk(*first, &keep)?;
+                    d.bytes += (k.len() + nv.len()) as u64;
+                    batch.insert(&k[..], nv);
+                }
+            }
+            self.write(st, meta, batch)
+        })();
+        match written {
+            Ok(()) => st.partial_written(),
+            Err(_) => st.partial_kept(partial),
+        }
+        written
+    }
+
+    fn forget_old_commands(&self, cutoff_ms: i64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        let tree = self.tree()?;
+        for item in tree.scan_prefix(b"c") {
+            let (k, v) = item.map_err(io)?;
+            let at = v.as_ref().try_into().map(i64::from_be_bytes).unwrap_or(0);
+            if at < cutoff_ms {
+                batch.remove(k);
+            }
+        }
+        tree.apply_batch(batch).map_err(io)
+    }
+
+    fn append_inner(&self, batch_in: Append) -> Result<Appended, StoreError> {
+        if batch_in.is_empty() {
+            return Ok(Appended::default());
+        }
+        let Append {
+            readings,
+            events,
+            marks,
+        } = batch_in;
+        let mut batch = Batch::default();
+        let mut last_read: BTreeMap<&str, i64> = BTreeMap::new();
+        for r in &readings {
+            let e = last_read.entry(r.meter.as_str()).or_insert(r.read_at.ms);
+            *e = (*e).max(r.read_at.ms);
+        }
+        for (meter, ms) in &last_read {
+            batch.insert(meter_key(b'l', meter), &ms.to_be_bytes()[..]);
+        }
+        for e in &events {
+            if let Some(meter) = &e.meter {
+                batch.insert(
+                    meter_key(b'f', meter),
+                    encode_failure(e.at.ms, e.kind.as_str(), &e.message),
+                );
+            }
+        }
+        for m in &marks {
+            batch.insert(
+                mark_key(&m.meter, m.cadence),
+                &m.boundary_ms.to_be_bytes()[..],
+            );
+        }
+        drop(last_read);
+        let records: Vec<Record> = readings
+            .into_iter()
+            .map(Record::Reading)
+            .chain(events.into_iter().map(Record::Event))
+            .collect();
+
+        let mut st = self.lock();
+        let mut meta = st.meta.clone();
+        let first_new = meta.next_seq;
+        let seqs: Vec<u64> = (first_new..first_new + records.len() as u64).collect();
+        meta.next_seq += records.len() as u64;
+        for range in Range::ALL {
+            let items: Vec<(u64, &Record)> = seqs
+                .iter()
+                .zip(&records)
+                .filter(|(_, r)| Range::of(r) == range)
+                .map(|(s, r)| (*s, r))
+                .collect();
+            if let Some((first, _)) = items.first() {
+                self.stage(&mut meta, &mut batch, range, *first, &items)?;
+            }
+        }
+        let total: u64 = meta.depth.iter().map(|d| d.bytes).sum();
+        let cap = self.effective_cap();
+        let mut evicted = 0;
+        if total > cap {
+            // Victims come from what is already on disk; this batch is not in the tree yet.
+            let victims = self.choose_victims(&meta, total - cap, None)?;
+            evicted = self.evict_into(&mut st, &mut meta, &mut batch, &victims, false);
+        }
+        let last = meta.next_seq - 1;
+        let snapshot = st.meta.clone();
+        self.write(&mut st, meta, batch)?;
+        drop(st);
+
+        if let Err(e) = self.h()?.flush() {
+            // Not on disk, so not stored: undo in memory so a retry by the caller does not
+            // also leave this copy behind to be flushed later.
+            let mut st = self.lock();
+            let mut undo = Batch::default();
+            for range in Range::ALL {
+                for seq in &seqs {
+                    undo.remove(&rkey(range, *seq)[..]);
+                }
+            }
+            let _ = self.write(&mut st, snapshot, undo);
+            return Err(e);
+        }
+        self.lock().durable_through(last);
+        Ok(Appended { seqs, evicted })
+    }
+
+    fn take_inner(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
+        let mut st = self.lock();
+        let ranges: &[Range] = match stream {
+            Stream::Readings => &[Range::Profile, Range::Billing],
+            Stream::Events => &[Range::Events],
+        };
+        // (id, chunk first-seq, record)
+        let mut found: Vec<(EntryId, u64, Record)> = Vec::with_capacity(max);
+        // Chunks that cannot be decoded, found by either path below: set aside once each.
+        let mut bad: BTreeMap<(Range, u64), (IVec, postcard::Error)> = BTreeMap::new();
+        let mut decoded: BTreeMap<(Range, u64), Vec<(u64, Record)>> = BTreeMap::new();
+        for id in st.retries(ranges, max) {
+            let Some((first, v)) = self.chunk_of(id.range, id.seq)? else {
+                st.settled(id);
+                continue;
+            };
+            let items = decoded.entry((id.range, first)).or_insert_with(|| {
+                decode_chunk(first, &v).unwrap_or_else(|e| {
+                    bad.insert((id.range, first), (v.clone(), e));
+                    Vec::new()
+                })
+            });
+            match items.iter().find(|(s, _)| *s == id.seq) {
+                Some((_, r)) => found.push((id, first, r.clone())),
+                // Acknowledged or evicted meanwhile, or in a chunk being set aside.
+                None => st.settled(id),
+            }
+        }
+        for &range in ranges {
+            let (cursor, cursor_chunk) = st.cursor(range);
+            let durable = st.durable();
+            if cursor_chunk > durable {
+                continue;
+            }
+            let mut n = 0;
+            let mut last_decoded: Option<(u64, Items)> = None;
+            for item in self
+                .tree()?
+                .range(rkey(range, cursor_chunk)..=rkey(range, durable))
+            {
+                if n >= max {
+                    break;
+                }
+                let (k, v) = item.map_err(io)?;
+                let Some((_, first)) = parse_key(&k) else {
+                    continue;
+                };
+                let items = match st.cached(range, first) {
+                    Some(items) => items,
+                    None => match decode_chunk(first, &v) {
+                        Ok(items) => Arc::new(items),
+                        Err(e) => {
+                            bad.entry((range, first)).or_insert((v, e));
+                            continue;
+                        }
+                    },
+                };
+                for (seq, r) in items.iter() {
+                    if *seq > cursor && n < max {
+                        found.push((EntryId { seq: *seq, range }, first, r.clone()));
+                        n += 1;
+                    }
+                }
+                last_decoded = Some((first, items));
+            }
+            if let Some((first, items)) = last_decoded {
+                st.cache(range, first, items);
+            }
+        }
+        found.sort_by_key(|(id, _, _)| id.seq);
+        found.truncate(max);
+        let mut out = Vec::with_capacity(found.len());
+        for (id, first, record) in found {
+            st.handed_out(id, first);
+            out.push(Entry { id, record });
+        }
+        for ((range, first), (v, e)) in bad {
+            self.set_aside(&mut st, range, first, &v, &e)?;
+        }
+        Ok(out)
+    }
+
+    fn ack_inner(&self, ids: &[EntryId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        /// A chunk some of whose records are being acknowledged.
+        struct Touched {
+            range: Range,
+            first: u64,
+            last: u64,
+            old_len: usize,
+            items: Items,
+            acked: BTreeSet<u64>,
+        }
+        let mut st = self.lock();
+        let mut meta = st.meta.clone();
+        let mut batch = Batch::default();
+        let mut sorted: Vec<EntryId> = ids.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        // Ids in sequence order meet their chunks in order: one read per chunk touched.
+        let mut touched: Vec<Touched> = Vec::new();
+        let mut current: [Option<usize>; 3] = [None; 3];
+        for id in sorted {
+            st.settled(id);
+            let r = id.range as usize;
+            let hit =
+                current[r].filter(|&i| (touched[i].first..=touched[i].last).contains(&id.seq));
+            let i = match hit {
+                Some(i) => i,
+                None => {
+                    let Some((first, v)) = self.chunk_of(id.range, id.seq)? else {
+                        continue;
+                    };
+                    let items = match st.cached(id.range, first) {
+                        Some(items) => items,
+                        None => match decode_chunk(first, &v) {
+                            Ok(items) => Arc::new(items),
+                            Err(_) => continue,
+                        },
+                    };
+                    let last = items.last().map_or(first, |(s, _)| *s);
+                    if id.seq > last {
+                        // Already acknowledged (or evicted): nothing holds it any more.
+                        continue;
+                    }
+                    touched.push(Touched {
+                        range: id.range,
+                        first,
+                        last,
+                        old_len: v.len(),
+                        items,
+                        acked: BTreeSet::new(),
+                    });
+                    current[r] = Some(touched.len() - 1);
+                    touched.len() - 1
+                }
+            };
+            touched[i].acked.insert(id.seq);
+        }
+        for t in touched {
+            let seqs = t.items.iter().map(|(s, _)| *s);
+            if st.acknowledge(t.range, t.first, seqs, &t.acked) == Acked::Wholly {
+                // The last of the chunk: remove it, and count that on disk.
+                let k = rkey(t.range, t.first);
+                batch.remove(&k[..]);
+                let d = &mut meta.depth[t.range as usize];
+                d.count = d.count.saturating_sub(t.items.len() as u64);
+                d.bytes = d.bytes.saturating_sub((k.len() + t.old_len) as u64);
+            }
+        }
+        meta.last_drain_ms = Some(self.clock.now_ms());
+        self.write(&mut st, meta, batch)
+    }
+
+    fn stats_inner(&self) -> Result<Stats, StoreError> {
+        let (mut meta, partial) = {
+            let st = self.lock();
+            (st.meta.clone(), st.partial_count())
+        };
+        for (d, p) in meta.depth.iter_mut().zip(partial) {
+            d.count = d.count.saturating_sub(p);
+        }
+        let oldest_ms = Range::ALL
+            .iter()
+            .filter(|r| meta.depth[**r as usize].count > 0)
+            .filter_map(|r| self.first_at_ms(*r))
+            .min();
+        Ok(Stats {
+            profile: meta.depth[Range::Profile as usize],
+            billing: meta.depth[Range::Billing as usize],
+            events: meta.depth[Range::Events as usize],
+            evicted: meta.evicted,
+            set_aside: meta.set_aside,
+            oldest_ms,
+            last_drain_ms: meta.last_drain_ms,
+            next_seq: meta.next_seq,
+            disk_bytes: self
+                .h()
+                .ok()
+                .and_then(|h| h.db.size_on_disk().ok())
+                .unwrap_or(0),
+        })
+    }
+
+    fn boundary_inner(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .tree()?
+            .get(mark_key(meter, cadence))
+            .map_err(io)?
+            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
+    }
+
+    fn meters_inner(&self) -> Result<Vec<MeterState>, StoreError> {
+        let mut by_meter: BTreeMap<String, MeterState> = BTreeMap::new();
+        let tree = self.tree()?;
+        for item in tree.scan_prefix(b"l") {
+            let (k, v) = item.map_err(io)?;
+            let meter = String::from_utf8_lossy(&k[1..]).into_owned();
+            let ms = v.as_ref().try_into().ok().map(i64::from_be_bytes);
+            by_meter.entry(meter.clone()).or_default().last_read_ms = ms;
+        }
+        for item in tree.scan_prefix(b"f") {
+            let (k, v) = item.map_err(io)?;
+            let meter = String::from_utf8_lossy(&k[1..]).into_owned();
+            if let Ok(f) = postcard::from_bytes::<(i64, String, String)>(&v) {
+                by_meter.entry(meter).or_default().last_failure = Some(f);
+            }
+        }
+        Ok(by_meter
+            .into_iter()
+            .map(|(meter, mut s)| {
+                s.meter = meter;
+                s
+            })
+            .collect())
+    }
+
+    fn maintain_inner(&self) -> Result<u64, StoreError> {
+        let cutoff = self.clock.now_ms() - self.config.max_age.0.as_millis() as i64;
+        self.forget_old_commands(cutoff_commands(self.clock.now_ms()))?;
+        let mut st = self.lock();
+        self.persist_partial(&mut st)?;
+        let mut meta = st.meta.clone();
+        let victims = self.choose_victims(&meta, 0, Some(cutoff))?;
+        let mut batch = Batch::default();
+        let n = self.evict_into(&mut st, &mut meta, &mut batch, &victims, true);
+        if self.report_evictions(&mut meta, &mut batch)?.is_none() {
+            return Ok(0);
+        }
+        let last = meta.next_seq - 1;
+        self.write(&mut st, meta, batch)?;
+        drop(st);
+        self.h()?.flush()?;
+        self.lock().durable_through(last);
+        Ok(n)
+    }
+
+    fn flush_inner(&self) -> Result<(), StoreError> {
+        self.persist_partial(&mut self.lock())?;
+        self.h()?.flush()
+    }
+
+    fn first_time_inner(&self, key: &str) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms().to_be_bytes();
+        let fresh = self
+            .tree()?
+            .compare_and_swap(meter_key(b'c', key), None as Option<&[u8]>, Some(&now[..]))
+            .map_err(io)?
+            .is_ok();
+        if fresh {
+            self.h()?.flush()?;
+        }
+        Ok(fresh)
+    }
+}
+
+impl Store for SledStore {
+    fn append(&self, batch: Append) -> Result<Appended, StoreError> {
+        self.guard(|| self.append_inner(batch))
+    }
+    fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
+        self.guard(|| self.take_inner(stream, max))
+    }
+    fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError> {
+        self.guard(|| self.ack_inner(ids))
+    }
+    fn nack(&self, ids: &[EntryId]) {
+        let mut st = self.lock();
+        for id in ids {
+            st.nack(*id);
+        }
+    }
+    fn stats(&self) -> Result<Stats, StoreError> {
+        self.stats_inner()
+    }
+    fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
+        self.boundary_inner(meter, cadence)
+    }
+    fn meters(&self) -> Result<Vec<MeterState>, StoreError> {
+        self.meters_inner()
+    }
+    fn maintain(&self) -> Result<u64, StoreError> {
+        self.save_high_water();
+        self.guard(|| {
+            // Look at the filesystem again: someone may have filled it, or freed it.
+            self.cap.lock().unwrap_or_else(|p| p.into_inner()).1 = None;
+            self.effective_cap();
+            self.maintain_inner()
+        })
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        let r = self.guard(|| self.flush_inner());
+        self.save_high_water();
+        r
+    }
+    fn first_time(&self, key: &str) -> Result<bool, StoreError> {
+        self.guard(|| self.first_time_inner(key))
+    }
+}
