@@ -6,6 +6,7 @@
 //! [`Reading`](crate::reading::Reading)s.
 
 pub mod iec62056_21;
+pub mod mbus;
 pub mod modbus;
 
 use serde::{Deserialize, Deserializer};
