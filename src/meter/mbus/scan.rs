@@ -378,3 +378,132 @@ impl Scan {
         &self.report.meters
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::mbus::{Segment, Slave};
+
+    fn drive(seg: &mut Segment, mode: Mode) -> ScanReport {
+        let mut scan = Scan::new(ScanConfig {
+            mode,
+            timing: Timing::new(2400),
+            retries: 0,
+        });
+        let mut step = scan.start();
+        for _ in 0..100_000 {
+            match step {
+                ScanStep::Done(r) => return r,
+                ScanStep::Send { bytes, .. } => {
+                    if let Some(a) = seg.handle(&bytes) {
+                        assert!(scan.received(&a).is_none());
+                    }
+                    step = scan.silence();
+                }
+            }
+        }
+        panic!("the scan did not end");
+    }
+
+    #[test]
+    fn primary_scan_should_find_each_meter_with_its_identity() {
+        let mut seg = Segment::demo();
+        let r = drive(&mut seg, Mode::Primary { from: 0, to: 250 });
+        let ids: Vec<String> = r
+            .meters
+            .iter()
+            .map(|m| m.identity.unwrap().id_string())
+            .collect();
+        assert_eq!(ids, ["12345678", "23456789", "34567890"]);
+        assert_eq!(r.meters[0].via, Via::Primary(1));
+        assert_eq!(r.probes, 251);
+    }
+
+    #[test]
+    fn primary_scan_should_report_two_meters_on_one_address_as_a_collision() {
+        let mut seg = Segment::new(vec![
+            Slave::heat(5, "11111111"),
+            Slave::water(5, "22222222"),
+        ]);
+        let r = drive(&mut seg, Mode::Primary { from: 0, to: 10 });
+        assert!(r.meters.is_empty());
+        assert_eq!(r.collisions, vec![Collision::Primary(5)]);
+    }
+
+    #[test]
+    fn secondary_search_should_narrow_collisions_digit_by_digit() {
+        let mut seg = Segment::demo();
+        let r = drive(
+            &mut seg,
+            Mode::Secondary {
+                start: SecondaryMask::ANY,
+            },
+        );
+        let mut ids: Vec<String> = r
+            .meters
+            .iter()
+            .map(|m| m.identity.unwrap().id_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["12345678", "23456789", "34567890"]);
+        assert!(r.collisions.is_empty());
+        // All wildcards, then the ten first digits (three of them collide... no: each has one).
+        assert_eq!(r.probes, 11);
+    }
+
+    #[test]
+    fn secondary_search_should_find_every_meter_of_a_large_segment() {
+        let mut seg = Segment::many(60, 7);
+        let r = drive(
+            &mut seg,
+            Mode::Secondary {
+                start: SecondaryMask::ANY,
+            },
+        );
+        assert_eq!(r.meters.len(), 60);
+        assert!(r.collisions.is_empty());
+    }
+
+    #[test]
+    fn two_meters_with_one_id_should_be_an_unresolved_collision() {
+        let mut seg = Segment::new(vec![
+            Slave::heat(0, "11111111"),
+            Slave::water(0, "11111111"),
+        ]);
+        let r = drive(
+            &mut seg,
+            Mode::Secondary {
+                start: SecondaryMask::ANY,
+            },
+        );
+        assert!(r.meters.is_empty());
+        assert_eq!(r.collisions.len(), 1);
+    }
+
+    #[test]
+    fn found_meters_should_render_as_meter_blocks_that_parse() {
+        let mut seg = Segment::demo();
+        let r = drive(
+            &mut seg,
+            Mode::Secondary {
+                start: SecondaryMask::ANY,
+            },
+        );
+        let block = r.meters[0].to_toml("mbus-1");
+        assert!(
+            block.contains("mbus = { secondary = \"12345678\" }"),
+            "{block}"
+        );
+        assert!(block.contains("id = \"KAM-12345678\""), "{block}");
+        let v: toml::Table = toml::from_str(&block).unwrap();
+        let m = &v["meter"].as_array().unwrap()[0];
+        assert_eq!(m["bus"].as_str(), Some("mbus-1"));
+        assert_eq!(m["reads"]["daily"].as_str(), Some("all"));
+        let p = FoundMeter {
+            via: Via::Primary(5),
+            identity: None,
+            primary: 5,
+        };
+        assert!(p.to_toml("b").contains("mbus = { primary = 5 }"));
+    }
+}

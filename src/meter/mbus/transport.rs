@@ -99,3 +99,73 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::meter::mbus::master::{ReadConfig, Stage};
+    use crate::meter::mbus::scan::{Mode, ScanConfig};
+    use crate::meter::mbus::{SecondaryMask, Timing};
+    use crate::sim::mbus::{REACTION, Segment, serve};
+
+    fn segment() -> (tokio::io::DuplexStream, Arc<Mutex<Segment>>) {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let seg = Arc::new(Mutex::new(Segment::demo()));
+        tokio::spawn(serve(theirs, seg.clone(), REACTION));
+        (ours, seg)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn read_over_a_stream_should_get_every_telegram() {
+        let (mut io, _seg) = segment();
+        let out = read(&mut io, Read::new(ReadConfig::primary(3, 2400)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.frames.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_should_time_out_after_each_answer_window() {
+        let (mut io, _seg) = segment();
+        let config = ReadConfig::primary(42, 2400);
+        let start = Instant::now();
+        let r = read(&mut io, Read::new(config)).await.unwrap();
+        assert_eq!(
+            r,
+            Err(ReadError::NoAnswer {
+                stage: Stage::Reset,
+                tries: 3
+            })
+        );
+        // Three windows (5 bytes on the wire + 330 bit times + 50 ms) and two idle pauses.
+        let t = Timing::new(2400);
+        let window = crate::meter::mbus::link::wire_time(5, 2400) + t.answer_window();
+        let expected = window * 3 + t.idle() * 2;
+        let took = start.elapsed();
+        assert!(
+            took >= expected && took < expected + std::time::Duration::from_millis(5),
+            "{took:?} vs {expected:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scan_over_a_stream_should_find_the_segment() {
+        let (mut io, _seg) = segment();
+        let report = scan(
+            &mut io,
+            Scan::new(ScanConfig {
+                mode: Mode::Secondary {
+                    start: SecondaryMask::ANY,
+                },
+                timing: Timing::new(2400),
+                retries: 0,
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.meters.len(), 3);
+    }
+}
