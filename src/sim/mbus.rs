@@ -158,10 +158,17 @@ impl Slave {
         self.index = 0;
     }
 
-    fn answer_request(&mut self, fcb: bool) -> Option<Vec<u8>> {
+    /// A REQ_UD2. With FCV clear the FCB means nothing: the slave sends its current
+    /// telegram again and does not move on.
+    fn answer_request(&mut self, fcb: bool, fcv: bool) -> Option<Vec<u8>> {
         if self.telegrams.is_empty() {
             return None;
         }
+        let fcb = if fcv {
+            fcb
+        } else {
+            self.last_fcb.unwrap_or(fcb)
+        };
         let repeat = self.last_fcb == Some(fcb);
         if !repeat && self.last_fcb.is_some() && !self.restart {
             self.index = if self.fault == Fault::EndlessTelegrams {
@@ -296,11 +303,12 @@ impl Segment {
             }
             Frame::Short { control, address } if control & 0xCF == link::C_REQ_UD2 & 0xCF => {
                 let fcb = control & link::FCB != 0;
+                let fcv = control & link::FCV != 0;
                 for s in self.slaves.iter_mut().filter(|s| addressed(s, address)) {
                     if s.fault == Fault::Silent || address == link::ADDR_BROADCAST {
                         continue;
                     }
-                    if let Some(a) = s.answer_request(fcb) {
+                    if let Some(a) = s.answer_request(fcb, fcv) {
                         answers.push(a);
                     }
                 }
