@@ -3,19 +3,20 @@
 # corpus size and the run time. Exits non-zero if the fuzzer found a crash (the input is left
 # in fuzz/artifacts/).
 #
-#   fuzz/run.sh [SECONDS]     default 60
+#   fuzz/run.sh [SECONDS] [TARGET]     default 60, iec62056_21_decoder (or mbus_decoder)
 #
 # Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). The corpus grows in
 # fuzz/corpus/ (not committed; seeded from fuzz/seeds/ on every run).
 set -euo pipefail
 
 seconds="${1:-60}"
-target=iec62056_21_decoder
+target="${2:-iec62056_21_decoder}"
 cd "$(dirname "$0")/.."
 
 corpus="fuzz/corpus/$target"
 mkdir -p "$corpus"
 for seed in fuzz/seeds/"$target"/*; do
+    [ -e "$seed" ] || continue
     [ -e "$corpus/$(basename "$seed")" ] || cp "$seed" "$corpus/"
 done
 
