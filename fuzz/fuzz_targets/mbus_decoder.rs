@@ -15,13 +15,13 @@ mod reading;
 /// mask type is all `link` needs from the module root.
 #[allow(dead_code)]
 mod mbus {
-    #[path = "../../src/meter/mbus/app.rs"]
+    #[path = "../../../src/meter/mbus/app.rs"]
     pub mod app;
-    #[path = "../../src/meter/mbus/link.rs"]
+    #[path = "../../../src/meter/mbus/link.rs"]
     pub mod link;
-    #[path = "../../src/meter/mbus/series.rs"]
+    #[path = "../../../src/meter/mbus/series.rs"]
     pub mod series;
-    #[path = "../../src/meter/mbus/vif.rs"]
+    #[path = "../../../src/meter/mbus/vif.rs"]
     pub mod vif;
     pub use app::Identity;
     pub struct SecondaryMask;
