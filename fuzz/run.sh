@@ -4,7 +4,7 @@
 # corpus size and the run time. Exits non-zero if the fuzzer found a crash (the input is left
 # in fuzz/artifacts/).
 #
-#   fuzz/run.sh [SECONDS] [TARGET]     default 60 iec62056_21_decoder
+#   fuzz/run.sh [SECONDS] [TARGET]     default 60 iec62056_21_decoder (or dlms_decoder, mbus_decoder)
 #
 # Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). The corpus grows in
 # fuzz/corpus/ (not committed; seeded from fuzz/seeds/ on every run).

@@ -33,6 +33,7 @@
 pub mod dlms;
 pub mod iec62056_21;
 pub mod link;
+pub mod mbus;
 pub mod modbus;
 
 use std::time::Duration;

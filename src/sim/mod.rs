@@ -2,4 +2,5 @@
 //! read through the same drivers, transports and buses as real meters.
 
 pub mod iec;
+pub mod mbus;
 pub mod modbus;
