@@ -72,8 +72,17 @@ impl Rabbit {
 
     /// Takes (and acks) every message now in `queue`.
     pub async fn take_all(&self, queue: &str) -> Vec<Msg> {
+        self.take_up_to(queue, usize::MAX).await
+    }
+
+    /// Takes at most `max` messages from `queue`: returns even while the agent keeps
+    /// publishing faster than a busy test machine consumes.
+    pub async fn take_up_to(&self, queue: &str, max: usize) -> Vec<Msg> {
         let mut out = Vec::new();
-        while let Ok(Some(m)) = self.ch.basic_get(queue, BasicGetOptions::default()).await {
+        while out.len() < max {
+            let Ok(Some(m)) = self.ch.basic_get(queue, BasicGetOptions::default()).await else {
+                break;
+            };
             let d = &m.delivery;
             let p = &d.properties;
             out.push(Msg {
