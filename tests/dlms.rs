@@ -159,3 +159,62 @@ async fn wrong_password_or_key_should_be_a_security_error() {
     assert!(out.failure.is_none(), "{:?}", out.failure);
     assert!(!out.values.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meter_clock_off_should_raise_clock_problem_and_keep_the_values() {
+    let peer = DlmsMeter::start(&["--wrapper", "--port", "0", "--clock-offset", "300"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (bus, m) = meter(peer.port(), "skewed", "client = 16", dir.path());
+    let out = read(&bus, &m).await;
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    assert!(!out.values.is_empty());
+    let clock: Vec<_> = out
+        .refused
+        .iter()
+        .filter(|f| f.event_kind() == EventKind::ClockProblem)
+        .collect();
+    assert_eq!(clock.len(), 1, "{:?}", out.refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undefined_object_should_be_a_refusal_and_the_rest_read() {
+    let peer = DlmsMeter::start(&["--wrapper", "--port", "0", "--undefined", "1-0:2.8.0.255"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (bus, m) = meter(peer.port(), "undef", "client = 16", dir.path());
+    let out = read(&bus, &m).await;
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    assert!(
+        out.values
+            .iter()
+            .any(|v| v.series == "1-0:1.8.0".parse::<Obis>().unwrap())
+    );
+    assert!(
+        !out.values
+            .iter()
+            .any(|v| v.series == "1-0:2.8.0".parse::<Obis>().unwrap())
+    );
+    assert!(
+        out.refused.iter().any(|f| matches!(f, Failure::Refused(_))),
+        "{:?}",
+        out.refused
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_dropped_mid_association_should_fail_and_reopen() {
+    let peer = DlmsMeter::start(&[
+        "--wrapper",
+        "--port",
+        "0",
+        "--fault",
+        "drop-mid-association",
+        "--drop-after",
+        "1",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let (bus, m) = meter(peer.port(), "dropped", "client = 16", dir.path());
+    let out = read(&bus, &m).await;
+    let f = out.failure.expect("a failure");
+    assert!(matches!(f, Failure::Link(_) | Failure::Timeout(_)), "{f:?}");
+    assert!(out.reopen);
+}
