@@ -19,8 +19,17 @@ use dlms_peer::DlmsMeter;
 use jiff::tz::TimeZone;
 
 fn meter(port: u16, id: &str, dlms: &str, data_dir: &Path) -> (amr_edge::bus::Bus, Meter) {
+    meter_on(
+        &format!("tcp = {{ host = \"127.0.0.1\", port = {port} }}"),
+        id,
+        dlms,
+        data_dir,
+    )
+}
+
+fn meter_on(link: &str, id: &str, dlms: &str, data_dir: &Path) -> (amr_edge::bus::Bus, Meter) {
     let bus: BusConfig = toml::from_str(&format!(
-        "name = \"lan\"\ntcp = {{ host = \"127.0.0.1\", port = {port} }}\ntimeout = \"2s\"\nretries = 0"
+        "name = \"lan\"\n{link}\ntimeout = \"2s\"\nretries = 0"
     ))
     .unwrap();
     let m: MeterConfig = toml::from_str(&format!(
@@ -217,4 +226,72 @@ async fn link_dropped_mid_association_should_fail_and_reopen() {
     let f = out.failure.expect("a failure");
     assert!(matches!(f, Failure::Link(_) | Failure::Timeout(_)), "{f:?}");
     assert!(out.reopen);
+}
+
+/// socat's two linked ptys, killed on drop.
+struct Ptys(std::process::Child);
+
+impl Drop for Ptys {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hdlc_meters_on_one_line_should_read_and_a_wrong_address_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m_dev, a_dev) = (dir.path().join("meter"), dir.path().join("agent"));
+    let _ptys = Ptys(
+        std::process::Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", m_dev.display()))
+            .arg(format!("pty,raw,echo=0,link={}", a_dev.display()))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat"),
+    );
+    for _ in 0..100 {
+        if m_dev.exists() && a_dev.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let m_path = m_dev.to_str().unwrap().to_owned();
+    let _peer = DlmsMeter::start(&["--hdlc", &m_path, "--physical", "17", "--physical", "18"]);
+    let want = expected_registers(&DlmsMeter::dump(&["--physical", "17", "--physical", "18"]));
+    let link = format!("serial = {{ device = {:?}, baud = 9600 }}", a_dev);
+    let (bus, m17) = meter_on(&link, "h17", "client = 16, physical = 17", dir.path());
+    let (_, m18) = meter_on(&link, "h18", "client = 16, physical = 18", dir.path());
+    let (_, m19) = meter_on(&link, "h19", "client = 16, physical = 19", dir.path());
+    let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
+    let req = Request {
+        cadence: Cadence::OnDemand,
+        series: None,
+    };
+    let out = m17.read(&mut slot, &req, &bus.timing).await;
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    for (obis, value, unit) in &want {
+        let got = out
+            .values
+            .iter()
+            .find(|v| v.series == obis.parse::<Obis>().unwrap())
+            .unwrap_or_else(|| panic!("{obis} missing from {:?}", out.values));
+        assert_eq!((&got.value, &got.unit), (value, unit), "{obis}");
+    }
+    let out = m19.read(&mut slot, &req, &bus.timing).await;
+    assert!(
+        matches!(out.failure, Some(Failure::Timeout(_))),
+        "{:?}",
+        out.failure
+    );
+    if out.reopen {
+        slot.reset();
+    }
+    let out = m18.read(&mut slot, &req, &bus.timing).await;
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    assert!(
+        out.values
+            .iter()
+            .any(|v| v.series == "1-0:1.8.0".parse::<Obis>().unwrap())
+    );
 }
