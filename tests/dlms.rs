@@ -295,3 +295,48 @@ async fn hdlc_meters_on_one_line_should_read_and_a_wrong_address_time_out() {
             .any(|v| v.series == "1-0:1.8.0".parse::<Obis>().unwrap())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_fcs_on_hdlc_should_be_a_checksum_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m_dev, a_dev) = (dir.path().join("meter"), dir.path().join("agent"));
+    let _ptys = Ptys(
+        std::process::Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", m_dev.display()))
+            .arg(format!("pty,raw,echo=0,link={}", a_dev.display()))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat"),
+    );
+    for _ in 0..100 {
+        if m_dev.exists() && a_dev.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let m_path = m_dev.to_str().unwrap().to_owned();
+    let _peer = DlmsMeter::start(&["--hdlc", &m_path, "--physical", "17", "--fault", "bad-fcs"]);
+    let link = format!("serial = {{ device = {:?}, baud = 9600 }}", a_dev);
+    let (bus, m) = meter_on(&link, "fcs", "client = 16, physical = 17", dir.path());
+    let out = read(&bus, &m).await;
+    let f = out.failure.expect("a failure");
+    assert_eq!(f.event_kind(), EventKind::ChecksumError, "{f:?}");
+    assert!(out.reopen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_transfer_stopping_halfway_should_fail_without_values() {
+    let peer = DlmsMeter::start(&["--wrapper", "--port", "0", "--fault", "stop-block-transfer"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (bus, m) = meter(peer.port(), "blocks", "client = 16", dir.path());
+    let out = read(&bus, &m).await;
+    let f = out.failure.expect("a failure");
+    assert!(out.values.is_empty());
+    assert!(
+        matches!(
+            f,
+            Failure::Timeout(_) | Failure::Link(_) | Failure::Malformed(_)
+        ),
+        "{f:?}"
+    );
+}
