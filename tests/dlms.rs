@@ -340,3 +340,41 @@ async fn block_transfer_stopping_halfway_should_fail_without_values() {
         "{f:?}"
     );
 }
+
+#[test]
+fn scan_should_print_the_object_list() {
+    let peer = DlmsMeter::start(&["--wrapper", "--port", "0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = {:?}\n\n[amqp]\nurl = \"amqp://localhost\"\n\n[[bus]]\nname = \"lan\"\ntcp = {{ host = \"127.0.0.1\", port = {} }}\n\n[[meter]]\nid = \"m\"\nbus = \"lan\"\ndlms = {{ client = 16 }}\n",
+            dir.path().join("data"),
+            peer.port()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amr-edge"))
+        .args(["scan", "--config", cfg.to_str().unwrap(), "m"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("1-0:1.8.0") || l.contains("1-0-1-8-0"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.split_whitespace().nth(1) == Some("3"), "{line}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("7")),
+        "{stdout}"
+    );
+}

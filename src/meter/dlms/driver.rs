@@ -431,6 +431,24 @@ impl DlmsMeter {
         }
     }
 
+    /// The association's object list, for commissioning (`amr-edge scan METER`).
+    pub async fn scan(
+        &self,
+        slot: &mut Slot,
+        timing: &Timing,
+    ) -> Result<Vec<ObjectListEntry>, Failure> {
+        let cfg = self.association(timing);
+        match self.transport {
+            Transport::Wrapper => scan_on(slot.tcp().await?, cfg, self.counter.clone()).await,
+            Transport::Hdlc(framing) => {
+                scan_on(slot.port(framing)?, cfg, self.counter.clone()).await
+            }
+            Transport::ModeE { .. } => Err(Failure::Refused(
+                "scan over mode E is not supported yet".into(),
+            )),
+        }
+    }
+
     async fn mode_e(
         &self,
         slot: &mut Slot,
@@ -619,6 +637,23 @@ impl DlmsMeter {
             return Ok(out);
         }
     }
+}
+
+async fn scan_on<S>(
+    io: S,
+    cfg: AssociationConfig,
+    counter: FileCounter,
+) -> Result<Vec<ObjectListEntry>, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = Client::new(io, cfg, counter);
+    client.connect().await.map_err(|e| failure(&e))?;
+    let list = client.object_list().await.map_err(|e| failure(&e))?;
+    if let Err(e) = client.release().await {
+        tracing::debug!(error = %e, "DLMS release failed");
+    }
+    Ok(list)
 }
 
 #[cfg(test)]
