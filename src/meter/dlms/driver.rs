@@ -407,6 +407,62 @@ impl DlmsMeter {
         selection: &Selection,
         timing: &Timing,
     ) -> Outcome {
+        let out = self.read_once(slot, meter, selection, timing).await;
+        if !matches!(out.failure, Some(Failure::Security(_)))
+            || !matches!(self.security, SecurityConfig::HlsGmac { .. })
+        {
+            return out;
+        }
+        // The meter may expect a higher invocation counter than ours (a restored gateway, a
+        // counter file lost): one resync attempt — its frame counter over the public client,
+        // jump past it — then the security error stands.
+        slot.reset();
+        match self.public_frame_counter(slot, timing).await {
+            Some(fc) if self.counter.jump_to(fc.saturating_add(1)).is_ok() => {
+                tracing::warn!(
+                    meter,
+                    frame_counter = fc,
+                    "Invocation counter resynchronised from the meter"
+                );
+                slot.reset();
+                self.read_once(slot, meter, selection, timing).await
+            }
+            _ => out,
+        }
+    }
+
+    /// 0-0:43.1.0.255 read over the public client (SAP 16, no security).
+    async fn public_frame_counter(&self, slot: &mut Slot, timing: &Timing) -> Option<u32> {
+        let mut public = self.clone();
+        public.client = 16;
+        public.security = SecurityConfig::None;
+        let cfg = public.association(timing);
+        let obj = [Object {
+            class: class::DATA,
+            obis: Obis([0, 0, 43, 1, 0, 255]),
+        }];
+        let counter = super::security::MemoryCounter::default();
+        let v = match self.transport {
+            Transport::Wrapper => {
+                let io = slot.tcp().await.ok()?;
+                frame_counter_on(io, cfg, counter, &obj).await
+            }
+            Transport::Hdlc(f) => {
+                let io = slot.port(f).ok()?;
+                frame_counter_on(io, cfg, counter, &obj).await
+            }
+            Transport::ModeE { .. } => None,
+        }?;
+        v.to_string().parse().ok()
+    }
+
+    async fn read_once(
+        &self,
+        slot: &mut Slot,
+        meter: &str,
+        selection: &Selection,
+        timing: &Timing,
+    ) -> Outcome {
         let cfg = self.association(timing);
         let r = match self.transport {
             Transport::Wrapper => match slot.tcp().await {
@@ -654,6 +710,22 @@ where
         tracing::debug!(error = %e, "DLMS release failed");
     }
     Ok(list)
+}
+
+async fn frame_counter_on<S>(
+    io: S,
+    cfg: AssociationConfig,
+    counter: super::security::MemoryCounter,
+    obj: &[Object],
+) -> Option<crate::reading::Decimal>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = Client::new(io, cfg, counter);
+    client.connect().await.ok()?;
+    let v = client.read_values(obj).await.ok()?;
+    let _ = client.release().await;
+    v.into_iter().next()?.1.ok().map(|v| v.value)
 }
 
 #[cfg(test)]
