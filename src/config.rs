@@ -219,7 +219,7 @@ impl ConfigFile {
                 Profiles::built_in()
             }
         };
-        let mut resolver = Resolver::new(&profiles, &tz);
+        let mut resolver = Resolver::new(&profiles, &tz).with_gateway(&g.id, &g.data_dir);
         let mut ids = HashSet::new();
         let mut meters = Vec::new();
         for (i, meter) in self.meter.iter().enumerate() {

@@ -52,6 +52,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Commissioning: print a DLMS meter's object list (OBIS, class, version).
+    Scan(cmd::scan::Args),
     /// Serve simulated Modbus meters (for tests and benchmarks without hardware).
     Simulate(cmd::simulate::Args),
     /// Buffer depth, age of the oldest unsent reading, evictions, last drain, meter health.
@@ -138,6 +140,7 @@ fn main() -> ExitCode {
             Command::Check { config } => cmd::check::run(&config),
             Command::Status { config, json } => cmd::status::run(&config, json).await,
             Command::Simulate(args) => cmd::simulate::run(args).await,
+            Command::Scan(args) => cmd::scan::run(args).await,
         }
     });
     match result {

@@ -479,6 +479,9 @@ pub enum EventKind {
     StoreError,
     /// A record in the store could not be read back and was set aside.
     StoreCorruption,
+    /// The meter refused the association's security: wrong password or key, a counter it
+    /// rejects.
+    SecurityError,
 }
 
 impl EventKind {
@@ -495,6 +498,7 @@ impl EventKind {
             EventKind::ClockProblem => "clock_problem",
             EventKind::StoreError => "store_error",
             EventKind::StoreCorruption => "store_corruption",
+            EventKind::SecurityError => "security_error",
         }
     }
 }

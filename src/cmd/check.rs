@@ -136,6 +136,29 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
                         writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
                     }
                 }
+                Protocol::Dlms(dc) => {
+                    writeln!(
+                        s,
+                        "  meter {:<24} DLMS/COSEM {:?}, client {}, logical {}{}, security {}",
+                        m.id,
+                        dc.transport,
+                        dc.client,
+                        dc.logical,
+                        dc.physical
+                            .map(|p| format!(", physical {p}"))
+                            .unwrap_or_default(),
+                        match dc.security {
+                            amr_edge::meter::dlms::association::SecurityConfig::None => "none",
+                            amr_edge::meter::dlms::association::SecurityConfig::Lls { .. } => "lls",
+                            amr_edge::meter::dlms::association::SecurityConfig::HlsGmac {
+                                ..
+                            } => "hls-gmac",
+                        }
+                    )?;
+                    for c in m.reads.cadences() {
+                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
+                    }
+                }
             }
             if m.reads.cadences().next().is_none() {
                 writeln!(s, "    read on demand only")?;

@@ -57,6 +57,7 @@ pub struct MeterConfig {
     pub bus: String,
     pub modbus: Option<modbus::ModbusMeterConfig>,
     pub iec62056_21: Option<iec62056_21::IecMeterConfig>,
+    pub dlms: Option<dlms::driver::DlmsMeterConfig>,
     /// Which series to read at each cadence. A cadence not listed is not read.
     #[serde(default)]
     pub reads: Reads,
@@ -81,6 +82,7 @@ pub struct Meter {
 pub enum Protocol {
     Modbus(modbus::ModbusMeter),
     Iec62056_21(iec62056_21::IecMeter),
+    Dlms(dlms::driver::DlmsMeter),
 }
 
 impl Protocol {
@@ -88,6 +90,7 @@ impl Protocol {
         match self {
             Protocol::Modbus(_) => "modbus",
             Protocol::Iec62056_21(_) => "iec62056_21",
+            Protocol::Dlms(_) => "dlms",
         }
     }
 }
@@ -97,6 +100,10 @@ impl Protocol {
 pub struct Resolver<'a> {
     pub profiles: &'a modbus::profile::Profiles,
     pub gateway_tz: &'a TimeZone,
+    /// The gateway's id and data dir: DLMS derives its client system title from the one and
+    /// keeps its invocation counters in the other.
+    pub gateway_id: String,
+    pub data_dir: std::path::PathBuf,
     plans: modbus::PlanCache,
 }
 
@@ -105,8 +112,17 @@ impl<'a> Resolver<'a> {
         Resolver {
             profiles,
             gateway_tz,
+            gateway_id: String::new(),
+            data_dir: std::path::PathBuf::from("."),
             plans: modbus::PlanCache::default(),
         }
+    }
+
+    /// The gateway's id and data dir, for drivers that keep state (DLMS counters).
+    pub fn with_gateway(mut self, id: &str, data_dir: &std::path::Path) -> Self {
+        self.gateway_id = id.to_owned();
+        self.data_dir = data_dir.to_owned();
+        self
     }
 }
 
@@ -125,33 +141,51 @@ impl MeterConfig {
         if self.id.is_empty() || self.id.len() > 128 {
             p.push(format!("{at}.id"), "must be 1-128 characters");
         }
-        let protocol = match (&self.modbus, &self.iec62056_21) {
-            (Some(_), Some(_)) => {
+        let set = [
+            self.modbus.is_some(),
+            self.iec62056_21.is_some(),
+            self.dlms.is_some(),
+        ];
+        let protocol = match set.iter().filter(|s| **s).count() {
+            0 => {
                 p.push(
                     at.to_owned(),
-                    "set one protocol: either `modbus` or `iec62056_21`",
+                    "no protocol: add `modbus = { unit = …, profile = … }`, `iec62056_21 = { … }` or `dlms = { … }`",
                 );
                 None
             }
-            (None, None) => {
-                p.push(
-                    at.to_owned(),
-                    "no protocol: add `modbus = { unit = …, profile = … }` or `iec62056_21 = { … }`",
-                );
-                None
-            }
-            (Some(m), None) => m
-                .resolve(&format!("{at}.modbus"), link, &self.reads, r, p)
-                .map(Protocol::Modbus),
-            (None, Some(i)) => {
-                if !link.is_serial() {
-                    p.push(
-                        format!("{at}.iec62056_21"),
-                        format!("IEC 62056-21 needs a serial bus; `{bus}` is a TCP bus"),
-                    );
+            1 => {
+                if let Some(m) = &self.modbus {
+                    m.resolve(&format!("{at}.modbus"), link, &self.reads, r, p)
+                        .map(Protocol::Modbus)
+                } else if let Some(i) = &self.iec62056_21 {
+                    if !link.is_serial() {
+                        p.push(
+                            format!("{at}.iec62056_21"),
+                            format!("IEC 62056-21 needs a serial bus; `{bus}` is a TCP bus"),
+                        );
+                    }
+                    i.resolve(&format!("{at}.iec62056_21"), r.gateway_tz, p)
+                        .map(Protocol::Iec62056_21)
+                } else if let Some(d) = &self.dlms {
+                    let cx = dlms::driver::Context {
+                        meter: &self.id,
+                        gateway_id: &r.gateway_id,
+                        data_dir: &r.data_dir,
+                        gateway_tz: r.gateway_tz,
+                    };
+                    d.resolve(&format!("{at}.dlms"), link, &cx, p)
+                        .map(Protocol::Dlms)
+                } else {
+                    None
                 }
-                i.resolve(&format!("{at}.iec62056_21"), r.gateway_tz, p)
-                    .map(Protocol::Iec62056_21)
+            }
+            _ => {
+                p.push(
+                    at.to_owned(),
+                    "set one protocol: `modbus`, `iec62056_21` or `dlms`",
+                );
+                None
             }
         };
         match protocol {
@@ -227,6 +261,10 @@ impl Meter {
         match &self.protocol {
             Protocol::Modbus(m) => m.read(slot, &self.id, request, timing).await,
             Protocol::Iec62056_21(m) => {
+                let selection = self.selection(request);
+                m.read(slot, &self.id, &selection, timing).await
+            }
+            Protocol::Dlms(m) => {
                 let selection = self.selection(request);
                 m.read(slot, &self.id, &selection, timing).await
             }
@@ -345,6 +383,14 @@ pub enum Failure {
     /// The meter answered but would not do what was asked (IEC 62056-21 baud switch).
     #[error("meter refused: {0}")]
     Refused(String),
+    /// The meter would not let us in: association rejected, wrong password or key, a
+    /// ciphered answer that fails its tag, an invocation counter it refuses.
+    #[error("security: {0}")]
+    Security(String),
+    /// The meter's clock is off from the gateway's by more than the configured limit (a
+    /// refusal: the values read are still good).
+    #[error("meter clock off by {offset_s} s (limit {limit:?})")]
+    ClockDeviation { offset_s: i64, limit: Duration },
 }
 
 impl Failure {
@@ -357,6 +403,8 @@ impl Failure {
             Failure::Exception { .. } => K::ExceptionResponse,
             Failure::WrongDevice { .. } => K::WrongDeviceAnswered,
             Failure::Link(_) => K::LinkError,
+            Failure::Security(_) => K::SecurityError,
+            Failure::ClockDeviation { .. } => K::ClockProblem,
         }
     }
 }

@@ -59,6 +59,8 @@ pub mod apdu;
 pub mod association;
 pub mod axdr;
 pub mod cosem;
+pub mod counter;
+pub mod driver;
 pub mod hdlc;
 pub mod mode_e;
 pub mod reads;

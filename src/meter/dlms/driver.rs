@@ -1,0 +1,848 @@
+//! The DLMS/COSEM driver: the `dlms = { … }` section, its resolution, and [`DlmsMeter::read`],
+//! which runs one association per poll over the bus's link (wrapper on TCP, HDLC on serial,
+//! mode E on an optical probe), reads the selected registers and the clock, and releases.
+//!
+//! * `reads = "all"`: the registers (classes 1, 3, 4, 5) of the association's object list,
+//!   read once per meter and cached for the process; read again when a GET says an object is
+//!   undefined. A list of OBIS codes takes each one's class from the same list.
+//! * The clock (0-0:1.0.0.255) is read on every poll. A deviation from the gateway clock
+//!   above `clock_limit` is reported as a [`Failure::ClockDeviation`] among the *refused*
+//!   requests of the [`Outcome`]: the bus turns every refusal into a system event
+//!   (`clock_problem`) and keeps the values, which is exactly what a wrong meter clock needs —
+//!   so `Outcome` needed no new field.
+//! * Failures: no answer → timeout, HCS/FCS → checksum, rejected association, failed HLS,
+//!   ciphering and counter errors → `security_error`; objects refused → refusals.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use serde::Deserialize;
+
+use super::apdu::AccessError;
+use super::association::{AssociationConfig, Error, LinkConfig, SecurityConfig};
+use super::cosem::{self, ObjectListEntry, class};
+use super::counter::FileCounter;
+use super::reads::{Object, ValueError};
+use super::security::{InvocationCounter, Keys};
+use super::transport::{Client, TransportError};
+use crate::meter::link::{Framing, Link, Parity, Slot};
+use crate::meter::{Failure, Outcome, Selection, Timing, Value};
+use crate::primitives::{HumanDuration, Problems};
+use crate::reading::{Obis, Stamp};
+
+/// `dlms = { client = 16, logical = 1, physical = 17, security = "none" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlmsMeterConfig {
+    /// The client SAP: 16 public, 17 reading client (LLS), 1 management (HLS) by convention.
+    #[serde(default = "default_client")]
+    pub client: u16,
+    /// The server's logical device (wPort on the wrapper, upper HDLC address).
+    #[serde(default = "default_logical")]
+    pub logical: u16,
+    /// The lower HDLC address (serial only): often the serial number's last digits + 16.
+    pub physical: Option<u16>,
+    #[serde(default)]
+    pub security: SecurityName,
+    /// LLS: a file holding the password.
+    pub password_file: Option<std::path::PathBuf>,
+    /// HLS-GMAC: files holding the global unicast encryption key and the authentication key
+    /// as 32 hex digits.
+    pub block_key_file: Option<std::path::PathBuf>,
+    pub auth_key_file: Option<std::path::PathBuf>,
+    /// 16 hex digits; default derived from the gateway id.
+    pub client_system_title: Option<String>,
+    /// IEC 62056-21 mode E opening on an optical probe (serial bus only).
+    #[serde(default)]
+    pub mode_e: bool,
+    /// The fastest rate mode E may switch to.
+    #[serde(default = "default_max_baud")]
+    pub max_baud: u32,
+    /// A meter clock further than this from the gateway's raises `clock_problem`.
+    #[serde(default = "default_clock_limit")]
+    pub clock_limit: HumanDuration,
+    /// The longest information field proposed on HDLC.
+    #[serde(default = "default_max_info")]
+    pub max_info: u16,
+}
+
+fn default_client() -> u16 {
+    16
+}
+fn default_logical() -> u16 {
+    1
+}
+fn default_max_baud() -> u32 {
+    9600
+}
+fn default_clock_limit() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_max_info() -> u16 {
+    128
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecurityName {
+    #[default]
+    None,
+    Lls,
+    HlsGmac,
+}
+
+/// What resolving a DLMS meter needs beyond its section.
+pub struct Context<'a> {
+    pub meter: &'a str,
+    pub gateway_id: &'a str,
+    pub data_dir: &'a Path,
+    pub gateway_tz: &'a TimeZone,
+}
+
+/// How the association reaches the meter, from the bus's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Wrapper,
+    /// HDLC on the port in the bus's own framing (8N1 expected).
+    Hdlc(Framing),
+    /// Mode E sign-on at 300 7E1, then HDLC 8N1 at the agreed rate.
+    ModeE {
+        max_baud: u32,
+    },
+}
+
+/// A DLMS meter, resolved.
+#[derive(Debug, Clone)]
+pub struct DlmsMeter {
+    pub client: u16,
+    pub logical: u16,
+    pub physical: Option<u16>,
+    pub security: SecurityConfig,
+    pub transport: Transport,
+    pub clock_limit: Duration,
+    pub max_info: u16,
+    pub tz: TimeZone,
+    /// The client invocation counter (HLS-GMAC), durable under the data dir.
+    pub counter: FileCounter,
+    /// The association's object list, read once per process.
+    objects: Arc<Mutex<Option<Vec<ObjectListEntry>>>>,
+}
+
+fn read_key(at: &str, key: &str, path: &Option<std::path::PathBuf>, p: &mut Problems) -> [u8; 16] {
+    let Some(path) = path else {
+        p.push(
+            format!("{at}.{key}"),
+            "required with security = \"hls-gmac\"",
+        );
+        return [0; 16];
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            p.push(
+                format!("{at}.{key}"),
+                format!("cannot read {}: {e}", path.display()),
+            );
+            return [0; 16];
+        }
+    };
+    let hex_text: String = text.split_whitespace().collect();
+    match hex::decode(&hex_text)
+        .ok()
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+    {
+        Some(k) => k,
+        None => {
+            // Never the content: it may be a real key with a typo.
+            p.push(
+                format!("{at}.{key}"),
+                format!(
+                    "{} must hold a 128-bit key as 32 hex digits",
+                    path.display()
+                ),
+            );
+            [0; 16]
+        }
+    }
+}
+
+/// The default client system title: "AMR" and five bytes of the gateway id's SHA-256, so
+/// every gateway has its own and it stays the same across restarts.
+pub fn default_system_title(gateway_id: &str) -> [u8; 8] {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(gateway_id.as_bytes());
+    let mut t = [0u8; 8];
+    t[..3].copy_from_slice(b"AMR");
+    t[3..].copy_from_slice(&h[..5]);
+    t
+}
+
+impl DlmsMeterConfig {
+    pub fn resolve(
+        &self,
+        at: &str,
+        link: &Link,
+        cx: &Context<'_>,
+        p: &mut Problems,
+    ) -> Option<DlmsMeter> {
+        let before = p.0.len();
+        let transport = match (link, self.mode_e) {
+            (Link::Tcp(_), false) => Transport::Wrapper,
+            (Link::Tcp(_), true) => {
+                p.push(
+                    format!("{at}.mode_e"),
+                    "mode E needs a serial bus (an optical probe)",
+                );
+                Transport::Wrapper
+            }
+            (Link::Serial(s), false) => Transport::Hdlc(Framing {
+                data_bits: 8,
+                parity: Parity::None,
+                stop_bits: 1,
+                ..s.framing()
+            }),
+            (Link::Serial(_), true) => Transport::ModeE {
+                max_baud: self.max_baud,
+            },
+        };
+        if ![300, 600, 1200, 2400, 4800, 9600, 19200].contains(&self.max_baud) {
+            p.push(
+                format!("{at}.max_baud"),
+                "must be one of 300, 600, 1200, 2400, 4800, 9600, 19200",
+            );
+        }
+        if link.is_serial() && self.client > 0x7F {
+            p.push(format!("{at}.client"), "an HDLC client address is 1-127");
+        }
+        if let Some(ph) = self.physical {
+            if ph > 0x3FFF {
+                p.push(format!("{at}.physical"), "must be 0-16383");
+            }
+        }
+        if self.logical > 0x3FFF {
+            p.push(format!("{at}.logical"), "must be 0-16383");
+        }
+        if !(32..=2030).contains(&self.max_info) {
+            p.push(format!("{at}.max_info"), "must be 32-2030");
+        }
+        let unused = |key: &str, set: bool, p: &mut Problems| {
+            if set {
+                p.push(
+                    format!("{at}.{key}"),
+                    format!(
+                        "not used with security = \"{}\"",
+                        match self.security {
+                            SecurityName::None => "none",
+                            SecurityName::Lls => "lls",
+                            SecurityName::HlsGmac => "hls-gmac",
+                        }
+                    ),
+                );
+            }
+        };
+        let security = match self.security {
+            SecurityName::None => {
+                unused("password_file", self.password_file.is_some(), p);
+                unused("block_key_file", self.block_key_file.is_some(), p);
+                unused("auth_key_file", self.auth_key_file.is_some(), p);
+                SecurityConfig::None
+            }
+            SecurityName::Lls => {
+                unused("block_key_file", self.block_key_file.is_some(), p);
+                unused("auth_key_file", self.auth_key_file.is_some(), p);
+                match &self.password_file {
+                    None => {
+                        p.push(
+                            format!("{at}.password_file"),
+                            "required with security = \"lls\"",
+                        );
+                        SecurityConfig::None
+                    }
+                    Some(f) => match crate::primitives::read_secret_file(f) {
+                        Ok(s) if !s.expose().is_empty() => SecurityConfig::Lls {
+                            password: s.expose().as_bytes().to_vec(),
+                        },
+                        Ok(_) => {
+                            p.push(
+                                format!("{at}.password_file"),
+                                format!("{} is empty", f.display()),
+                            );
+                            SecurityConfig::None
+                        }
+                        Err(e) => {
+                            p.push(
+                                format!("{at}.password_file"),
+                                format!("cannot read {}: {e}", f.display()),
+                            );
+                            SecurityConfig::None
+                        }
+                    },
+                }
+            }
+            SecurityName::HlsGmac => {
+                unused("password_file", self.password_file.is_some(), p);
+                let encryption = read_key(at, "block_key_file", &self.block_key_file, p);
+                let authentication = read_key(at, "auth_key_file", &self.auth_key_file, p);
+                let client_system_title = match &self.client_system_title {
+                    None => default_system_title(cx.gateway_id),
+                    Some(t) => match hex::decode(t)
+                        .ok()
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    {
+                        Some(t) => t,
+                        None => {
+                            p.push(format!("{at}.client_system_title"), "must be 16 hex digits");
+                            [0; 8]
+                        }
+                    },
+                };
+                SecurityConfig::HlsGmac {
+                    keys: Keys {
+                        encryption,
+                        authentication,
+                    },
+                    client_system_title,
+                }
+            }
+        };
+        if self.client_system_title.is_some() && self.security != SecurityName::HlsGmac {
+            unused("client_system_title", true, p);
+        }
+        (p.0.len() == before).then(|| DlmsMeter {
+            client: self.client,
+            logical: self.logical,
+            physical: self.physical,
+            security,
+            transport,
+            clock_limit: self.clock_limit.0,
+            max_info: self.max_info,
+            tz: cx.gateway_tz.clone(),
+            counter: FileCounter::for_meter(cx.data_dir, cx.meter),
+            objects: Arc::default(),
+        })
+    }
+}
+
+const REGISTER_CLASSES: [u16; 4] = [
+    class::DATA,
+    class::REGISTER,
+    class::EXTENDED_REGISTER,
+    class::DEMAND_REGISTER,
+];
+
+/// Why a read stopped, before it becomes a [`Failure`].
+struct Stop(Failure, bool);
+
+impl From<TransportError> for Stop {
+    fn from(e: TransportError) -> Self {
+        let f = failure(&e);
+        Stop(f, true)
+    }
+}
+
+/// The failure the centre hears about.
+pub fn failure(e: &TransportError) -> Failure {
+    match e {
+        TransportError::Io(e) => Failure::Link(format!("connection: {e}")),
+        TransportError::Dlms(d) => match d {
+            Error::NoAnswer { after, .. } => Failure::Timeout(*after),
+            Error::Checksum(_) => Failure::Checksum(d.to_string()),
+            Error::Rejected { .. }
+            | Error::InitiateRefused { .. }
+            | Error::AuthenticationFailed(_)
+            | Error::Crypto(_)
+            | Error::Replay { .. }
+            | Error::Unprotected
+            | Error::Counter(_) => Failure::Security(d.to_string()),
+            Error::Malformed { reason, raw } => {
+                let mut h = hex::encode(&raw[..raw.len().min(64)]);
+                if raw.len() > 64 {
+                    h.push('…');
+                }
+                Failure::Malformed(format!("{reason}: {h}"))
+            }
+            Error::Exception {
+                state_error,
+                service_error,
+            } => Failure::Exception {
+                code: *service_error,
+                name: "dlms exception",
+                detail: format!("state error {state_error}: {d}"),
+            },
+            _ => Failure::Link(d.to_string()),
+        },
+        TransportError::Unexpected | TransportError::Cosem(_) => Failure::Malformed(e.to_string()),
+        TransportError::Refused { .. } => Failure::Refused(e.to_string()),
+    }
+}
+
+impl DlmsMeter {
+    fn association(&self, timing: &Timing) -> AssociationConfig {
+        let link = match self.transport {
+            Transport::Wrapper => LinkConfig::Wrapper {
+                client: self.client,
+                server: self.logical,
+            },
+            Transport::Hdlc(_) | Transport::ModeE { .. } => LinkConfig::Hdlc {
+                client: self.client as u8,
+                server_logical: self.logical,
+                server_physical: self.physical,
+                max_info: self.max_info,
+            },
+        };
+        let mut cfg = AssociationConfig::new(link, self.security.clone());
+        cfg.answer_timeout = timing.timeout;
+        cfg.retries = timing.retries.min(255) as u8;
+        cfg
+    }
+
+    /// Reads the meter on `slot`: one association, released at the end.
+    pub async fn read(
+        &self,
+        slot: &mut Slot,
+        meter: &str,
+        selection: &Selection,
+        timing: &Timing,
+    ) -> Outcome {
+        let out = self.read_once(slot, meter, selection, timing).await;
+        if !matches!(out.failure, Some(Failure::Security(_)))
+            || !matches!(self.security, SecurityConfig::HlsGmac { .. })
+        {
+            return out;
+        }
+        // The meter may expect a higher invocation counter than ours (a restored gateway, a
+        // counter file lost): one resync attempt — its frame counter over the public client,
+        // jump past it — then the security error stands.
+        slot.reset();
+        match self.public_frame_counter(slot, timing).await {
+            Some(fc) if self.counter.jump_to(fc.saturating_add(1)).is_ok() => {
+                tracing::warn!(
+                    meter,
+                    frame_counter = fc,
+                    "Invocation counter resynchronised from the meter"
+                );
+                slot.reset();
+                self.read_once(slot, meter, selection, timing).await
+            }
+            _ => out,
+        }
+    }
+
+    /// 0-0:43.1.0.255 read over the public client (SAP 16, no security).
+    async fn public_frame_counter(&self, slot: &mut Slot, timing: &Timing) -> Option<u32> {
+        let mut public = self.clone();
+        public.client = 16;
+        public.security = SecurityConfig::None;
+        let cfg = public.association(timing);
+        let obj = [Object {
+            class: class::DATA,
+            obis: Obis([0, 0, 43, 1, 0, 255]),
+        }];
+        let counter = super::security::MemoryCounter::default();
+        let v = match self.transport {
+            Transport::Wrapper => {
+                let io = slot.tcp().await.ok()?;
+                frame_counter_on(io, cfg, counter, &obj).await
+            }
+            Transport::Hdlc(f) => {
+                let io = slot.port(f).ok()?;
+                frame_counter_on(io, cfg, counter, &obj).await
+            }
+            Transport::ModeE { .. } => None,
+        }?;
+        v.to_string().parse().ok()
+    }
+
+    async fn read_once(
+        &self,
+        slot: &mut Slot,
+        meter: &str,
+        selection: &Selection,
+        timing: &Timing,
+    ) -> Outcome {
+        let cfg = self.association(timing);
+        let r = match self.transport {
+            Transport::Wrapper => match slot.tcp().await {
+                Ok(s) => self.session(s, cfg, meter, selection).await,
+                Err(f) => Err(Stop(f, true)),
+            },
+            Transport::Hdlc(framing) => match slot.port(framing) {
+                Ok(s) => self.session(s, cfg, meter, selection).await,
+                Err(f) => Err(Stop(f, true)),
+            },
+            Transport::ModeE { max_baud } => {
+                self.mode_e(slot, cfg, meter, selection, max_baud, timing)
+                    .await
+            }
+        };
+        match r {
+            Ok(o) => o,
+            Err(Stop(f, reopen)) => Outcome {
+                reopen,
+                ..Outcome::failed(f)
+            },
+        }
+    }
+
+    /// The association's object list, for commissioning (`amr-edge scan METER`).
+    pub async fn scan(
+        &self,
+        slot: &mut Slot,
+        timing: &Timing,
+    ) -> Result<Vec<ObjectListEntry>, Failure> {
+        let cfg = self.association(timing);
+        match self.transport {
+            Transport::Wrapper => scan_on(slot.tcp().await?, cfg, self.counter.clone()).await,
+            Transport::Hdlc(framing) => {
+                scan_on(slot.port(framing)?, cfg, self.counter.clone()).await
+            }
+            Transport::ModeE { .. } => Err(Failure::Refused(
+                "scan over mode E is not supported yet".into(),
+            )),
+        }
+    }
+
+    async fn mode_e(
+        &self,
+        slot: &mut Slot,
+        cfg: AssociationConfig,
+        meter: &str,
+        selection: &Selection,
+        max_baud: u32,
+        timing: &Timing,
+    ) -> Result<Outcome, Stop> {
+        let port = slot.port(Framing::IEC_SIGN_ON).map_err(|f| Stop(f, true))?;
+        let switch = super::transport::mode_e_sign_on(
+            port,
+            max_baud,
+            timing.timeout.max(Duration::from_millis(1500)),
+        )
+        .await
+        .map_err(|e| {
+            let f = match e {
+                super::transport::ModeEFailure::NoAnswer(d) => Failure::Timeout(d),
+                super::transport::ModeEFailure::Io(e) => Failure::Link(e.to_string()),
+                super::transport::ModeEFailure::Refused(e) => Failure::Refused(e.to_string()),
+            };
+            Stop(f, true)
+        })?;
+        let port = slot
+            .port(Framing {
+                baud: switch.baud,
+                parity: Parity::None,
+                data_bits: 8,
+                stop_bits: 1,
+            })
+            .map_err(|f| Stop(f, true))?;
+        self.session(port, cfg, meter, selection).await
+    }
+
+    /// One association on `io`: connect, object list if needed, values and clock, release.
+    async fn session<S>(
+        &self,
+        io: S,
+        cfg: AssociationConfig,
+        meter: &str,
+        selection: &Selection,
+    ) -> Result<Outcome, Stop>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut client = Client::new(io, cfg, self.counter.clone());
+        client.connect().await?;
+        let r = self.read_in(&mut client, meter, selection).await;
+        match r {
+            Ok(out) => {
+                // Released on every read; a meter that does not answer the release still gave
+                // its values, but the link is out of step.
+                match client.release().await {
+                    Ok(()) => Ok(out),
+                    Err(e) => {
+                        tracing::debug!(meter, error = %e, "DLMS release failed");
+                        Ok(Outcome {
+                            reopen: true,
+                            ..out
+                        })
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn object_list<S, C>(
+        &self,
+        client: &mut Client<S, C>,
+        refresh: bool,
+    ) -> Result<Vec<ObjectListEntry>, Stop>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        C: InvocationCounter,
+    {
+        if !refresh {
+            if let Some(l) = self.objects.lock().ok().and_then(|g| g.clone()) {
+                return Ok(l);
+            }
+        }
+        let list = client.object_list().await?;
+        if let Ok(mut g) = self.objects.lock() {
+            *g = Some(list.clone());
+        }
+        Ok(list)
+    }
+
+    async fn read_in<S, C>(
+        &self,
+        client: &mut Client<S, C>,
+        meter: &str,
+        selection: &Selection,
+    ) -> Result<Outcome, Stop>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        C: InvocationCounter,
+    {
+        let mut refresh = false;
+        loop {
+            let list = self.object_list(client, refresh).await?;
+            let mut out = Outcome::default();
+            let mut objects = Vec::new();
+            match selection {
+                Selection::All => objects.extend(
+                    list.iter()
+                        .filter(|e| REGISTER_CLASSES.contains(&e.class))
+                        .map(|e| Object {
+                            class: e.class,
+                            obis: e.obis,
+                        }),
+                ),
+                Selection::Series(wanted) => {
+                    for w in wanted {
+                        match list.iter().find(|e| e.obis == *w) {
+                            Some(e) => objects.push(Object {
+                                class: e.class,
+                                obis: e.obis,
+                            }),
+                            None => out.refused.push(Failure::Refused(format!(
+                                "{w} is not in the meter's object list"
+                            ))),
+                        }
+                    }
+                }
+            }
+            let clock = Obis(cosem::CLOCK_OBIS);
+            let has_clock = list
+                .iter()
+                .any(|e| e.obis == clock && e.class == class::CLOCK);
+            if has_clock {
+                objects.push(Object {
+                    class: class::CLOCK,
+                    obis: clock,
+                });
+            }
+            let results = client.read_values(&objects).await?;
+            let undefined = results.iter().any(|(_, r)| {
+                matches!(
+                    r,
+                    Err(ValueError::Access(AccessError(
+                        AccessError::OBJECT_UNDEFINED
+                    )))
+                )
+            });
+            if undefined && !refresh {
+                // The meter's object list changed (a firmware update, a reconfiguration).
+                tracing::info!(meter, "Object undefined, reading the object list again");
+                refresh = true;
+                continue;
+            }
+            let now = Timestamp::now();
+            for (obis, r) in results {
+                match r {
+                    Ok(v) if obis == clock => {
+                        if let Some(t) = v.time.and_then(|t| t.to_timestamp(&self.tz)) {
+                            let off = now.as_millisecond() - t.as_millisecond();
+                            if off.unsigned_abs() > self.clock_limit.as_millis() as u64 {
+                                out.refused.push(Failure::ClockDeviation {
+                                    offset_s: off / 1000,
+                                    limit: self.clock_limit,
+                                });
+                            }
+                        }
+                    }
+                    Ok(v) => out.values.push(Value {
+                        series: obis,
+                        value: v.value,
+                        unit: v.unit.unwrap_or("").to_owned(),
+                        meter_time: v
+                            .time
+                            .and_then(|t| t.to_timestamp(&self.tz))
+                            .map(|t| Stamp::in_zone(t, &self.tz)),
+                    }),
+                    Err(ValueError::Access(e)) => out.refused.push(Failure::Refused(format!(
+                        "{obis}: {}",
+                        ValueError::Access(e)
+                    ))),
+                    Err(e) => {
+                        tracing::debug!(meter, %obis, error = %e, "DLMS value not mapped");
+                        out.unmapped += 1;
+                    }
+                }
+            }
+            return Ok(out);
+        }
+    }
+}
+
+async fn scan_on<S>(
+    io: S,
+    cfg: AssociationConfig,
+    counter: FileCounter,
+) -> Result<Vec<ObjectListEntry>, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = Client::new(io, cfg, counter);
+    client.connect().await.map_err(|e| failure(&e))?;
+    let list = client.object_list().await.map_err(|e| failure(&e))?;
+    if let Err(e) = client.release().await {
+        tracing::debug!(error = %e, "DLMS release failed");
+    }
+    Ok(list)
+}
+
+async fn frame_counter_on<S>(
+    io: S,
+    cfg: AssociationConfig,
+    counter: super::security::MemoryCounter,
+    obj: &[Object],
+) -> Option<crate::reading::Decimal>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = Client::new(io, cfg, counter);
+    client.connect().await.ok()?;
+    let v = client.read_values(obj).await.ok()?;
+    let _ = client.release().await;
+    v.into_iter().next()?.1.ok().map(|v| v.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::link::TcpConfig;
+
+    fn tcp() -> Link {
+        Link::Tcp(TcpConfig {
+            host: "127.0.0.1".into(),
+            port: 4059,
+            concurrency: 1,
+        })
+    }
+
+    fn resolve(section: &str, dir: &Path) -> Result<DlmsMeter, Vec<String>> {
+        let c: DlmsMeterConfig = toml::from_str(section).map_err(|e| vec![e.to_string()])?;
+        let tz = TimeZone::UTC;
+        let cx = Context {
+            meter: "m1",
+            gateway_id: "gw-1",
+            data_dir: dir,
+            gateway_tz: &tz,
+        };
+        let mut p = Problems::default();
+        c.resolve("meter[0].dlms", &tcp(), &cx, &mut p)
+            .ok_or_else(|| {
+                p.0.iter()
+                    .map(|x| format!("{}: {}", x.key, x.message))
+                    .collect()
+            })
+    }
+
+    #[test]
+    fn hls_without_key_files_should_name_each_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = resolve("security = \"hls-gmac\"", dir.path()).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("meter[0].dlms.block_key_file")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("meter[0].dlms.auth_key_file")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn short_key_should_be_an_error_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let ek = dir.path().join("ek");
+        let ak = dir.path().join("ak");
+        std::fs::write(&ek, "000102030405060708090A0B0C0D0E\n").unwrap();
+        std::fs::write(&ak, "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\n").unwrap();
+        let e = resolve(
+            &format!(
+                "security = \"hls-gmac\"\nblock_key_file = {:?}\nauth_key_file = {:?}",
+                ek, ak
+            ),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("meter[0].dlms.block_key_file"));
+        assert!(!e[0].contains("0A0B"), "the key leaked: {}", e[0]);
+    }
+
+    #[test]
+    fn good_keys_should_resolve_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let ek = dir.path().join("ek");
+        let ak = dir.path().join("ak");
+        std::fs::write(&ek, "000102030405060708090A0B0C0D0E0F\n").unwrap();
+        std::fs::write(&ak, "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF").unwrap();
+        let m = resolve(
+            &format!(
+                "client = 1\nsecurity = \"hls-gmac\"\nblock_key_file = {:?}\nauth_key_file = {:?}",
+                ek, ak
+            ),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(m.transport, Transport::Wrapper);
+        let shown = format!("{m:?}");
+        assert!(!shown.contains("0, 1, 2, 3"), "{shown}");
+        match m.security {
+            SecurityConfig::HlsGmac {
+                keys,
+                client_system_title,
+            } => {
+                assert_eq!(keys.encryption[15], 0x0F);
+                assert_eq!(client_system_title, default_system_title("gw-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lls_without_password_and_mode_e_on_tcp_should_be_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = resolve("security = \"lls\"\nmode_e = true", dir.path()).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("meter[0].dlms.password_file")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|m| m.starts_with("meter[0].dlms.mode_e")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_should_be_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(resolve("sekurity = \"none\"", dir.path()).is_err());
+    }
+}
