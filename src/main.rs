@@ -54,6 +54,8 @@ enum Command {
     },
     /// Serve simulated Modbus meters (for tests and benchmarks without hardware).
     Simulate(cmd::simulate::Args),
+    /// Finds the M-Bus meters on a bus and prints them as `[[meter]]` blocks.
+    Scan(cmd::scan::Args),
     /// Buffer depth, age of the oldest unsent reading, evictions, last drain, meter health.
     Status {
         #[arg(long, short)]
@@ -138,6 +140,7 @@ fn main() -> ExitCode {
             Command::Check { config } => cmd::check::run(&config),
             Command::Status { config, json } => cmd::status::run(&config, json).await,
             Command::Simulate(args) => cmd::simulate::run(args).await,
+            Command::Scan(args) => cmd::scan::run(args).await,
         }
     });
     match result {

@@ -4,6 +4,7 @@ pub mod check;
 pub mod demo;
 pub mod poll;
 pub mod run;
+pub mod scan;
 pub mod simulate;
 pub mod status;
 

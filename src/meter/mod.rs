@@ -1,6 +1,6 @@
 //! Meters: what to read from each, and the protocol drivers that read them.
 //!
-//! A meter is configured with one protocol section (`modbus` or `iec62056_21`) and which
+//! A meter is configured with one protocol section (`modbus`, `iec62056_21` or `mbus`) and which
 //! series to read at each cadence (`reads`). [`MeterConfig`] is the file's shape;
 //! [`MeterConfig::resolve`] turns it, once, into a [`Meter`] whose [`Protocol`] holds the
 //! driver's settings parsed and checked (profiles loaded, read plans built, time zones
@@ -57,6 +57,7 @@ pub struct MeterConfig {
     pub bus: String,
     pub modbus: Option<modbus::ModbusMeterConfig>,
     pub iec62056_21: Option<iec62056_21::IecMeterConfig>,
+    pub mbus: Option<mbus::MbusMeterConfig>,
     /// Which series to read at each cadence. A cadence not listed is not read.
     #[serde(default)]
     pub reads: Reads,
@@ -81,6 +82,7 @@ pub struct Meter {
 pub enum Protocol {
     Modbus(modbus::ModbusMeter),
     Iec62056_21(iec62056_21::IecMeter),
+    Mbus(mbus::MbusMeter),
 }
 
 impl Protocol {
@@ -88,6 +90,7 @@ impl Protocol {
         match self {
             Protocol::Modbus(_) => "modbus",
             Protocol::Iec62056_21(_) => "iec62056_21",
+            Protocol::Mbus(_) => "mbus",
         }
     }
 }
@@ -125,25 +128,33 @@ impl MeterConfig {
         if self.id.is_empty() || self.id.len() > 128 {
             p.push(format!("{at}.id"), "must be 1-128 characters");
         }
-        let protocol = match (&self.modbus, &self.iec62056_21) {
-            (Some(_), Some(_)) => {
+        let set = [
+            self.modbus.is_some(),
+            self.iec62056_21.is_some(),
+            self.mbus.is_some(),
+        ];
+        let protocol = match (&self.modbus, &self.iec62056_21, &self.mbus) {
+            _ if set.iter().filter(|s| **s).count() > 1 => {
                 p.push(
                     at.to_owned(),
-                    "set one protocol: either `modbus` or `iec62056_21`",
+                    "set one protocol: either `modbus`, `iec62056_21` or `mbus`",
                 );
                 None
             }
-            (None, None) => {
+            (None, None, None) => {
                 p.push(
                     at.to_owned(),
-                    "no protocol: add `modbus = { unit = …, profile = … }` or `iec62056_21 = { … }`",
+                    "no protocol: add `modbus = { unit = …, profile = … }`, `iec62056_21 = { … }` or `mbus = { primary = … }`",
                 );
                 None
             }
-            (Some(m), None) => m
+            (None, None, Some(m)) => m
+                .resolve(&format!("{at}.mbus"), bus, link, r.gateway_tz, p)
+                .map(Protocol::Mbus),
+            (Some(m), _, _) => m
                 .resolve(&format!("{at}.modbus"), link, &self.reads, r, p)
                 .map(Protocol::Modbus),
-            (None, Some(i)) => {
+            (None, Some(i), _) => {
                 if !link.is_serial() {
                     p.push(
                         format!("{at}.iec62056_21"),
@@ -227,6 +238,10 @@ impl Meter {
         match &self.protocol {
             Protocol::Modbus(m) => m.read(slot, &self.id, request, timing).await,
             Protocol::Iec62056_21(m) => {
+                let selection = self.selection(request);
+                m.read(slot, &self.id, &selection, timing).await
+            }
+            Protocol::Mbus(m) => {
                 let selection = self.selection(request);
                 m.read(slot, &self.id, &selection, timing).await
             }

@@ -22,6 +22,7 @@
 //! The details, the OBIS table and the timing are in `docs/mbus.md`.
 
 pub mod app;
+pub mod driver;
 pub mod link;
 pub mod master;
 pub mod scan;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use app::Identity;
+pub use driver::MbusMeter;
 
 /// A secondary address to select, with wildcards: an `F` digit of the id matches any digit,
 /// `0xFFFF` any manufacturer, `0xFF` any version or medium.
