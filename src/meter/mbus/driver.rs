@@ -159,3 +159,46 @@ pub fn failure(error: &ReadError, window: std::time::Duration) -> Failure {
         | ReadError::OutOfOrder => Failure::Malformed(error.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::mbus::master::Stage;
+    use crate::reading::EventKind;
+
+    #[test]
+    fn read_errors_should_map_to_the_events_the_centre_knows() {
+        let w = std::time::Duration::from_millis(190);
+        let kind = |e: ReadError| failure(&e, w).event_kind();
+        assert_eq!(
+            failure(
+                &ReadError::NoAnswer {
+                    stage: Stage::Reset,
+                    tries: 3
+                },
+                w
+            ),
+            Failure::Timeout(w)
+        );
+        assert_eq!(
+            kind(ReadError::Garbled {
+                stage: Stage::Reset,
+                bytes: 4,
+                tries: 1
+            }),
+            EventKind::MalformedResponse
+        );
+        assert_eq!(
+            kind(ReadError::TooManyTelegrams { telegrams: 8 }),
+            EventKind::MalformedResponse
+        );
+        assert_eq!(
+            kind(ReadError::WrongSecondary {
+                expected: "12345678".into(),
+                got: "23456789".into(),
+                manufacturer: "KAM".into()
+            }),
+            EventKind::WrongDeviceAnswered
+        );
+    }
+}
