@@ -160,9 +160,8 @@ pub enum Address {
     Secondary(SecondaryMask),
 }
 
-/// `mbus = { secondary = "12345678" }` or `mbus = { primary = 5 }`: the per-meter section the
-/// driver will read. Not wired into [`crate::config`] yet (the driver interface is being
-/// redesigned); `validate` and [`MbusMeterConfig::read_config`] are ready for it.
+/// `mbus = { secondary = "12345678" }` or `mbus = { primary = 5 }`: the per-meter section,
+/// resolved by [`MbusMeterConfig::resolve`] into a [`MbusMeter`] (see [`driver`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MbusMeterConfig {
