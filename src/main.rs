@@ -52,7 +52,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Commissioning: print a DLMS meter's object list (OBIS, class, version).
+    /// Commissioning: a DLMS meter's object list (`scan METER`), or the M-Bus meters on a bus
+    /// as ready `[[meter]]` blocks (`scan --bus NAME`).
     Scan(cmd::scan::Args),
     /// Serve simulated Modbus meters (for tests and benchmarks without hardware).
     Simulate(cmd::simulate::Args),

@@ -159,6 +159,17 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
                         writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
                     }
                 }
+                Protocol::Mbus(mb) => {
+                    let address = match (mb.config.primary, &mb.config.secondary) {
+                        (Some(a), _) => format!("primary {a}"),
+                        (None, Some(s)) => format!("secondary {s}"),
+                        (None, None) => "unaddressed".into(),
+                    };
+                    writeln!(s, "  meter {:<24} M-Bus {address}", m.id)?;
+                    for c in m.reads.cadences() {
+                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
+                    }
+                }
             }
             if m.reads.cadences().next().is_none() {
                 writeln!(s, "    read on demand only")?;

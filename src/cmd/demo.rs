@@ -8,6 +8,7 @@ use amr_edge::agent::{self, BeatMode, Options};
 use amr_edge::config::{Config, redact_url};
 use amr_edge::meter::modbus::profile::Profiles;
 use amr_edge::sim::iec::{Clock, SimBus, SimMeter, spawn_pty};
+use amr_edge::sim::mbus::Segment;
 use amr_edge::sim::modbus::{Meters, Unit, spawn_tcp};
 
 #[derive(clap::Args)]
@@ -60,6 +61,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     .to_owned();
     iec.add(lgz);
     let pty = spawn_pty(iec)?;
+
+    // An M-Bus segment behind a pseudo-terminal, as behind a level converter at 2400 8E1:
+    // a heat meter (primary 1), a water meter (secondary 23456789), an electricity meter.
+    let mbus = amr_edge::sim::mbus::spawn_pty(std::sync::Arc::new(std::sync::Mutex::new(
+        Segment::demo(),
+    )))?;
+    let mbus_path = mbus
+        .path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
 
     let temp = match &args.data_dir {
         Some(_) => None,
@@ -123,6 +134,29 @@ id = "demo-lgz"
 bus = "optical"
 iec62056_21 = {{ max_baud = 9600 }}
 reads = {{ quarterly = "all" }}
+
+[[bus]]
+name = "mbus-1"
+serial = {{ device = "{mbus_path}", baud = 2400, parity = "even" }}
+timeout = "2s"
+
+[[meter]]
+id = "demo-heat"
+bus = "mbus-1"
+mbus = {{ primary = 1 }}
+reads = {{ quarterly = "all" }}
+
+[[meter]]
+id = "demo-water"
+bus = "mbus-1"
+mbus = {{ secondary = "23456789" }}
+reads = {{ quarterly = "all" }}
+
+[[meter]]
+id = "demo-electricity"
+bus = "mbus-1"
+mbus = {{ primary = 3 }}
+reads = {{ quarterly = "all" }}
 "#,
         data_dir = data_dir.display(),
         amqp = args.amqp,
@@ -145,6 +179,9 @@ reads = {{ quarterly = "all" }}
     eprintln!(
         "          1 simulated IEC 62056-21 meter on {} (optical probe, plain sign-on): {ident}, 300 → 9600 Bd, read `all`",
         pty.path().display()
+    );
+    eprintln!(
+        "          3 simulated M-Bus meters on {mbus_path} (2400 8E1): heat (primary 1), water (secondary 23456789), electricity (primary 3, 3 telegrams)"
     );
     eprintln!(
         "  beat    every meter every {}",
@@ -177,6 +214,7 @@ reads = {{ quarterly = "all" }}
     )
     .await?;
     drop(pty);
+    drop(mbus);
     drop(temp);
     Ok(ExitCode::SUCCESS)
 }

@@ -58,6 +58,7 @@ pub struct MeterConfig {
     pub modbus: Option<modbus::ModbusMeterConfig>,
     pub iec62056_21: Option<iec62056_21::IecMeterConfig>,
     pub dlms: Option<dlms::driver::DlmsMeterConfig>,
+    pub mbus: Option<mbus::MbusMeterConfig>,
     /// Which series to read at each cadence. A cadence not listed is not read.
     #[serde(default)]
     pub reads: Reads,
@@ -83,6 +84,7 @@ pub enum Protocol {
     Modbus(modbus::ModbusMeter),
     Iec62056_21(iec62056_21::IecMeter),
     Dlms(dlms::driver::DlmsMeter),
+    Mbus(mbus::MbusMeter),
 }
 
 impl Protocol {
@@ -91,6 +93,7 @@ impl Protocol {
             Protocol::Modbus(_) => "modbus",
             Protocol::Iec62056_21(_) => "iec62056_21",
             Protocol::Dlms(_) => "dlms",
+            Protocol::Mbus(_) => "mbus",
         }
     }
 }
@@ -145,12 +148,13 @@ impl MeterConfig {
             self.modbus.is_some(),
             self.iec62056_21.is_some(),
             self.dlms.is_some(),
+            self.mbus.is_some(),
         ];
         let protocol = match set.iter().filter(|s| **s).count() {
             0 => {
                 p.push(
                     at.to_owned(),
-                    "no protocol: add `modbus = { unit = …, profile = … }`, `iec62056_21 = { … }` or `dlms = { … }`",
+                    "no protocol: add `modbus = { unit = …, profile = … }`, `iec62056_21 = { … }`, `dlms = { … }` or `mbus = { primary = … }`",
                 );
                 None
             }
@@ -176,6 +180,9 @@ impl MeterConfig {
                     };
                     d.resolve(&format!("{at}.dlms"), link, &cx, p)
                         .map(Protocol::Dlms)
+                } else if let Some(m) = &self.mbus {
+                    m.resolve(&format!("{at}.mbus"), bus, link, r.gateway_tz, p)
+                        .map(Protocol::Mbus)
                 } else {
                     None
                 }
@@ -183,7 +190,7 @@ impl MeterConfig {
             _ => {
                 p.push(
                     at.to_owned(),
-                    "set one protocol: `modbus`, `iec62056_21` or `dlms`",
+                    "set one protocol: `modbus`, `iec62056_21`, `dlms` or `mbus`",
                 );
                 None
             }
@@ -265,6 +272,10 @@ impl Meter {
                 m.read(slot, &self.id, &selection, timing).await
             }
             Protocol::Dlms(m) => {
+                let selection = self.selection(request);
+                m.read(slot, &self.id, &selection, timing).await
+            }
+            Protocol::Mbus(m) => {
                 let selection = self.selection(request);
                 m.read(slot, &self.id, &selection, timing).await
             }

@@ -22,6 +22,7 @@
 //! The details, the OBIS table and the timing are in `docs/mbus.md`.
 
 pub mod app;
+pub mod driver;
 pub mod link;
 pub mod master;
 pub mod scan;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use app::Identity;
+pub use driver::MbusMeter;
 
 /// A secondary address to select, with wildcards: an `F` digit of the id matches any digit,
 /// `0xFFFF` any manufacturer, `0xFF` any version or medium.
@@ -158,9 +160,8 @@ pub enum Address {
     Secondary(SecondaryMask),
 }
 
-/// `mbus = { secondary = "12345678" }` or `mbus = { primary = 5 }`: the per-meter section the
-/// driver will read. Not wired into [`crate::config`] yet (the driver interface is being
-/// redesigned); `validate` and [`MbusMeterConfig::read_config`] are ready for it.
+/// `mbus = { secondary = "12345678" }` or `mbus = { primary = 5 }`: the per-meter section,
+/// resolved by [`MbusMeterConfig::resolve`] into a [`MbusMeter`] (see [`driver`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MbusMeterConfig {
