@@ -23,11 +23,9 @@ use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
 use amr_edge::clock::SystemClock;
-use amr_edge::meter::modbus::profile::Profiles;
 use amr_edge::reading::Cadence;
-use amr_edge::sim::modbus::{Meters, Unit, spawn_tcp};
 use amr_edge::store::{SledStore, Store, StoreConfig};
-use common::agent::{AgentProc, Buffered, buffered_events, cli, config};
+use common::agent::{AgentProc, Buffered, buffered_events, cli, config, polling, sdm630s};
 use common::celery::Celery;
 use common::mqtt::Centre;
 use common::proxy::{Mode, Proxy};
@@ -191,30 +189,6 @@ fn the_model_should_keep_sqlite_full_sync_commits_and_lose_unsynced_ones() {
 const METERS: u8 = 3;
 const PREFIX: &str = "amr-test/gateways";
 
-async fn sim(units: u8) -> std::net::SocketAddr {
-    let meters = Meters::new();
-    let profile = Profiles::built_in().get("eastron-sdm630").unwrap().clone();
-    for u in 1..=units {
-        meters.insert(u, Unit::new(profile.clone()));
-    }
-    spawn_tcp(meters).await.unwrap()
-}
-
-/// Reads every meter every second, on one TCP bus.
-fn polling(sim: std::net::SocketAddr, units: u8) -> String {
-    let mut s = format!(
-        "\n[beat]\nevery = \"1s\"\n\n[[bus]]\nname = \"lan\"\ntimeout = \"2s\"\ntcp = {{ host = \"{}\", port = {}, concurrency = 1 }}\n",
-        sim.ip(),
-        sim.port()
-    );
-    for u in 1..=units {
-        s.push_str(&format!(
-            "\n[[meter]]\nid = \"m{u}\"\nbus = \"lan\"\nmodbus = {{ unit = {u}, profile = \"eastron-sdm630\" }}\n"
-        ));
-    }
-    s
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum When {
     /// At a random moment.
@@ -339,7 +313,7 @@ async fn power_cuts_should_lose_nothing_the_agent_reported_buffered() {
     )
     .await;
     let proxy = Proxy::start("127.0.0.1:5672", Mode::Up).await;
-    let meters = sim(METERS).await;
+    let meters = sdm630s(METERS).await;
     let mut fs = PowerCutFs::mount();
     // The data directory is the test's to create (durably); what is inside is the agent's.
     let data = fs.path().join("data");
@@ -355,7 +329,8 @@ async fn power_cuts_should_lose_nothing_the_agent_reported_buffered() {
     );
     let cfg = config(&data, &gw, &proxy.amqp_url(), &queue, amqp) + store + &mqtt;
     let centre = Centre::connect(1883, PREFIX, &gw).await;
-    let mut agent = AgentProc::start_json(home.path(), &(cfg.clone() + &polling(meters, METERS)));
+    let mut agent =
+        AgentProc::start_json(home.path(), &(cfg.clone() + &polling(meters, METERS, 1)));
     let mut failed_starts = Vec::new();
     let mut starts = 1;
     if let Err(e) = agent.try_wait_running(Duration::from_secs(30)).await {

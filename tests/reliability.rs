@@ -9,9 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use amr_edge::meter::modbus::profile::Profiles;
-use amr_edge::sim::modbus::{Meters, Unit, spawn_tcp};
-use common::agent::{AgentProc, buffered_ids, cli, config, rss_kib};
+use common::agent::{AgentProc, buffered_ids, cli, config, polling, rss_kib, sdm630s};
 use common::celery::Celery;
 use common::mqtt::Centre;
 use common::proxy::{Mode, Proxy};
@@ -21,30 +19,6 @@ use serde_json::{Value, json};
 
 fn long() -> bool {
     std::env::var_os("AMR_EDGE_LONG").is_some()
-}
-
-async fn sim(units: u8) -> std::net::SocketAddr {
-    let meters = Meters::new();
-    let profile = Profiles::built_in().get("eastron-sdm630").unwrap().clone();
-    for u in 1..=units {
-        meters.insert(u, Unit::new(profile.clone()));
-    }
-    spawn_tcp(meters).await.unwrap()
-}
-
-/// Reads every meter every second, on one TCP bus.
-fn polling(sim: std::net::SocketAddr, units: u8, concurrency: usize) -> String {
-    let mut s = format!(
-        "\n[beat]\nevery = \"1s\"\n\n[[bus]]\nname = \"lan\"\ntimeout = \"2s\"\ntcp = {{ host = \"{}\", port = {}, concurrency = {concurrency} }}\n",
-        sim.ip(),
-        sim.port()
-    );
-    for u in 1..=units {
-        s.push_str(&format!(
-            "\n[[meter]]\nid = \"m{u}\"\nbus = \"lan\"\nmodbus = {{ unit = {u}, profile = \"eastron-sdm630\" }}\n"
-        ));
-    }
-    s
 }
 
 /// Stops the agent, then runs it with no meters, so that it only drains what it holds.
@@ -117,7 +91,7 @@ async fn kill_9_in_a_loop_should_lose_nothing_the_store_called_buffered() {
         "utilitarian.commits.meter_system_events",
     )
     .await;
-    let meters = sim(3).await;
+    let meters = sdm630s(3).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     let amqp = "readings_per_message = 20\nmax_unconfirmed = 8\ndeclare_queues = true";
@@ -168,7 +142,7 @@ async fn a_broker_outage_should_deliver_everything_in_order_then_paced() {
     )
     .await;
     let proxy = Proxy::start("127.0.0.1:5672", Mode::Up).await;
-    let meters = sim(3).await;
+    let meters = sdm630s(3).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     let amqp = "readings_per_message = 5\nrate_limit = \"20/s\"\ndeclare_queues = true";
@@ -246,7 +220,7 @@ async fn a_flaky_uplink_should_lose_nothing_get_stuck_nowhere_and_not_grow() {
     rabbit.declare(&format!("{queue}.events")).await;
     let amqp_proxy = Proxy::start("127.0.0.1:5672", Mode::Up).await;
     let mqtt_proxy = Proxy::start("127.0.0.1:1883", Mode::Up).await;
-    let meters = sim(5).await;
+    let meters = sdm630s(5).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     // Heartbeats and confirmation timeouts short enough for a test to see recoveries.
@@ -384,7 +358,7 @@ async fn a_full_disk_should_evict_in_order_report_it_keep_running_and_recover() 
         // No mount here: the same story with a tiny max_bytes.
         return full_disk_by_max_bytes().await;
     };
-    let meters = sim(20).await;
+    let meters = sdm630s(20).await;
     let data = fs.path().join("data");
     let gw = unique("gw");
     let queue = unique("amr.full");
@@ -505,7 +479,7 @@ async fn a_full_disk_should_evict_in_order_report_it_keep_running_and_recover() 
 /// Where no filesystem can be mounted: the cap is `max_bytes`, and the eviction order and its
 /// reports are the same.
 async fn full_disk_by_max_bytes() {
-    let meters = sim(10).await;
+    let meters = sdm630s(10).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     let dead = "amqp://guest:guest@127.0.0.1:9/%2f";

@@ -329,3 +329,31 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Simulated SDM630s, unit ids 1..=`units`, on loopback TCP.
+pub async fn sdm630s(units: u8) -> std::net::SocketAddr {
+    let meters = amr_edge::sim::modbus::Meters::new();
+    let profile = amr_edge::meter::modbus::profile::Profiles::built_in()
+        .get("eastron-sdm630")
+        .unwrap()
+        .clone();
+    for u in 1..=units {
+        meters.insert(u, amr_edge::sim::modbus::Unit::new(profile.clone()));
+    }
+    amr_edge::sim::modbus::spawn_tcp(meters).await.unwrap()
+}
+
+/// Reads every meter every second, on one TCP bus.
+pub fn polling(sim: std::net::SocketAddr, units: u8, concurrency: usize) -> String {
+    let mut s = format!(
+        "\n[beat]\nevery = \"1s\"\n\n[[bus]]\nname = \"lan\"\ntimeout = \"2s\"\ntcp = {{ host = \"{}\", port = {}, concurrency = {concurrency} }}\n",
+        sim.ip(),
+        sim.port()
+    );
+    for u in 1..=units {
+        s.push_str(&format!(
+            "\n[[meter]]\nid = \"m{u}\"\nbus = \"lan\"\nmodbus = {{ unit = {u}, profile = \"eastron-sdm630\" }}\n"
+        ));
+    }
+    s
+}
