@@ -47,6 +47,22 @@ fn run_at(start: &str, config: &Path, log: &Path) -> Child {
         .expect("start amr-edge")
 }
 
+/// Waits until the log holds `n` "Agent starting" lines (at most 30 s).
+async fn wait_for_starts(log: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches("Agent starting").count() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not log its start {n} within 30 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn stop(mut child: Child) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -219,16 +235,18 @@ reads = { daily = ["1-0:1.8.0", "1-0:2.8.0"] }
     }
     // Start just after local midnight, kill at random moments while the reads are on the
     // bus, start again (a little later each time), until every meter has been read.
+    // Each kill waits for the agent's own "Agent starting" line first: on a busy machine a
+    // start can take longer than the shortest wait, and a kill before the agent has even
+    // opened its store proves nothing.
     let mut second = 5;
-    for round in 0..12 {
-        let agent = run_at(&format!("2026-11-21 23:00:{second:02}"), &cfg, &log);
-        let wait = 300 + fastrand::u64(..1500);
+    for round in 1..=12 {
+        let mut agent = run_at(&format!("2026-11-21 23:00:{second:02}"), &cfg, &log);
+        wait_for_starts(&log, round).await;
+        let wait = fastrand::u64(..1500);
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        let mut agent = agent;
         let _ = agent.kill();
         let _ = agent.wait();
         second += 2;
-        let _ = round;
     }
     // A last, clean run finishes whatever is left.
     let agent = run_at(&format!("2026-11-21 23:00:{second:02}"), &cfg, &log);
