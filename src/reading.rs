@@ -485,6 +485,15 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The kind [`EventKind::as_str`] names `name`, by serde's names (which a test checks
+    /// are the same), so a kind added later needs no second list here.
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        use serde::de::IntoDeserializer;
+        let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            name.into_deserializer();
+        EventKind::deserialize(de).ok()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::MeterNotAnswering => "meter_not_answering",
@@ -550,6 +559,30 @@ impl SystemEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_event_kind_should_be_named_as_serde_names_it_and_found_by_its_name() {
+        use EventKind as K;
+        for kind in [
+            K::MeterNotAnswering,
+            K::LinkError,
+            K::ChecksumError,
+            K::MalformedResponse,
+            K::ExceptionResponse,
+            K::WrongDeviceAnswered,
+            K::Overrun,
+            K::Eviction,
+            K::ClockProblem,
+            K::StoreError,
+            K::StoreCorruption,
+            K::SecurityError,
+        ] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+            assert_eq!(EventKind::from_name(kind.as_str()), Some(kind));
+        }
+        assert_eq!(EventKind::from_name("no_such_kind"), None);
+    }
 
     #[test]
     fn obis_forms_should_parse_to_the_same_code() {

@@ -81,13 +81,13 @@ impl StatusReport {
             .map(|id| {
                 let s = meters.iter().find(|m| &m.meter == id);
                 let last_read = s.and_then(|s| s.last_read_ms);
-                let failure = s.and_then(|s| s.last_failure.clone());
-                let health = Health::from_last(last_read, failure.as_ref().map(|f| f.0));
+                let failure = s.and_then(|s| s.last_failure.as_ref());
+                let health = Health::from_last(last_read, failure.map(|f| f.at_ms));
                 MeterReport {
                     meter: id.clone(),
                     last_read: last_read.map(ts),
                     last_failure: failure
-                        .map(|(at, kind, msg)| format!("{} {kind}: {msg}", ts(at))),
+                        .map(|f| format!("{} {}: {}", ts(f.at_ms), f.kind, f.message)),
                     health,
                 }
             })

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{
-    Append, Appended, COMMAND_TTL_MS, CommandLog, CommandRecord, Depth, Entry, EntryId, MeterState,
-    Range, Record, Stats, Store, StoreError, Stream, encoded_len,
+    Append, Appended, COMMAND_TTL_MS, CommandLog, CommandRecord, Depth, Entry, EntryId,
+    LastFailure, MeterState, Range, Record, Stats, Store, StoreError, Stream, encoded_len,
 };
 use crate::reading::Cadence;
 
@@ -19,6 +19,7 @@ struct Inner {
     taken: BTreeSet<EntryId>,
     marks: HashMap<(String, Cadence), i64>,
     last_read: BTreeMap<String, i64>,
+    last_failure: BTreeMap<String, LastFailure>,
     last_drain_ms: Option<i64>,
     seen: std::collections::HashSet<String>,
     commands: BTreeMap<String, CommandRecord>,
@@ -76,6 +77,11 @@ impl Store for MemoryStore {
         for r in &batch.readings {
             let e = s.last_read.entry(r.meter.clone()).or_insert(r.read_at.ms);
             *e = (*e).max(r.read_at.ms);
+        }
+        for e in &batch.events {
+            if let Some(meter) = &e.meter {
+                s.last_failure.insert(meter.clone(), LastFailure::of(e));
+            }
         }
         let records = batch
             .readings
@@ -166,14 +172,19 @@ impl Store for MemoryStore {
     }
 
     fn meters(&self) -> Result<Vec<MeterState>, StoreError> {
-        Ok(self
-            .lock()
-            .last_read
-            .iter()
-            .map(|(m, ms)| MeterState {
-                meter: m.clone(),
-                last_read_ms: Some(*ms),
-                last_failure: None,
+        let s = self.lock();
+        let mut by_meter: BTreeMap<&str, MeterState> = BTreeMap::new();
+        for (m, ms) in &s.last_read {
+            by_meter.entry(m).or_default().last_read_ms = Some(*ms);
+        }
+        for (m, f) in &s.last_failure {
+            by_meter.entry(m).or_default().last_failure = Some(f.clone());
+        }
+        Ok(by_meter
+            .into_iter()
+            .map(|(m, mut state)| {
+                state.meter = m.to_owned();
+                state
             })
             .collect())
     }

@@ -95,7 +95,7 @@ pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
 use crate::primitives::{ByteSize, HumanDuration, Problems};
-use crate::reading::{Cadence, Reading, SystemEvent};
+use crate::reading::{Cadence, EventKind, Reading, SystemEvent};
 
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -302,8 +302,27 @@ pub struct MeterState {
     pub meter: String,
     /// Gateway time of the last reading stored.
     pub last_read_ms: Option<i64>,
-    /// Gateway time, kind and message of the last failure reported for the meter.
-    pub last_failure: Option<(i64, String, String)>,
+    /// The last failure reported for the meter.
+    pub last_failure: Option<LastFailure>,
+}
+
+/// A meter's last failure: the newest system event about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastFailure {
+    /// Gateway time of the event.
+    pub at_ms: i64,
+    pub kind: EventKind,
+    pub message: String,
+}
+
+impl LastFailure {
+    pub fn of(event: &SystemEvent) -> LastFailure {
+        LastFailure {
+            at_ms: event.at.ms,
+            kind: event.kind,
+            message: event.message.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -478,3 +478,49 @@ fn a_store_whose_files_lost_their_tail_should_say_so_and_not_reuse_ids() {
         "ids handed out before are never handed out again"
     );
 }
+
+#[test]
+fn both_stores_should_know_each_meters_last_read_and_last_failure_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = clock().now_ms();
+    let mut failure = SystemEvent::new(
+        EventKind::LinkError,
+        Stamp {
+            ms: now + 5,
+            offset: 0,
+        },
+        "serial line: no such device",
+    );
+    failure.meter = Some("b".into());
+    let batch = || Append {
+        readings: vec![reading("a", Cadence::Daily, 1, now)],
+        events: vec![failure.clone()],
+        ..Default::default()
+    };
+    let want = vec![
+        MeterState {
+            meter: "a".into(),
+            last_read_ms: Some(now),
+            last_failure: None,
+        },
+        MeterState {
+            meter: "b".into(),
+            last_read_ms: None,
+            last_failure: Some(LastFailure {
+                at_ms: now + 5,
+                kind: EventKind::LinkError,
+                message: "serial line: no such device".into(),
+            }),
+        },
+    ];
+    {
+        let s = open(dir.path(), &StoreConfig::default(), clock());
+        s.append(batch()).unwrap();
+        assert_eq!(s.meters().unwrap(), want);
+    }
+    let s = open(dir.path(), &StoreConfig::default(), clock());
+    assert_eq!(s.meters().unwrap(), want, "after a reopen");
+    let m = MemoryStore::default();
+    m.append(batch()).unwrap();
+    assert_eq!(m.meters().unwrap(), want, "the memory store");
+}

@@ -6,8 +6,8 @@
 //! written as an empty value. They are still read with `postcard::from_bytes`, and the tests
 //! hold the two to byte-for-byte agreement.
 
-use super::super::{Range, Record, StoreError};
-use crate::reading::Cadence;
+use super::super::{LastFailure, Range, Record, StoreError};
+use crate::reading::{Cadence, EventKind};
 
 /// The key of the chunk of `range` whose first record has sequence number `seq`.
 pub(super) fn rkey(range: Range, seq: u64) -> [u8; 10] {
@@ -104,11 +104,23 @@ impl Wire {
 }
 
 /// The value under `f` meter: (Unix ms, kind, message), as postcard writes
-/// `(i64, &str, &str)` and [`super::SledStore`] reads back as `(i64, String, String)`.
-pub(super) fn encode_failure(at_ms: i64, kind: &str, message: &str) -> Vec<u8> {
+/// `(i64, &str, &str)`. The kind is stored by its name, not its index, so that adding a kind
+/// never changes what an older store's values mean.
+pub(super) fn encode_failure(f: &LastFailure) -> Vec<u8> {
     let mut w = Wire::default();
-    w.zigzag(at_ms).str(kind).str(message);
+    w.zigzag(f.at_ms).str(f.kind.as_str()).str(&f.message);
     w.into_vec()
+}
+
+/// The inverse of [`encode_failure`]; `None` for bytes it did not write or a kind this
+/// version does not know (a newer agent's store).
+pub(super) fn decode_failure(v: &[u8]) -> Option<LastFailure> {
+    let (at_ms, kind, message) = postcard::from_bytes::<(i64, String, String)>(v).ok()?;
+    Some(LastFailure {
+        at_ms,
+        kind: EventKind::from_name(&kind)?,
+        message,
+    })
 }
 
 /// Encodes a chunk whose first record has sequence number `first`. An error (which our own
@@ -162,22 +174,37 @@ mod tests {
 
     #[test]
     fn a_failure_record_should_be_what_postcard_writes_and_reads() {
-        for (at, kind, message) in [
-            (0, "", ""),
+        let long = "é".repeat(200);
+        for (at_ms, kind, message) in [
+            (0, EventKind::Overrun, ""),
             (
                 1_774_092_896_000,
-                "link_error",
+                EventKind::LinkError,
                 "serial line: no such device",
             ),
-            (-1, "x", &*"é".repeat(200)),
-            (i64::MIN, "k", "m"),
-            (i64::MAX, "k", "m"),
+            (-1, EventKind::SecurityError, long.as_str()),
+            (i64::MIN, EventKind::MeterNotAnswering, "m"),
+            (i64::MAX, EventKind::StoreError, "m"),
         ] {
-            let ours = encode_failure(at, kind, message);
-            assert_eq!(ours, postcard::to_stdvec(&(at, kind, message)).unwrap());
-            let back: (i64, String, String) = postcard::from_bytes(&ours).unwrap();
-            assert_eq!(back, (at, kind.to_owned(), message.to_owned()));
+            let f = LastFailure {
+                at_ms,
+                kind,
+                message: message.to_owned(),
+            };
+            let ours = encode_failure(&f);
+            assert_eq!(
+                ours,
+                postcard::to_stdvec(&(at_ms, kind.as_str(), message)).unwrap()
+            );
+            assert_eq!(decode_failure(&ours), Some(f));
         }
+    }
+
+    #[test]
+    fn a_failure_of_a_kind_this_version_does_not_know_should_be_left_out() {
+        let v = postcard::to_stdvec(&(1_i64, "from_the_future", "m")).unwrap();
+        assert_eq!(decode_failure(&v), None);
+        assert_eq!(decode_failure(b"\xff"), None);
     }
 
     #[test]

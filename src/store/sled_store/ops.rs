@@ -6,10 +6,12 @@ use std::sync::Arc;
 use sled::{Batch, IVec};
 
 use super::super::{
-    Append, Appended, Entry, EntryId, MeterState, Range, Record, Stats, Store, StoreError, Stream,
+    Append, Appended, Entry, EntryId, LastFailure, MeterState, Range, Record, Stats, Store,
+    StoreError, Stream,
 };
 use super::keys::{
-    decode_chunk, encode_chunk, encode_failure, mark_key, meter_key, parse_key, rkey,
+    decode_chunk, decode_failure, encode_chunk, encode_failure, mark_key, meter_key, parse_key,
+    rkey,
 };
 use super::state::{Acked, Items, State};
 use super::{SledStore, io};
@@ -99,10 +101,7 @@ impl SledStore {
         }
         for e in &events {
             if let Some(meter) = &e.meter {
-                batch.insert(
-                    meter_key(b'f', meter),
-                    encode_failure(e.at.ms, e.kind.as_str(), &e.message),
-                );
+                batch.insert(meter_key(b'f', meter), encode_failure(&LastFailure::of(e)));
             }
         }
         for m in &marks {
@@ -370,8 +369,9 @@ impl SledStore {
         for item in tree.scan_prefix(b"f") {
             let (k, v) = item.map_err(io)?;
             let meter = String::from_utf8_lossy(&k[1..]).into_owned();
-            if let Ok(f) = postcard::from_bytes::<(i64, String, String)>(&v) {
-                by_meter.entry(meter).or_default().last_failure = Some(f);
+            match decode_failure(&v) {
+                Some(f) => by_meter.entry(meter).or_default().last_failure = Some(f),
+                None => tracing::debug!(%meter, "Last failure not readable: left out"),
             }
         }
         Ok(by_meter
