@@ -95,7 +95,7 @@ async fn kill_9_in_a_loop_should_lose_nothing_the_store_called_buffered() {
     let dir = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     let amqp = "readings_per_message = 20\nmax_unconfirmed = 8\ndeclare_queues = true";
-    let mut agent = AgentProc::start(
+    let mut agent = AgentProc::start_json(
         dir.path(),
         &(config(dir.path(), &gw, AMQP_URL, &queue, amqp) + &polling(meters, 3, 1)),
     );
@@ -146,7 +146,7 @@ async fn a_broker_outage_should_deliver_everything_in_order_then_paced() {
     let dir = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     let amqp = "readings_per_message = 5\nrate_limit = \"20/s\"\ndeclare_queues = true";
-    let mut agent = AgentProc::start(
+    let mut agent = AgentProc::start_json(
         dir.path(),
         &(config(dir.path(), &gw, &proxy.amqp_url(), &queue, amqp) + &polling(meters, 3, 1)),
     );
@@ -230,7 +230,7 @@ async fn a_flaky_uplink_should_lose_nothing_get_stuck_nowhere_and_not_grow() {
         "\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\ntopic_prefix = \"amr-test/gateways\"\nkeep_alive = \"5s\"\nmax_backoff = \"1s\"\n",
         mqtt_proxy.port
     );
-    let mut agent = AgentProc::start(
+    let mut agent = AgentProc::start_json(
         dir.path(),
         &(config(dir.path(), &gw, &url, &queue, amqp) + &mqtt + &polling(meters, 5, 2)),
     );

@@ -111,22 +111,9 @@ impl AgentProc {
 
     /// Waits until the process started last has come up (signals are handled from then on;
     /// a SIGTERM before that gets the default action, as for any program).
-    pub async fn wait_running(&self, timeout: Duration) {
-        let start = std::time::Instant::now();
-        loop {
-            let log = std::fs::read(&self.log_path).unwrap_or_default();
-            let since =
-                String::from_utf8_lossy(log.get(self.started_at_byte..).unwrap_or_default())
-                    .into_owned();
-            if since.contains("Agent running") {
-                return;
-            }
-            if start.elapsed() > timeout {
-                panic!(
-                    "the agent did not come up within {timeout:?}; its log since the start:\n{since}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    pub async fn wait_running(&mut self, timeout: Duration) {
+        if let Err(e) = self.try_wait_running(timeout).await {
+            panic!("the agent did not come up: {e}");
         }
     }
 
@@ -243,28 +230,6 @@ pub fn cli(args: &[&str]) -> Output {
         .expect("run amr-edge")
 }
 
-/// The reading ids the agent's log says it made durable ("Buffered first_seq=… readings=…",
-/// written only after the store's fsync).
-pub fn buffered_ids(log: &str, gateway: &str) -> std::collections::BTreeSet<String> {
-    let mut ids = std::collections::BTreeSet::new();
-    for line in log.lines().filter(|l| l.contains(" Buffered ")) {
-        let field = |name: &str| -> Option<u64> {
-            let at = line.find(&format!("{name}="))? + name.len() + 1;
-            line[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        };
-        if let (Some(first), Some(n)) = (field("first_seq"), field("readings")) {
-            for seq in first..first + n {
-                ids.insert(format!("{gateway}-{seq}"));
-            }
-        }
-    }
-    ids
-}
-
 /// One durable append, as the agent reports it in its structured log (`--log-format json`):
 /// the `Buffered` event of `bus::append`, written only after the store's append returned.
 #[derive(Debug, Clone)]
@@ -282,6 +247,14 @@ impl Buffered {
         let gateway = gateway.to_owned();
         (self.first_seq..self.first_seq + self.readings).map(move |s| format!("{gateway}-{s}"))
     }
+}
+
+/// The reading ids of every `Buffered` event in a JSON log: what the agent reported durable.
+pub fn buffered_ids(log: &str, gateway: &str) -> std::collections::BTreeSet<String> {
+    buffered_events(log)
+        .iter()
+        .flat_map(|b| b.ids(gateway).collect::<Vec<_>>())
+        .collect()
 }
 
 /// Every `Buffered` event in a JSON log, read from its fields (`first_seq`, `readings`), not
