@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::agent::{AgentProc, cli, config};
-use common::rabbit::Rabbit;
+use common::rabbit::{Rabbit, scratch_queue};
 use common::{AMQP_URL, readings, seed, unique};
 
 fn configs() -> PathBuf {
@@ -189,7 +189,7 @@ fn the_demo_should_poll_and_buffer_without_a_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_should_drain_to_the_broker_when_one_answers() {
-    let queue = unique("amr.demo");
+    let (queue, _queues) = scratch_queue("amr.demo");
     let events = format!("{queue}.events");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
@@ -232,8 +232,6 @@ async fn the_demo_should_drain_to_the_broker_when_one_answers() {
     let msgs = rabbit.take_all(&queue).await;
     let n: usize = msgs.iter().map(|m| m.items("readings").len()).sum();
     assert!(n >= 22, "{n} readings in the queue");
-    rabbit.delete(&queue).await;
-    rabbit.delete(&events).await;
 }
 
 #[test]

@@ -12,6 +12,7 @@ use amr_edge::sim::modbus::{Fault, Meters, Unit, spawn_tcp};
 use common::agent::{AgentProc, config};
 use common::celery::Celery;
 use common::mqtt::{Broker, Centre};
+use common::rabbit::scratch_queue;
 use common::{AMQP_URL, unique};
 use serde_json::{Value, json};
 
@@ -95,7 +96,7 @@ async fn gateway(units: &[u8], mqtt_extra: &str) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_demand_poll_should_be_accepted_then_done_with_values_and_delivered() {
-    let queue = unique("amr.ctl");
+    let (queue, _queues) = scratch_queue("amr.ctl");
     let celery = Celery::start(
         &[&queue, &format!("{queue}.events")],
         "utilitarian.commits.meter_readings",

@@ -13,7 +13,7 @@ use amr_edge::store::{Append, SledStore, Store, StoreConfig};
 use common::agent::{AgentProc, config};
 use common::celery::Celery;
 use common::proxy::{Mode, Proxy};
-use common::rabbit::Rabbit;
+use common::rabbit::{Rabbit, scratch_queue};
 use common::{
     AMQP_URL, assert_in_order_per_meter, eventually, expected_json, readings, seed, unique,
 };
@@ -111,7 +111,7 @@ fn assert_all_delivered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_readings_should_reach_a_celery_worker_exactly_and_in_order_per_meter() {
-    let queue = unique("amr.readings");
+    let (queue, _queues) = scratch_queue("amr.readings");
     let events = format!("{queue}.events");
     let task = "test.commits.meter_readings";
     let celery = Celery::start(&[&queue, &events], task, "test.commits.meter_system_events").await;
@@ -147,7 +147,7 @@ async fn buffered_readings_should_reach_a_celery_worker_exactly_and_in_order_per
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_should_be_celery_v2_tasks_persistent_and_correlated() {
     let rabbit = Rabbit::connect().await;
-    let queue = unique("amr.format");
+    let (queue, _queues) = scratch_queue("amr.format");
     rabbit.declare(&queue).await;
     rabbit.declare(&format!("{queue}.events")).await;
     let dir = tempfile::tempdir().unwrap();
@@ -192,14 +192,12 @@ async fn messages_should_be_celery_v2_tasks_persistent_and_correlated() {
         serde_json::json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null})
     );
     agent.sigterm();
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_at_start_should_get_everything_once_it_comes_up() {
     let rabbit = Rabbit::connect().await;
-    let queue = unique("amr.down");
+    let (queue, _queues) = scratch_queue("amr.down");
     rabbit.declare(&queue).await;
     rabbit.declare(&format!("{queue}.events")).await;
     let proxy = Proxy::start("127.0.0.1:5672", Mode::Down).await;
@@ -219,14 +217,12 @@ async fn a_broker_down_at_start_should_get_everything_once_it_comes_up() {
     proxy.set_mode(Mode::Up);
     let got = collect(&rabbit, &queue, 500, Duration::from_secs(60)).await;
     assert_all_delivered(&gw, &seqs, &seeded, &got);
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cut_mid_drain_should_lose_nothing_and_duplicate_only_with_the_same_ids() {
     let rabbit = Rabbit::connect().await;
-    let queue = unique("amr.cut");
+    let (queue, _queues) = scratch_queue("amr.cut");
     rabbit.declare(&queue).await;
     rabbit.declare(&format!("{queue}.events")).await;
     let proxy = Proxy::start("127.0.0.1:5672", Mode::Up).await;
@@ -260,14 +256,12 @@ async fn a_connection_cut_mid_drain_should_lose_nothing_and_duplicate_only_with_
         agent.log().matches("Connected to the broker").count() >= 2,
         "the agent should have reconnected after the cuts"
     );
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_queue_should_keep_readings_buffered_with_a_clear_error() {
     let rabbit = Rabbit::connect().await;
-    let queue = unique("amr.missing");
+    let (queue, _queues) = scratch_queue("amr.missing");
     let dir = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     let seeded = readings(50, 2);
@@ -299,14 +293,12 @@ async fn a_missing_queue_should_keep_readings_buffered_with_a_clear_error() {
     rabbit.declare(&format!("{queue}.events")).await;
     let got = collect(&rabbit, &queue, 50, Duration::from_secs(30)).await;
     assert_all_delivered(&gw, &seqs, &seeded, &got);
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_draining_should_deliver_every_buffered_reading_after_restart() {
     let rabbit = Rabbit::connect().await;
-    let queue = unique("amr.kill");
+    let (queue, _queues) = scratch_queue("amr.kill");
     rabbit.declare(&queue).await;
     rabbit.declare(&format!("{queue}.events")).await;
     let dir = tempfile::tempdir().unwrap();
@@ -333,14 +325,12 @@ async fn kill_9_while_draining_should_deliver_every_buffered_reading_after_resta
     let got = collect_more(&rabbit, &queue, got, n, Duration::from_secs(120)).await;
     assert_all_delivered(&gw, &seqs, &seeded, &got);
     assert!(agent.sigterm().success());
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_message_should_stay_in_the_store_until_the_queue_is_back() {
     let rabbit = Rabbit::connect().await;
-    let queue = unique("amr.unroutable");
+    let (queue, _queues) = scratch_queue("amr.unroutable");
     let events = format!("{queue}.events");
     rabbit.declare(&queue).await;
     rabbit.declare(&events).await;
@@ -397,8 +387,6 @@ async fn an_unroutable_message_should_stay_in_the_store_until_the_queue_is_back(
     .await;
     shutdown.cancel();
     task.await.unwrap();
-    rabbit.delete(&queue).await;
-    rabbit.delete(&events).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

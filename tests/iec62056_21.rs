@@ -10,16 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amr_edge::agent::{self, BeatMode, Options};
-use amr_edge::bus::{BusWorker, PollReport, PollRequest};
+use amr_edge::bus::PollRequest;
 use amr_edge::clock::SystemClock;
 use amr_edge::config::Config;
 use amr_edge::meter::iec62056_21::codec::Identification;
-use amr_edge::reading::{Cadence, EventKind, Reading, SystemEvent};
+use amr_edge::reading::{Cadence, EventKind, Reading};
 use amr_edge::sim::iec::{Clock, Fault, SimBus, SimMeter, spawn_pty};
-use amr_edge::store::{Record, SledStore, Store, StoreConfig, Stream};
+use amr_edge::store::{SledStore, Store, StoreConfig};
+use common::AMQP_URL;
 use common::celery::Celery;
-use common::{AMQP_URL, unique};
-use tokio::sync::{Notify, oneshot};
+use common::rabbit::scratch_queue;
+use common::worker::BusUnderTest;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 const LGZ: &str = "61234567";
@@ -112,92 +114,11 @@ reads = {{ daily = "all" }}
     Config::from_toml(&text, Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"))
 }
 
-struct Agent {
-    store: Arc<SledStore>,
-    handle: amr_edge::bus::BusHandle,
-    shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
-    _pty: amr_edge::sim::iec::SimPty,
-}
-
-async fn start(sim: &SimBus, extra: &str) -> Agent {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_test_writer()
-        .try_init();
+async fn start(sim: &SimBus, extra: &str) -> BusUnderTest {
     let pty = spawn_pty(sim.clone()).expect("pty");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(pty.path(), dir.path(), extra);
-    let clock = Arc::new(SystemClock);
-    let store = Arc::new(
-        SledStore::open(
-            &dir.path().join("store"),
-            &StoreConfig::default(),
-            clock.clone(),
-        )
-        .expect("store"),
-    );
-    let bus = config.buses[0].clone();
-    let meters = config.meters_on(&bus.name).cloned().collect();
-    let (worker, handle) = BusWorker::new(
-        bus,
-        meters,
-        store.clone(),
-        Arc::new(Notify::new()),
-        clock,
-        config.gateway.tz.clone(),
-        16,
-    );
-    let shutdown = CancellationToken::new();
-    tokio::spawn(worker.run(shutdown.clone()));
-    Agent {
-        store,
-        handle,
-        shutdown,
-        _dir: dir,
-        _pty: pty,
-    }
-}
-
-impl Agent {
-    async fn poll(&self, meter: &str, cadence: Cadence) -> PollReport {
-        let (tx, rx) = oneshot::channel();
-        let mut req = PollRequest::new(meter, cadence);
-        req.reply = Some(tx);
-        if cadence != Cadence::OnDemand {
-            req.boundary = Some(jiff::Timestamp::from_second(1_774_047_600).expect("ts"));
-        }
-        self.handle.poll(req).await.expect("queued");
-        tokio::time::timeout(Duration::from_secs(60), rx)
-            .await
-            .expect("poll finished in time")
-            .expect("report")
-    }
-
-    /// Readings and events stored since the last call.
-    fn taken(&self) -> (Vec<Reading>, Vec<SystemEvent>) {
-        let readings = self
-            .store
-            .take(Stream::Readings, 10_000)
-            .expect("take")
-            .into_iter()
-            .filter_map(|e| match e.record {
-                Record::Reading(r) => Some(r),
-                Record::Event(_) => None,
-            })
-            .collect();
-        let events = self
-            .store
-            .take(Stream::Events, 10_000)
-            .expect("take")
-            .into_iter()
-            .filter_map(|e| match e.record {
-                Record::Event(ev) => Some(ev),
-                Record::Reading(_) => None,
-            })
-            .collect();
-        (readings, events)
-    }
+    BusUnderTest::start(&config, dir, pty)
 }
 
 fn row(r: &Reading) -> (String, String, String, String, String) {
@@ -388,7 +309,7 @@ reads = { daily = "all" }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readouts_should_arrive_at_a_celery_worker_with_exact_values_and_meter_time() {
-    let queue = unique("amr.iec");
+    let (queue, _queues) = scratch_queue("amr.iec");
     let celery = Celery::start(
         &[&queue, &format!("{queue}.events")],
         "utilitarian.commits.meter_readings",

@@ -6,16 +6,11 @@ mod common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use amr_edge::bus::{BusWorker, PollReport, PollRequest};
-use amr_edge::clock::SystemClock;
 use amr_edge::config::Config;
-use amr_edge::reading::{Cadence, EventKind, Reading, SystemEvent};
-use amr_edge::sim::mbus::{Segment, SimHandle, spawn_pty};
-use amr_edge::store::{Record, SledStore, Store, StoreConfig, Stream};
-use tokio::sync::{Notify, oneshot};
-use tokio_util::sync::CancellationToken;
+use amr_edge::reading::{Cadence, EventKind, Reading};
+use amr_edge::sim::mbus::{Segment, spawn_pty};
+use common::worker::BusUnderTest;
 
 fn config(device: &Path, data_dir: &Path) -> Config {
     let text = format!(
@@ -55,78 +50,11 @@ mbus = {{ primary = 42 }}
     Config::from_toml(&text, Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"))
 }
 
-struct Agent {
-    store: Arc<SledStore>,
-    handle: amr_edge::bus::BusHandle,
-    shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
-    _pty: SimHandle,
-}
-
-async fn start() -> Agent {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_test_writer()
-        .try_init();
+async fn start() -> BusUnderTest {
     let pty = spawn_pty(Arc::new(Mutex::new(Segment::demo()))).expect("pty");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(pty.path().expect("pty path"), dir.path());
-    let clock = Arc::new(SystemClock);
-    let store = Arc::new(
-        SledStore::open(
-            &dir.path().join("store"),
-            &StoreConfig::default(),
-            clock.clone(),
-        )
-        .expect("store"),
-    );
-    let bus = config.buses[0].clone();
-    let meters = config.meters_on(&bus.name).cloned().collect();
-    let (worker, handle) = BusWorker::new(
-        bus,
-        meters,
-        store.clone(),
-        Arc::new(Notify::new()),
-        clock,
-        config.gateway.tz.clone(),
-        16,
-    );
-    let shutdown = CancellationToken::new();
-    tokio::spawn(worker.run(shutdown.clone()));
-    Agent {
-        store,
-        handle,
-        shutdown,
-        _dir: dir,
-        _pty: pty,
-    }
-}
-
-impl Agent {
-    async fn poll(&self, meter: &str) -> PollReport {
-        let (tx, rx) = oneshot::channel();
-        let mut req = PollRequest::new(meter, Cadence::OnDemand);
-        req.reply = Some(tx);
-        self.handle.poll(req).await.expect("queued");
-        tokio::time::timeout(Duration::from_secs(60), rx)
-            .await
-            .expect("poll finished in time")
-            .expect("report")
-    }
-
-    fn taken(&self) -> (Vec<Reading>, Vec<SystemEvent>) {
-        let mut readings = Vec::new();
-        let mut events = Vec::new();
-        for stream in [Stream::Readings, Stream::Events] {
-            for e in self.store.take(stream, 10_000).expect("take") {
-                match e.record {
-                    Record::Reading(r) => readings.push(r),
-                    Record::Event(ev) => events.push(ev),
-                }
-            }
-        }
-        (readings, events)
-    }
+    BusUnderTest::start(&config, dir, pty)
 }
 
 fn row(r: &Reading) -> String {
@@ -148,7 +76,7 @@ fn row(r: &Reading) -> String {
 async fn heat_by_primary_and_water_by_secondary_should_arrive_with_exact_values() {
     let agent = start().await;
     for m in ["heat", "gone", "water"] {
-        let report = agent.poll(m).await;
+        let report = agent.poll(m, Cadence::OnDemand).await;
         assert_eq!(
             report.errors.is_empty(),
             m != "gone",

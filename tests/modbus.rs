@@ -21,7 +21,8 @@ use amr_edge::reading::{Cadence, EventKind};
 use amr_edge::sim::modbus::{Fault, Meters, Unit, serve_rtu, spawn_tcp};
 use amr_edge::store::{Record, SledStore, Store, StoreConfig, Stream};
 use common::celery::Celery;
-use common::{AMQP_URL, eventually, unique};
+use common::rabbit::scratch_queue;
+use common::{AMQP_URL, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_serial::SerialStream;
@@ -160,7 +161,7 @@ fn values(report: &PollReport) -> BTreeMap<String, (String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtu_on_a_pty_and_tcp_on_loopback_should_deliver_exact_values_to_a_celery_worker() {
-    let queue = unique("amr.modbus");
+    let (queue, _queues) = scratch_queue("amr.modbus");
     let celery = Celery::start(
         &[&queue, &format!("{queue}.events")],
         "utilitarian.commits.meter_readings",

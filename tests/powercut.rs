@@ -29,6 +29,7 @@ use common::agent::{AgentProc, Buffered, buffered_events, cli, config, polling, 
 use common::celery::Celery;
 use common::mqtt::Centre;
 use common::proxy::{Mode, Proxy};
+use common::rabbit::scratch_queue;
 use common::unique;
 use fs::PowerCutFs;
 use serde_json::Value;
@@ -304,7 +305,7 @@ fn describe_lost(
 async fn power_cuts_should_lose_nothing_the_agent_reported_buffered() {
     let cuts = if long() { 50 } else { 8 };
     let began = Instant::now();
-    let queue = unique("amr.powercut");
+    let (queue, _queues) = scratch_queue("amr.powercut");
     let events_queue = format!("{queue}.events");
     let celery = Celery::start(
         &[&queue, &events_queue],

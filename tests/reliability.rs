@@ -13,7 +13,7 @@ use common::agent::{AgentProc, buffered_ids, cli, config, polling, rss_kib, sdm6
 use common::celery::Celery;
 use common::mqtt::Centre;
 use common::proxy::{Mode, Proxy};
-use common::rabbit::Rabbit;
+use common::rabbit::{Rabbit, scratch_queue};
 use common::{AMQP_URL, assert_in_order_per_meter, eventually, readings, seed, unique};
 use serde_json::{Value, json};
 
@@ -84,7 +84,7 @@ fn assert_consistent(got: &[Value]) -> (usize, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_a_loop_should_lose_nothing_the_store_called_buffered() {
     let kills = if long() { 500 } else { 50 };
-    let queue = unique("amr.crash");
+    let (queue, _queues) = scratch_queue("amr.crash");
     let celery = Celery::start(
         &[&queue, &format!("{queue}.events")],
         "utilitarian.commits.meter_readings",
@@ -134,7 +134,7 @@ async fn kill_9_in_a_loop_should_lose_nothing_the_store_called_buffered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_should_deliver_everything_in_order_then_paced() {
-    let queue = unique("amr.outage");
+    let (queue, _queues) = scratch_queue("amr.outage");
     let celery = Celery::start(
         &[&queue, &format!("{queue}.events")],
         "utilitarian.commits.meter_readings",
@@ -214,7 +214,7 @@ async fn a_broker_outage_should_deliver_everything_in_order_then_paced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_uplink_should_lose_nothing_get_stuck_nowhere_and_not_grow() {
-    let queue = unique("amr.flaky");
+    let (queue, _queues) = scratch_queue("amr.flaky");
     let rabbit = Rabbit::connect().await;
     rabbit.declare(&queue).await;
     rabbit.declare(&format!("{queue}.events")).await;
@@ -302,8 +302,6 @@ async fn a_flaky_uplink_should_lose_nothing_get_stuck_nowhere_and_not_grow() {
         "RSS grew from {early} KiB to {late} KiB"
     );
     assert!(agent.sigterm().success());
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 /// A small tmpfs the test mounts for the data directory (the test runs as root in CI).
@@ -361,7 +359,7 @@ async fn a_full_disk_should_evict_in_order_report_it_keep_running_and_recover() 
     let meters = sdm630s(20).await;
     let data = fs.path().join("data");
     let gw = unique("gw");
-    let queue = unique("amr.full");
+    let (queue, _queues) = scratch_queue("amr.full");
     // The broker is unreachable: the store only grows. Another program has taken most of the
     // disk, so the store must size itself to what is left.
     let filler = fs.fill("filler", 20 << 20);
@@ -472,8 +470,6 @@ async fn a_full_disk_should_evict_in_order_report_it_keep_running_and_recover() 
         got.len()
     );
     assert!(agent.sigterm().success());
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 /// Where no filesystem can be mounted: the cap is `max_bytes`, and the eviction order and its
@@ -530,7 +526,7 @@ async fn a_damaged_store_should_start_keep_what_it_can_and_say_so() {
                 std::fs::create_dir(&db).unwrap();
             }
         }
-        let queue = unique("amr.damaged");
+        let (queue, _queues) = scratch_queue("amr.damaged");
         let rabbit = Rabbit::connect().await;
         rabbit.declare(&queue).await;
         rabbit.declare(&format!("{queue}.events")).await;
@@ -609,7 +605,5 @@ async fn a_damaged_store_should_start_keep_what_it_can_and_say_so() {
             seeded.len()
         );
         assert!(agent.sigterm().success());
-        rabbit.delete(&queue).await;
-        rabbit.delete(&format!("{queue}.events")).await;
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::agent::{AgentProc, config};
 use common::mqtt::{Broker, Centre};
-use common::rabbit::Rabbit;
+use common::rabbit::{Rabbit, scratch_queue};
 use common::{eventually, free_port, readings, seed, unique};
 use serde_json::json;
 
@@ -170,7 +170,7 @@ async fn amqps_to_a_private_ca_should_deliver_and_an_unknown_ca_should_keep_the_
     let pki = Pki::new(pki_dir.path());
     let proxy = TlsProxy::start(&pki);
     let rabbit = Rabbit::connect().await;
-    let queue = unique("amr.tls");
+    let (queue, _queues) = scratch_queue("amr.tls");
     rabbit.declare(&queue).await;
     rabbit.declare(&format!("{queue}.events")).await;
     let url = format!("amqps://guest:guest@localhost:{}/%2f", proxy.port);
@@ -225,8 +225,6 @@ async fn amqps_to_a_private_ca_should_deliver_and_an_unknown_ca_should_keep_the_
         "a dropped link is no ERROR:\n{after}"
     );
     assert!(agent.sigterm().success());
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +242,7 @@ async fn mqtts_with_a_client_certificate_should_take_commands_and_without_one_be
     ));
     let gw = unique("gw");
     let centre = Centre::connect(broker.port, PREFIX, &gw).await;
-    let queue = unique("amr.tls");
+    let (queue, _queues) = scratch_queue("amr.tls");
     let mqtt = |client_cert: bool| {
         let mut s = format!(
             "declare_queues = true\n\n[mqtt]\nurl = \"mqtts://localhost:{tls_port}\"\ntopic_prefix = \"{PREFIX}\"\nmax_backoff = \"2s\"\nca_file = \"{}\"\n",
@@ -296,7 +294,4 @@ async fn mqtts_with_a_client_certificate_should_take_commands_and_without_one_be
     assert_eq!(done["request_id"], "t1");
     assert!(agent.sigterm().success());
     drop(broker);
-    let rabbit = Rabbit::connect().await;
-    rabbit.delete(&queue).await;
-    rabbit.delete(&format!("{queue}.events")).await;
 }

@@ -7,6 +7,7 @@ pub mod celery;
 pub mod mqtt;
 pub mod proxy;
 pub mod rabbit;
+pub mod worker;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -130,3 +130,39 @@ impl Rabbit {
         }
     }
 }
+
+/// A test's queue and its events queue (`{name}.events`), deleted from the shared broker
+/// when the guard drops: at the end of the test, and also when it panics.
+#[must_use = "the queues are deleted when the guard drops"]
+pub struct ScratchQueues(Vec<String>);
+
+/// A unique queue name for a test (see [`super::unique`]) and the guard that deletes it and
+/// its events queue afterwards.
+pub fn scratch_queue(prefix: &str) -> (String, ScratchQueues) {
+    let name = super::unique(prefix);
+    let guard = ScratchQueues(vec![name.clone(), format!("{name}.events")]);
+    (name, guard)
+}
+
+impl Drop for ScratchQueues {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.0);
+        // Drop cannot await, and may run inside the test's runtime: delete from a thread
+        // of its own with a runtime of its own, and wait for it.
+        let deleting = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let rabbit = Rabbit::connect().await;
+                for name in &names {
+                    rabbit.delete(name).await;
+                }
+            });
+        });
+        let _ = deleting.join();
+    }
+}
