@@ -78,6 +78,9 @@ fn start(store: Arc<MemoryStore>, setup: Setup) -> Rig {
         key: None,
         max_payload: 4096,
         signature_window: Duration::from_secs(300),
+        remote_config: false,
+        config_requests: None,
+        notices: Vec::new(),
     });
     let mqtt = FakeMqtt::default();
     let stop = CancellationToken::new();
