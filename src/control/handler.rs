@@ -141,7 +141,9 @@ impl<M: Mqtt> Handler<M> {
             Command::Configure { .. } | Command::Confirm { .. } | Command::GetConfig
                 if self.cx.config_requests.is_none() =>
             {
-                Some("this agent runs without a config file (demo): nothing to configure")
+                Some(
+                    "remote configuration is unavailable on this agent (it runs without a config file, as the demo does, or its remote-config state could not be read: see its log)",
+                )
             }
             _ => None,
         };
