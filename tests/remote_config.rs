@@ -80,11 +80,34 @@ async fn gateway(mqtt_extra: &str, queue: &str) -> Gateway {
 }
 
 impl Gateway {
+    /// The reply to `id` with `status`; on a timeout, the panic shows the agent's log.
+    async fn reply(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(r) = self
+                .centre
+                .replies()
+                .into_iter()
+                .find(|r| r["request_id"] == id && r["status"] == status)
+            {
+                return r;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "no `{status}` reply to {id} within {timeout:?}; replies: {:#?}\nagent log:\n{}",
+                    self.centre.replies(),
+                    self.agent.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn get_config(&self, id: &str) -> Value {
         self.centre
             .send(json!({"request_id": id, "command": "get_config"}).to_string())
             .await;
-        self.centre.reply(id, "done", LONG).await["result"].clone()
+        self.reply(id, "done", LONG).await["result"].clone()
     }
 
     async fn configure(&self, id: &str, text: &str, base: &str, within: &str) {
@@ -101,7 +124,7 @@ impl Gateway {
         self.centre
             .send(json!({"request_id": id, "command": "poll", "meters": [meter]}).to_string())
             .await;
-        self.centre.reply(id, "done", LONG).await
+        self.reply(id, "done", LONG).await
     }
 
     fn file(&self) -> String {
@@ -138,7 +161,7 @@ async fn a_configure_adding_a_meter_should_be_applied_read_and_kept_once_confirm
     g.centre
         .send(json!({"request_id": "p0", "command": "poll", "meters": ["m2"]}).to_string())
         .await;
-    let unknown = g.centre.reply("p0", "rejected", LONG).await;
+    let unknown = g.reply("p0", "rejected", LONG).await;
     assert!(
         unknown["reason"]
             .as_str()
@@ -148,16 +171,27 @@ async fn a_configure_adding_a_meter_should_be_applied_read_and_kept_once_confirm
     let new = g.setup.text(&[1, 2]);
     g.configure("c1", &new, before["sha256"].as_str().unwrap(), "10m")
         .await;
-    g.centre.reply("c1", "accepted", LONG).await;
-    let applied = g.centre.reply("c1", "applied", LONG).await;
+    g.reply("c1", "accepted", LONG).await;
+    let applied = g.reply("c1", "applied", LONG).await;
     assert_eq!(applied["sha256"], sha256_hex(new.as_bytes()));
     assert_eq!(applied["previous_sha256"], before["sha256"]);
     assert_eq!(g.file(), new);
     // The agent reads the new meter.
     let done = g.poll("p1", "m2").await;
     assert_eq!(done["results"][0]["ok"], true, "{done}");
-    // A local operator sees it waiting.
+    // A local operator sees it waiting, in check and in status (from the running agent).
     assert!(g.check().contains("PENDING CONFIRMATION"), "{}", g.check());
+    let path = g.agent.config_path.display().to_string();
+    let status = cli(&["status", "--config", &path]);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        shown.contains("remote configuration from `c1`") && shown.contains("PENDING"),
+        "{shown}"
+    );
+    let json_status: Value =
+        serde_json::from_slice(&cli(&["status", "--config", &path, "--json"]).stdout).unwrap();
+    assert_eq!(json_status["remote_config"]["request_id"], "c1");
+    assert!(json_status["remote_config"]["pending_until"].is_string());
     let during = g.get_config("g2").await;
     assert_eq!(
         (&during["source"], &during["request_id"]),
@@ -167,7 +201,7 @@ async fn a_configure_adding_a_meter_should_be_applied_read_and_kept_once_confirm
     g.centre
         .send(json!({"request_id": "k1", "command": "confirm", "target": "c1"}).to_string())
         .await;
-    let confirmed = g.centre.reply("k1", "done", LONG).await;
+    let confirmed = g.reply("k1", "done", LONG).await;
     assert_eq!(confirmed["result"]["sha256"], sha256_hex(new.as_bytes()));
     let after = g.get_config("g3").await;
     assert!(after["confirmed_at"].is_string() && after["confirm_by"].is_null());
@@ -188,7 +222,7 @@ async fn a_broken_config_should_be_rejected_with_line_and_key_and_the_old_one_ke
         + 1;
     g.configure("c1", &broken, base.as_str().unwrap(), "1m")
         .await;
-    let r = g.centre.reply("c1", "rejected", LONG).await;
+    let r = g.reply("c1", "rejected", LONG).await;
     assert_eq!(r["problems"][0]["key"], "meter[1].modbus.unit", "{r}");
     assert_eq!(r["problems"][0]["line"], line, "{r}");
     assert!(
@@ -211,7 +245,7 @@ async fn a_stale_base_should_be_rejected() {
         "1m",
     )
     .await;
-    let r = g.centre.reply("c1", "rejected", LONG).await;
+    let r = g.reply("c1", "rejected", LONG).await;
     assert!(r["reason"].as_str().unwrap().contains("stale base"), "{r}");
     assert_eq!(g.file(), old);
 }
@@ -223,7 +257,7 @@ async fn configure_should_be_rejected_while_remote_configuration_is_off() {
     let base = g.get_config("g1").await["sha256"].clone();
     g.configure("c1", &g.setup.text(&[1, 2]), base.as_str().unwrap(), "1m")
         .await;
-    let r = g.centre.reply("c1", "rejected", LONG).await;
+    let r = g.reply("c1", "rejected", LONG).await;
     assert!(
         r["reason"]
             .as_str()
@@ -247,7 +281,7 @@ async fn an_unsigned_configure_should_be_rejected_when_a_key_is_set_and_a_signed
     let base = sha_of(&g.agent.config_path);
     let new = g.setup.text(&[1, 2]);
     g.configure("u1", &new, &base, "10m").await;
-    let r = g.centre.reply("u1", "rejected", LONG).await;
+    let r = g.reply("u1", "rejected", LONG).await;
     assert!(r["reason"].as_str().unwrap().contains("unsigned"), "{r}");
     let ts = jiff::Timestamp::now().as_second();
     // Signed, but for another config than the one sent.
@@ -259,7 +293,7 @@ async fn an_unsigned_configure_should_be_rejected_when_a_key_is_set_and_a_signed
             .to_string(),
         )
         .await;
-    let r = g.centre.reply("s1", "rejected", LONG).await;
+    let r = g.reply("s1", "rejected", LONG).await;
     assert!(
         r["reason"].as_str().unwrap().contains("does not match"),
         "{r}"
@@ -273,7 +307,7 @@ async fn an_unsigned_configure_should_be_rejected_when_a_key_is_set_and_a_signed
             .to_string(),
         )
         .await;
-    g.centre.reply("s2", "applied", LONG).await;
+    g.reply("s2", "applied", LONG).await;
     assert_eq!(g.file(), new);
 }
 
@@ -297,7 +331,7 @@ async fn a_config_that_cuts_the_broker_off_should_be_reverted_when_not_confirmed
     let old = g.file();
     let base = sha_of(&g.agent.config_path);
     g.configure("c1", &cut_off(&g), &base, "6s").await;
-    g.centre.reply("c1", "accepted", LONG).await;
+    g.reply("c1", "accepted", LONG).await;
     let seen = g.centre.status().len();
     // No `applied` can come (the new broker is not there); the agent goes back by itself.
     let reverted = g
@@ -327,7 +361,7 @@ async fn a_config_that_cuts_the_broker_off_should_be_reverted_when_not_confirmed
     g.centre
         .send(json!({"request_id": "k1", "command": "confirm", "target": "c1"}).to_string())
         .await;
-    let late = g.centre.reply("k1", "rejected", LONG).await;
+    let late = g.reply("k1", "rejected", LONG).await;
     assert!(
         late["reason"].as_str().unwrap().contains("too late"),
         "{late}"
@@ -341,7 +375,7 @@ async fn a_kill_inside_the_window_should_still_end_on_the_previous_config() {
     let base = sha_of(&g.agent.config_path);
     let new = cut_off(&g);
     g.configure("c1", &new, &base, "15s").await;
-    g.centre.reply("c1", "accepted", LONG).await;
+    g.reply("c1", "accepted", LONG).await;
     eventually(LONG, "the new config written", || async {
         (std::fs::read_to_string(&g.agent.config_path).ok()? == new).then_some(())
     })
@@ -373,7 +407,7 @@ async fn a_config_that_validates_but_does_not_start_should_be_reverted_at_once()
         "remote_config = true\nusername = \"gw\"\npassword_file = \"/nonexistent/mqtt-password\""
             .into();
     g.configure("c1", &broken.text(&[1, 2]), &base, "10m").await;
-    let reverted = g.centre.reply("c1", "reverted", LONG).await;
+    let reverted = g.reply("c1", "reverted", LONG).await;
     assert!(
         reverted["reason"]
             .as_str()

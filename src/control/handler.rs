@@ -342,7 +342,11 @@ impl<M: Mqtt> Handler<M> {
             sent = tx.send(request(reply)) => sent.ok()?,
             () = self.stop.cancelled() => return None,
         }
+        // The answer first: the main loop answers an accepted configure and stops this
+        // generation right away, so both are often ready at once, and the answer must still
+        // be given (`accepted`, the acknowledgement to the broker).
         tokio::select! {
+            biased;
             answer = rx => answer.ok(),
             () = self.stop.cancelled() => None,
         }

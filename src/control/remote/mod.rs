@@ -34,7 +34,9 @@
 //!
 //! In `{data_dir}/remote-config/`: `state.json` (the [`window::Durable`] state) and
 //! `previous.toml` (the config to go back to). Every file is replaced with
-//! [`disk::write_atomically`] (temporary file, fsync, rename, directory fsync). A `configure`:
+//! [`disk::write_atomically_mode`] (temporary file, fsync, rename, directory fsync; the config
+//! and its previous version with the permissions the config file had, since it may hold an
+//! inline secret). A `configure`:
 //!
 //! 1. `previous.toml` ← the running config's text;
 //! 2. `state.json` ← the open window (request, both hashes, deadline);
@@ -155,6 +157,14 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
         path: path.to_owned(),
         source,
     }
+}
+
+/// The permission bits of the file at `path`, to give its replacement.
+fn mode_of(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -360,7 +370,8 @@ impl Keeper {
             .map_err(io("cannot create", &self.dir))
             .map_err(cannot)?;
         let previous = self.dir.join(PREVIOUS);
-        disk::write_atomically(&previous, self.active.text.as_bytes())
+        let mode = mode_of(&self.path);
+        disk::write_atomically_mode(&previous, self.active.text.as_bytes(), mode)
             .map_err(io("cannot write", &previous))
             .map_err(cannot)?;
         let now = self.clock.now_ms();
@@ -374,7 +385,7 @@ impl Keeper {
             within,
         );
         self.save(&next).map_err(cannot)?;
-        if let Err(e) = disk::write_atomically(&self.path, text.as_bytes()) {
+        if let Err(e) = disk::write_atomically_mode(&self.path, text.as_bytes(), mode) {
             // Nothing changed: close the window again.
             let undo = self.save(&before);
             tracing::warn!(error = %e, undo = ?undo.err(), "A remote configuration could not be written");
@@ -428,7 +439,7 @@ impl Keeper {
         let text =
             std::fs::read_to_string(&previous_path).map_err(io("cannot read", &previous_path))?;
         let config = Config::from_toml(&text, &self.path).map_err(RemoteError::Previous)?;
-        disk::write_atomically(&self.path, text.as_bytes())
+        disk::write_atomically_mode(&self.path, text.as_bytes(), mode_of(&self.path))
             .map_err(io("cannot write", &self.path))?;
         let now = self.clock.now_ms();
         let reply = to_json(&ConfigReverted {

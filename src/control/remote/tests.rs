@@ -111,13 +111,19 @@ async fn closes(k: &Keeper, within: Duration) -> bool {
 
 #[tokio::test(start_paused = true)]
 async fn an_unconfirmed_config_should_be_reverted_when_its_window_closes() {
+    use std::os::unix::fs::PermissionsExt;
     let rig = Rig::new("");
     let old = rig.file();
+    // It holds a password: the remote one replacing it must not be readable by more.
+    std::fs::set_permissions(&rig.path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (mut k, _) = rig.open();
     let new = rig.with_meter();
     let c = rig.configure(&mut k, "r1", &new, Duration::from_secs(30));
     assert_eq!(c.meters.len(), 1);
     assert_eq!(rig.file(), new);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&rig.path), 0o600);
+    assert_eq!(mode(&rig.dir.path().join(DIR).join(PREVIOUS)), 0o600);
     assert_eq!(rig.outcome("r1")["status"], "applied");
     assert_eq!(k.take_notices().len(), 1);
     assert_eq!(k.pending(), Some("r1"));
