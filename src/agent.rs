@@ -201,7 +201,8 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
                 let id = k.pending().unwrap_or_default().to_owned();
                 tracing::warn!(request_id = %id, "Remote configuration not confirmed in time: going back to the previous one");
                 generation.stop().await;
-                match k.revert("not confirmed within its confirm_within", &*store) {
+                let reason = k.expiry_reason();
+                match k.revert(&reason, &*store) {
                     Ok(previous) => config = previous,
                     Err(e) => {
                         tracing::error!(error = %e, "Cannot go back to the previous configuration; keeping the remote one");

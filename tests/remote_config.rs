@@ -339,6 +339,7 @@ async fn a_config_that_cuts_the_broker_off_should_be_reverted_when_not_confirmed
         .reply("c1", "reverted", Duration::from_secs(90))
         .await;
     assert_eq!(reverted["sha256"], base, "{reverted}");
+    assert_eq!(reverted["reason"], "not confirmed within 6s", "{reverted}");
     assert!(
         g.centre
             .replies()

@@ -254,6 +254,17 @@ impl Keeper {
         self.state.pending.as_ref().map(|p| p.request_id.as_str())
     }
 
+    /// Why the open window's config is reverted when it closes.
+    pub fn expiry_reason(&self) -> String {
+        match &self.state.pending {
+            Some(p) => format!(
+                "not confirmed within {}",
+                HumanDuration::from_millis(p.confirm_within_ms)
+            ),
+            None => "not confirmed in time".into(),
+        }
+    }
+
     /// When the open window closes (tokio's clock); `None` if none is open.
     pub fn deadline(&self) -> Option<tokio::time::Instant> {
         self.deadline
