@@ -1,6 +1,7 @@
 //! Remote configuration against the real Mosquitto and the agent as a process: `configure`
 //! adding a meter, broken and refused configs, and configs that cut the gateway off and are
-//! never confirmed — reverted by the agent itself, also across a kill -9 inside the window.
+//! never confirmed — reverted by the agent itself, also across a kill -9 and power cuts
+//! inside the window.
 
 mod common;
 
@@ -418,4 +419,97 @@ async fn a_config_that_validates_but_does_not_start_should_be_reverted_at_once()
     );
     assert_eq!(g.file(), old);
     assert_eq!(g.poll("p1", "m1").await["results"][0]["ok"], true);
+}
+
+// The power-cut filesystem of tests/powercut.rs; this suite uses only part of it.
+#[allow(dead_code)]
+#[path = "powercut/fs.rs"]
+mod fs;
+
+/// fsync of a directory: what makes the names in it durable.
+fn fsync_dir(dir: &Path) {
+    std::fs::File::open(dir).unwrap().sync_all().unwrap();
+}
+
+/// Power cuts (tests/powercut: a filesystem that forgets what was not fsynced) with the config
+/// file and the data directory on it, inside a configure that cuts the broker off: after the
+/// durable writes, at a random moment, and after `accepted`. Each time the file is whole (the
+/// old or the new config), and the gateway ends on the old config, online, with `reverted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_inside_a_configure_should_end_on_the_previous_config() {
+    let mut fs = fs::PowerCutFs::mount();
+    let home = fs.path().join("gw");
+    std::fs::create_dir(&home).unwrap();
+    fsync_dir(fs.path());
+    let setup = Setup {
+        dir: home.clone(),
+        gw: unique("gw"),
+        queue: unique("q"),
+        sim: sdm630s(2).await,
+        mqtt_port: 1883,
+        mqtt_extra: "remote_config = true".into(),
+    };
+    let old = setup.text(&[1]);
+    let centre = Centre::connect(1883, PREFIX, &setup.gw).await;
+    let mut agent = AgentProc::start(&home, &old);
+    std::fs::File::open(&agent.config_path)
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    fsync_dir(&home);
+    centre.state("online", 0, LONG).await;
+    let mut dead = setup.clone();
+    dead.mqtt_port = free_port();
+    let new = dead.text(&[1, 2]);
+    for n in 0..3 {
+        let id = format!("pc-{n}");
+        let from = agent.log_len();
+        let seen = centre.status().len();
+        centre
+            .send(
+                json!({"request_id": id, "command": "configure", "config": new,
+                    "base": sha256_hex(old.as_bytes()), "confirm_within": "8s"})
+                .to_string(),
+            )
+            .await;
+        match n {
+            0 => {
+                eventually(LONG, "the configure written", || async {
+                    let log = agent.log();
+                    log.get(from..)?
+                        .contains("Remote configuration written")
+                        .then_some(())
+                })
+                .await
+            }
+            1 => tokio::time::sleep(Duration::from_millis(fastrand::u64(..300))).await,
+            _ => {
+                centre.reply(&id, "accepted", LONG).await;
+            }
+        }
+        fs.cut();
+        agent.kill9();
+        fs.remount();
+        let after = std::fs::read_to_string(&agent.config_path).unwrap();
+        assert!(
+            after == old || after == new,
+            "cut #{n}: the config file is {after:?}"
+        );
+        agent.restart();
+        agent.wait_running(LONG).await;
+        // Applied again after the restart if the cut came before it was durable (the broker
+        // delivers it again), and reverted in the end either way.
+        centre
+            .reply(&id, "reverted", Duration::from_secs(120))
+            .await;
+        centre.state("online", seen, LONG).await;
+        assert_eq!(std::fs::read_to_string(&agent.config_path).unwrap(), old);
+        let path = agent.config_path.display().to_string();
+        let check = cli(&["check", "--config", &path]);
+        assert!(
+            !String::from_utf8_lossy(&check.stdout).contains("PENDING"),
+            "cut #{n}: {check:?}"
+        );
+    }
+    agent.kill9();
 }
