@@ -6,6 +6,13 @@
 //! finishes what it has in hand) and starts a new one on the same store, so a reload never
 //! loses buffered data. SIGTERM and SIGINT stop the generation the same way, flush the store
 //! and return.
+//!
+//! Remote configuration goes the same way: the loop owns the [`Keeper`]
+//! ([`crate::control::remote`]), which control asks through a channel. A `configure` it
+//! accepts is written and then reloaded exactly like SIGHUP; a window that closes without a
+//! `confirm` — or a new config that does not even start — is reverted and reloaded the same
+//! way. On start, the keeper settles a window a crash left open before the first generation
+//! runs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,13 +21,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use jiff::Timestamp;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusWorker, Router};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
+use crate::control::remote::{ConfigRequest, Keeper, RemoteLink};
 use crate::drain::{AmqpPublisher, Drain, DrainSettings, DrainStatus};
 use crate::lock::DirLock;
 use crate::status::{SOCKET, StatusServer};
@@ -88,14 +96,29 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
     };
     tokio::pin!(stop_after);
 
-    let mut generation = start(
-        &config,
-        &options,
-        store.clone(),
-        clock.clone(),
+    let (config_tx, mut config_rx) = mpsc::channel::<ConfigRequest>(4);
+    let mut keeper = match &options.config_path {
+        None => None,
+        Some(path) => match Keeper::open(path, config.clone(), clock.clone(), &*store) {
+            Ok((k, to_run)) => {
+                config = to_run;
+                Some(k)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Remote configuration is unavailable: its state cannot be read or settled");
+                None
+            }
+        },
+    };
+    let mut launcher = Launcher {
+        options: &options,
+        store: store.clone(),
+        clock: clock.clone(),
         started_at,
-        &root,
-    )?;
+        root: &root,
+        requests: config_tx,
+    };
+    let mut generation = launcher.launch(&mut config, &mut keeper)?;
     Watchdog::ready();
     tracing::info!(
         buses = config.buses.len(),
@@ -113,6 +136,7 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
     let mut summary = tokio::time::interval(options.summary_every);
     summary.tick().await;
     loop {
+        let deadline = keeper.as_ref().and_then(Keeper::deadline);
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
@@ -122,20 +146,70 @@ pub async fn run(mut config: Config, options: Options) -> anyhow::Result<()> {
                     tracing::warn!("SIGHUP: nothing to reload");
                     continue;
                 };
-                match Config::load(path) {
+                let loaded = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    .and_then(|text| Config::from_toml(&text, path).map(|c| (text, c)).map_err(|e| e.to_string()));
+                match loaded {
                     Err(e) => {
                         tracing::error!(error = %e, "SIGHUP: the new config is invalid; keeping the running one");
                     }
-                    Ok(new) if new.gateway.data_dir != config.gateway.data_dir => {
+                    Ok((_, new)) if new.gateway.data_dir != config.gateway.data_dir => {
                         tracing::error!("SIGHUP: gateway.data_dir cannot change while running; restart the agent to move the store");
                     }
-                    Ok(new) => {
+                    Ok((text, new)) => {
                         tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
                         generation.stop().await;
+                        if let Some(k) = keeper.as_mut() {
+                            k.reloaded(text);
+                        }
                         config = new;
-                        generation = start(&config, &options, store.clone(), clock.clone(), started_at, &root)?;
+                        generation = launcher.launch(&mut config, &mut keeper)?;
                     }
                 }
+            }
+            Some(request) = config_rx.recv() => {
+                let Some(k) = keeper.as_mut() else { continue };
+                match request {
+                    ConfigRequest::Get { reply } => {
+                        let on = config.mqtt.as_ref().is_some_and(|m| m.remote_config);
+                        let _ = reply.send(k.describe(on));
+                    }
+                    ConfigRequest::Confirm { target, reply } => {
+                        let _ = reply.send(k.confirm(&target));
+                    }
+                    // Control stopped waiting (it is stopping): leave it; the next start
+                    // answers it.
+                    ConfigRequest::Configure { reply, .. } if reply.is_closed() => {}
+                    ConfigRequest::Configure { request_id, config: text, base, confirm_within, reply } => {
+                        match k.configure(&request_id, &text, &base, confirm_within, &config, &*store) {
+                            Err(rejected) => {
+                                let _ = reply.send(Err(rejected));
+                            }
+                            Ok(new) => {
+                                let _ = reply.send(Ok(crate::control::remote::sha256_hex(text.as_bytes())));
+                                tracing::info!(request_id = %request_id, "Remote configuration: reloading");
+                                generation.stop().await;
+                                config = new;
+                                generation = launcher.launch(&mut config, &mut keeper)?;
+                            }
+                        }
+                    }
+                }
+            }
+            () = sleep_until(deadline) => {
+                let Some(k) = keeper.as_mut() else { continue };
+                let id = k.pending().unwrap_or_default().to_owned();
+                tracing::warn!(request_id = %id, "Remote configuration not confirmed in time: going back to the previous one");
+                generation.stop().await;
+                let reason = k.expiry_reason();
+                match k.revert(&reason, &*store) {
+                    Ok(previous) => config = previous,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot go back to the previous configuration; keeping the remote one");
+                        k.give_up(&e.to_string());
+                    }
+                }
+                generation = launcher.launch(&mut config, &mut keeper)?;
             }
             _ = summary.tick() => log_summary(&store, &generation.drain).await,
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
@@ -214,6 +288,59 @@ fn open_store(
     }
 }
 
+/// Waits until `at`; forever if `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts generations for the main loop, with the link to the config keeper.
+struct Launcher<'a> {
+    options: &'a Options,
+    store: Arc<dyn Store>,
+    clock: SharedClock,
+    started_at: Timestamp,
+    root: &'a CancellationToken,
+    requests: mpsc::Sender<ConfigRequest>,
+}
+
+impl Launcher<'_> {
+    /// Starts a generation on `config`. A remote config waiting for its confirm that does not
+    /// start (a file it names is missing, TLS setup fails) is reverted at once, and the
+    /// previous config started instead.
+    fn launch(
+        &mut self,
+        config: &mut Config,
+        keeper: &mut Option<Keeper>,
+    ) -> anyhow::Result<Running> {
+        loop {
+            let remote = keeper.as_mut().map(|k| RemoteLink {
+                requests: self.requests.clone(),
+                notices: k.take_notices(),
+            });
+            let started = start_with(
+                config,
+                self.options,
+                self.store.clone(),
+                self.clock.clone(),
+                self.started_at,
+                self.root,
+                remote,
+            );
+            match (started, keeper.as_mut()) {
+                (Ok(g), _) => return Ok(g),
+                (Err(e), Some(k)) if k.pending().is_some() => {
+                    tracing::error!(error = %format!("{e:#}"), "The remote configuration does not start: going back to the previous one");
+                    *config = k.revert(&format!("it did not start: {e:#}"), &*self.store)?;
+                }
+                (Err(e), _) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Starts everything but the store: the drain, a worker per bus, the beat, the status
 /// socket and the store's maintenance, as children of `root`.
 pub fn start(
@@ -223,6 +350,20 @@ pub fn start(
     clock: SharedClock,
     started_at: Timestamp,
     root: &CancellationToken,
+) -> anyhow::Result<Running> {
+    start_with(config, options, store, clock, started_at, root, None)
+}
+
+/// [`start`], with control linked to the config keeper (`get_config`, `configure`,
+/// `confirm`) when there is one.
+pub fn start_with(
+    config: &Config,
+    options: &Options,
+    store: Arc<dyn Store>,
+    clock: SharedClock,
+    started_at: Timestamp,
+    root: &CancellationToken,
+    remote: Option<RemoteLink>,
 ) -> anyhow::Result<Running> {
     let token = root.child_token();
     let mut tasks = JoinSet::new();
@@ -295,6 +436,7 @@ pub fn start(
             config.beat.clone(),
             config.meter_ids(),
             started_at,
+            remote,
         )?;
         tasks.spawn(control.run(token.clone()));
     }

@@ -305,7 +305,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Finds where a dotted key path (`meter[1].modbus.unit`) is written, or its deepest parent
 /// that is. Paths of problems with no place of their own (a missing key) point at their table.
-fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
+pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
     use toml::de::{DeTable, DeValue};
     let root = DeTable::parse(text).ok()?;
     let mut span = None;

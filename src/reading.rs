@@ -482,6 +482,9 @@ pub enum EventKind {
     /// The meter refused the association's security: wrong password or key, a counter it
     /// rejects.
     SecurityError,
+    /// A configuration sent by the centre (`configure`) was not confirmed in time, or did not
+    /// start, and the gateway went back to the previous one.
+    ConfigReverted,
 }
 
 impl EventKind {
@@ -508,6 +511,7 @@ impl EventKind {
             EventKind::StoreError => "store_error",
             EventKind::StoreCorruption => "store_corruption",
             EventKind::SecurityError => "security_error",
+            EventKind::ConfigReverted => "config_reverted",
         }
     }
 }

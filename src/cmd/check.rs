@@ -75,12 +75,27 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
         }
     )?;
     match &config.mqtt {
-        Some(m) => writeln!(
-            s,
-            "mqtt       {} on {}/{}/{{commands,replies,status}}",
-            m.url, m.topic_prefix, g.id
-        )?,
+        Some(m) => {
+            writeln!(
+                s,
+                "mqtt       {} on {}/{}/{{commands,replies,status}}",
+                m.url, m.topic_prefix, g.id
+            )?;
+            writeln!(
+                s,
+                "           remote configuration {}",
+                if m.remote_config {
+                    "on (configure, confirm-or-revert)"
+                } else {
+                    "off"
+                }
+            )?;
+        }
         None => writeln!(s, "mqtt       off (no [mqtt] section)")?,
+    }
+    // Whether this file came from the centre, and whether it still waits for its confirm.
+    if let Some(remote) = amr_edge::control::remote::summary(&config.source, &g.data_dir) {
+        writeln!(s, "source     {}", remote.render())?;
     }
     for bus in &config.buses {
         writeln!(s)?;

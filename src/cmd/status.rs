@@ -36,10 +36,19 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         })?,
         Err(e) => return Err(e.into()),
     };
+    // From the keeper's files, which are there whether or not the agent runs.
+    let remote = amr_edge::control::remote::summary(path, dir);
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut doc = serde_json::to_value(&report)?;
+        if let Some(map) = doc.as_object_mut() {
+            map.insert("remote_config".into(), serde_json::to_value(&remote)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", report.render());
+        if let Some(r) = remote {
+            println!("config       {}", r.render());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

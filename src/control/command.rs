@@ -5,7 +5,15 @@
 //! {"request_id": "r-2", "command": "inspect"}
 //! {"request_id": "r-3", "command": "ping"}
 //! {"request_id": "r-4", "command": "cancel", "target": "r-1"}
+//! {"request_id": "r-5", "command": "get_config"}
+//! {"request_id": "r-6", "command": "configure", "config": "<TOML>", "base": "<sha256>", "confirm_within": "10m"}
+//! {"request_id": "r-7", "command": "confirm", "target": "r-6"}
 //! ```
+//!
+//! `configure` and `confirm` are what [`super::remote`] runs; here they are only parsed. A
+//! `configure` may be larger than `max_payload` (up to [`MAX_CONFIG_PAYLOAD`]) when remote
+//! configuration is on: a config with a thousand meters does not fit in the 16 KiB that
+//! keep a flood of small commands cheap.
 //!
 //! Everything else — not JSON, not an object, a field of the wrong type, an unknown field,
 //! command or meter, a payload over the limit — is rejected with a reason.
@@ -20,6 +28,13 @@
 //! request_id \n command \n ts \n meters joined by "," \n series joined by "," \n target
 //! ```
 //!
+//! and, for `configure` only, three more lines, so the signature covers the configuration
+//! itself (by its hash), what it replaces and its window:
+//!
+//! ```text
+//! … \n target \n sha256 of config (hex) \n base \n confirm_within
+//! ```
+//!
 //! (absent fields are empty strings). The request id makes a replay within the window a
 //! duplicate, which is not run twice.
 
@@ -29,7 +44,12 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::primitives::HumanDuration;
 use crate::reading::Obis;
+
+/// The largest `configure` payload read at all (with remote configuration on); the config
+/// text in it is bounded by [`super::remote::MAX_CONFIG_BYTES`].
+pub const MAX_CONFIG_PAYLOAD: usize = 1 << 20;
 
 /// What the centre asked for. Serialised (JSON) into the store's record of an accepted
 /// command, to run it again after a restart.
@@ -48,6 +68,19 @@ pub enum Command {
     Cancel {
         target: String,
     },
+    /// The active configuration: text, hash, where it came from.
+    GetConfig,
+    /// Replace the configuration with `config`, if the active one is still `base`; go back
+    /// unless confirmed within `confirm_within_ms`.
+    Configure {
+        config: String,
+        base: String,
+        confirm_within_ms: u64,
+    },
+    /// Keep the configuration the `configure` `target` applied.
+    Confirm {
+        target: String,
+    },
 }
 
 impl Command {
@@ -57,6 +90,9 @@ impl Command {
             Command::Inspect => "inspect",
             Command::Ping => "ping",
             Command::Cancel { .. } => "cancel",
+            Command::GetConfig => "get_config",
+            Command::Configure { .. } => "configure",
+            Command::Confirm { .. } => "confirm",
         }
     }
 }
@@ -77,6 +113,8 @@ pub struct Rejection {
 /// What parsing needs to know about the gateway.
 pub struct Rules<'a> {
     pub max_payload: usize,
+    /// With remote configuration on: how large a `configure` may be.
+    pub max_config_payload: Option<usize>,
     pub meters: &'a HashSet<String>,
     /// The HMAC key, when commands must be signed.
     pub key: Option<&'a [u8]>,
@@ -92,6 +130,9 @@ struct Raw {
     meters: Option<Vec<String>>,
     series: Option<Vec<String>>,
     target: Option<String>,
+    config: Option<String>,
+    base: Option<String>,
+    confirm_within: Option<String>,
     ts: Option<i64>,
     sig: Option<String>,
 }
@@ -101,13 +142,14 @@ pub fn parse(payload: &[u8], rules: &Rules<'_>) -> Result<Request, Rejection> {
         request_id: request_id.map(str::to_owned),
         reason,
     };
-    if payload.len() > rules.max_payload {
+    let limit = rules.max_payload.max(rules.max_config_payload.unwrap_or(0));
+    if payload.len() > limit {
         return Err(reject(
             None,
             format!(
                 "payload of {} bytes is over the limit of {} bytes",
                 payload.len(),
-                rules.max_payload
+                limit
             ),
         ));
     }
@@ -131,6 +173,9 @@ pub fn parse(payload: &[u8], rules: &Rules<'_>) -> Result<Request, Rejection> {
             ("meters", raw.meters.is_some()),
             ("series", raw.series.is_some()),
             ("target", raw.target.is_some()),
+            ("config", raw.config.is_some()),
+            ("base", raw.base.is_some()),
+            ("confirm_within", raw.confirm_within.is_some()),
         ] {
             if present && !allowed.contains(&name) {
                 return Err(reject(
@@ -195,13 +240,79 @@ pub fn parse(payload: &[u8], rules: &Rules<'_>) -> Result<Request, Rejection> {
                 }
             }
         }
+        "get_config" => {
+            only(&[])?;
+            Command::GetConfig
+        }
+        "configure" => {
+            only(&["config", "base", "confirm_within"])?;
+            let (Some(config), Some(base)) = (&raw.config, &raw.base) else {
+                return Err(reject(
+                    id,
+                    "`configure` needs `config` (the TOML) and `base` (the sha256 of the active config, from get_config)".into(),
+                ));
+            };
+            let confirm_within = match &raw.confirm_within {
+                None => super::remote::DEFAULT_CONFIRM_WITHIN,
+                Some(s) => {
+                    HumanDuration::parse(s)
+                        .map_err(|e| reject(id, format!("`confirm_within`: {e}")))?
+                        .0
+                }
+            };
+            let (min, max) = (
+                super::remote::MIN_CONFIRM_WITHIN,
+                super::remote::MAX_CONFIRM_WITHIN,
+            );
+            if confirm_within < min || confirm_within > max {
+                return Err(reject(
+                    id,
+                    format!(
+                        "`confirm_within` must be between {} and {}",
+                        HumanDuration(min),
+                        HumanDuration(max)
+                    ),
+                ));
+            }
+            Command::Configure {
+                config: config.clone(),
+                base: base.clone(),
+                confirm_within_ms: confirm_within.as_millis() as u64,
+            }
+        }
+        "confirm" => {
+            only(&["target"])?;
+            match &raw.target {
+                Some(t) if !t.is_empty() => Command::Confirm { target: t.clone() },
+                _ => {
+                    return Err(reject(
+                        id,
+                        "`confirm` needs `target`: the request_id of the `configure` to keep"
+                            .into(),
+                    ));
+                }
+            }
+        }
         other => {
             return Err(reject(
                 id,
-                format!("unknown command `{other}` (poll, inspect, ping, cancel)"),
+                format!(
+                    "unknown command `{other}` (poll, inspect, ping, cancel, get_config, configure, confirm)"
+                ),
             ));
         }
     };
+    let configure = matches!(command, Command::Configure { .. });
+    if payload.len() > rules.max_payload && !(configure && rules.max_config_payload.is_some()) {
+        return Err(reject(
+            id,
+            format!(
+                "payload of {} bytes is over the limit of {} bytes",
+                payload.len(),
+                rules.max_payload
+            ),
+        ));
+    }
     if let Some(key) = rules.key {
         let (Some(ts), Some(sig)) = (raw.ts, raw.sig.as_deref()) else {
             return Err(reject(
@@ -247,7 +358,7 @@ fn mac(key: &[u8]) -> Hmac<Sha256> {
 }
 
 fn canonical(raw: &Raw, ts: i64) -> String {
-    format!(
+    let mut s = format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
         raw.request_id,
         raw.command,
@@ -255,7 +366,16 @@ fn canonical(raw: &Raw, ts: i64) -> String {
         raw.meters.as_deref().unwrap_or_default().join(","),
         raw.series.as_deref().unwrap_or_default().join(","),
         raw.target.as_deref().unwrap_or_default()
-    )
+    );
+    if raw.command == "configure" {
+        s.push_str(&format!(
+            "\n{}\n{}\n{}",
+            super::remote::sha256_hex(raw.config.as_deref().unwrap_or_default().as_bytes()),
+            raw.base.as_deref().unwrap_or_default(),
+            raw.confirm_within.as_deref().unwrap_or_default()
+        ));
+    }
+    s
 }
 
 /// The signature the centre puts in `sig` (for its tooling and the tests).
@@ -274,6 +394,35 @@ pub fn sign(
         meters: (!meters.is_empty()).then(|| meters.iter().map(|s| s.to_string()).collect()),
         series: (!series.is_empty()).then(|| series.iter().map(|s| s.to_string()).collect()),
         target: (!target.is_empty()).then(|| target.to_owned()),
+        config: None,
+        base: None,
+        confirm_within: None,
+        ts: Some(ts),
+        sig: None,
+    };
+    let mut mac = mac(key);
+    mac.update(canonical(&raw, ts).as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The signature of a `configure` (`confirm_within` as sent, empty if left out).
+pub fn sign_configure(
+    key: &[u8],
+    request_id: &str,
+    ts: i64,
+    config: &str,
+    base: &str,
+    confirm_within: &str,
+) -> String {
+    let raw = Raw {
+        request_id: request_id.into(),
+        command: "configure".into(),
+        meters: None,
+        series: None,
+        target: None,
+        config: Some(config.to_owned()),
+        base: Some(base.to_owned()),
+        confirm_within: (!confirm_within.is_empty()).then(|| confirm_within.to_owned()),
         ts: Some(ts),
         sig: None,
     };
@@ -291,11 +440,20 @@ mod tests {
     }
 
     fn parse_with(payload: &str, key: Option<&[u8]>) -> Result<Request, Rejection> {
+        parse_remote(payload, key, None)
+    }
+
+    fn parse_remote(
+        payload: &str,
+        key: Option<&[u8]>,
+        max_config_payload: Option<usize>,
+    ) -> Result<Request, Rejection> {
         let m = meters();
         parse(
             payload.as_bytes(),
             &Rules {
                 max_payload: 4096,
+                max_config_payload,
                 meters: &m,
                 key,
                 now_s: 1_800_000_000,
@@ -416,6 +574,110 @@ mod tests {
             "x".repeat(5000)
         );
         assert!(reason(&big).contains("over the limit of 4096 bytes"));
+    }
+
+    #[test]
+    fn config_commands_should_parse_with_their_bounds() {
+        let on = Some(MAX_CONFIG_PAYLOAD);
+        let big = "#".repeat(10_000);
+        let configure = json_configure(&big, "abc", Some("1m"));
+        // Over max_payload: only a configure, and only with remote configuration on.
+        assert_eq!(
+            parse_remote(&configure, None, on).unwrap().command,
+            Command::Configure {
+                config: big.clone(),
+                base: "abc".into(),
+                confirm_within_ms: 60_000
+            }
+        );
+        assert!(
+            parse_remote(&configure, None, None)
+                .unwrap_err()
+                .reason
+                .contains("over the limit of 4096")
+        );
+        // Any other command over max_payload is still refused.
+        let many = vec!["m1"; 1000];
+        let long_poll = serde_json::json!({"request_id": "x", "command": "poll", "meters": many});
+        assert!(
+            parse_remote(&long_poll.to_string(), None, on)
+                .unwrap_err()
+                .reason
+                .contains("over the limit of 4096")
+        );
+        let default = json_configure("x", "abc", None);
+        assert!(matches!(
+            parse_remote(&default, None, on).unwrap().command,
+            Command::Configure {
+                confirm_within_ms: 600_000,
+                ..
+            }
+        ));
+        for (within, want) in [
+            ("1s", "between 5s and 1d"),
+            ("2d", "between"),
+            ("soon", "not a duration"),
+        ] {
+            let r = parse_remote(&json_configure("x", "abc", Some(within)), None, on).unwrap_err();
+            assert!(r.reason.contains(want), "{within}: {}", r.reason);
+        }
+        assert!(
+            reason(r#"{"request_id":"x","command":"configure","config":"x"}"#)
+                .contains("needs `config`")
+        );
+        assert!(reason(r#"{"request_id":"x","command":"confirm"}"#).contains("needs `target`"));
+        assert_eq!(
+            parse_with(
+                r#"{"request_id":"x","command":"confirm","target":"c1"}"#,
+                None
+            )
+            .unwrap()
+            .command,
+            Command::Confirm {
+                target: "c1".into()
+            }
+        );
+        assert_eq!(
+            parse_with(r#"{"request_id":"x","command":"get_config"}"#, None)
+                .unwrap()
+                .command,
+            Command::GetConfig
+        );
+    }
+
+    fn json_configure(config: &str, base: &str, within: Option<&str>) -> String {
+        let mut v = serde_json::json!({"request_id": "c1", "command": "configure", "config": config, "base": base});
+        if let Some(w) = within {
+            v["confirm_within"] = w.into();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn a_signed_configure_should_cover_the_config_base_and_window() {
+        let key = b"gateway-secret";
+        let ts = 1_800_000_010;
+        let sig = sign_configure(key, "c1", ts, "[gateway]", "abc", "1m");
+        let mut v = serde_json::json!({"request_id": "c1", "command": "configure",
+            "config": "[gateway]", "base": "abc", "confirm_within": "1m", "ts": ts, "sig": sig});
+        assert!(parse_with(&v.to_string(), Some(key)).is_ok());
+        for (field, other) in [
+            ("config", "[gateway]\n"),
+            ("base", "abd"),
+            ("confirm_within", "2m"),
+        ] {
+            let mut t = v.clone();
+            t[field] = other.into();
+            let r = parse_with(&t.to_string(), Some(key)).unwrap_err();
+            assert!(r.reason.contains("does not match"), "{field}: {}", r.reason);
+        }
+        v.as_object_mut().unwrap().remove("sig");
+        assert!(
+            parse_with(&v.to_string(), Some(key))
+                .unwrap_err()
+                .reason
+                .contains("unsigned")
+        );
     }
 
     #[test]

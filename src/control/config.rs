@@ -51,6 +51,10 @@ pub struct MqttConfig {
     /// Longest wait between reconnection attempts.
     #[serde(default = "default_max_backoff")]
     pub max_backoff: HumanDuration,
+    /// Whether the centre may replace this file with `configure` ([`super::remote`]). Only
+    /// the file as it is on the gateway decides; a remote config must keep it `true`.
+    #[serde(default)]
+    pub remote_config: bool,
 }
 
 fn default_prefix() -> String {

@@ -24,12 +24,13 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Topics;
-use super::command::{self, Command, Rejection, Request, Rules};
+use super::command::{self, Command, MAX_CONFIG_PAYLOAD, Rejection, Request, Rules};
 use super::link::{Delivery, Mqtt};
+use super::remote::ConfigRequest;
 use super::reply::{
     Accepted, Buffer, Cancelled, Done, Inspection, MeterResult, Outcome, Pong, Rejected, State,
     Status, StatusDoc, Value, to_json,
@@ -61,6 +62,12 @@ pub struct Context {
     pub key: Option<Vec<u8>>,
     pub max_payload: usize,
     pub signature_window: Duration,
+    /// `[mqtt] remote_config` of the running config: whether `configure` may run.
+    pub remote_config: bool,
+    /// The agent's [`super::remote::Keeper`], where there is a config file to keep.
+    pub config_requests: Option<mpsc::Sender<ConfigRequest>>,
+    /// Replies to publish first (`applied`, `reverted`: recorded already).
+    pub notices: Vec<Vec<u8>>,
 }
 
 /// Runs commands; cheap to clone (one clone per poll waiter).
@@ -101,6 +108,7 @@ impl<M: Mqtt> Handler<M> {
     pub async fn handle(&self, delivery: Delivery) {
         let rules = Rules {
             max_payload: self.cx.max_payload,
+            max_config_payload: self.cx.remote_config.then_some(MAX_CONFIG_PAYLOAD),
             meters: &self.known,
             key: self.cx.key.as_deref(),
             now_s: self.cx.clock.now().as_second(),
@@ -125,6 +133,24 @@ impl<M: Mqtt> Handler<M> {
             request_id,
             command,
         } = req;
+        // Refused before it is recorded: the same request may come again once allowed.
+        let refused = match &command {
+            Command::Configure { .. } if !self.cx.remote_config => Some(
+                "remote configuration is off on this gateway: a local operator must set `[mqtt] remote_config = true` in its config file",
+            ),
+            Command::Configure { .. } | Command::Confirm { .. } | Command::GetConfig
+                if self.cx.config_requests.is_none() =>
+            {
+                Some(
+                    "remote configuration is unavailable on this agent (it runs without a config file, as the demo does, or its remote-config state could not be read: see its log)",
+                )
+            }
+            _ => None,
+        };
+        if let Some(why) = refused {
+            tracing::warn!(request_id = %request_id, reason = why, "Command rejected");
+            return self.reply(&Rejected::new(Some(&request_id), why)).await;
+        }
         let record = CommandRecord {
             request_id: request_id.clone(),
             accepted_ms: self.cx.clock.now_ms(),
@@ -156,6 +182,16 @@ impl<M: Mqtt> Handler<M> {
         };
         for record in open {
             match serde_json::from_str::<Command>(&record.command) {
+                Ok(Command::Configure { .. }) => {
+                    // The keeper records every configure it wrote (applied or reverted): one
+                    // still open was interrupted before, and nothing changed.
+                    tracing::warn!(request_id = %record.request_id, "A configure interrupted by a restart before it was written: not applied");
+                    let id = record.request_id.clone();
+                    let _ = self.blocking(move |s| s.forget_command(&id)).await;
+                    let why = "interrupted by a restart before it was applied; nothing changed: send it again";
+                    self.reply(&Rejected::new(Some(&record.request_id), why))
+                        .await;
+                }
                 Ok(command) => {
                     tracing::info!(request_id = %record.request_id, command = command.name(), "Finishing a command accepted before the restart");
                     self.run(record.request_id, command, false).await;
@@ -232,8 +268,95 @@ impl<M: Mqtt> Handler<M> {
             Command::Poll { meters, series } => {
                 return self.start_poll(request_id, meters, series, fresh).await;
             }
+            Command::GetConfig => match self.ask(|reply| ConfigRequest::Get { reply }).await {
+                Some(doc) => Outcome::GetConfig {
+                    result: Box::new(doc),
+                },
+                None => return,
+            },
+            Command::Confirm { target } => {
+                match self
+                    .ask(|reply| ConfigRequest::Confirm { target, reply })
+                    .await
+                {
+                    Some(Ok(confirmed)) => Outcome::Confirm { result: confirmed },
+                    Some(Err(why)) => {
+                        return self
+                            .finish_json(
+                                &request_id,
+                                to_json(&Rejected::new(Some(&request_id), why)),
+                            )
+                            .await;
+                    }
+                    None => return,
+                }
+            }
+            Command::Configure {
+                config,
+                base,
+                confirm_within_ms,
+            } => {
+                let id = request_id.clone();
+                let answer = self
+                    .ask(|reply| ConfigRequest::Configure {
+                        request_id: id,
+                        config,
+                        base,
+                        confirm_within: Duration::from_millis(confirm_within_ms),
+                        reply,
+                    })
+                    .await;
+                match answer {
+                    // Written; the agent reloads now, and the new configuration's control
+                    // says `applied`.
+                    Some(Ok(sha256)) => {
+                        tracing::info!(request_id = %request_id, sha256 = %sha256, "Configure accepted: reloading");
+                        self.reply(&Accepted {
+                            request_id,
+                            status: Status::Accepted,
+                            command: "configure",
+                            meters: Vec::new(),
+                            duplicate: false,
+                            accepted_at: None,
+                        })
+                        .await;
+                    }
+                    Some(Err(rejected)) => {
+                        tracing::warn!(request_id = %request_id, reason = %rejected.reason, "Configure rejected");
+                        self.finish_json(&request_id, to_json(&rejected)).await;
+                    }
+                    None => {}
+                }
+                return;
+            }
         };
         self.finish(Done::new(&request_id, outcome)).await;
+    }
+
+    /// Asks the agent's config keeper; `None` if control stops first or the keeper is gone
+    /// (the command stays accepted: the next start settles it).
+    async fn ask<T>(&self, request: impl FnOnce(oneshot::Sender<T>) -> ConfigRequest) -> Option<T> {
+        let tx = self.cx.config_requests.as_ref()?;
+        let (reply, rx) = oneshot::channel();
+        tokio::select! {
+            sent = tx.send(request(reply)) => sent.ok()?,
+            () = self.stop.cancelled() => return None,
+        }
+        // The answer first: the main loop answers an accepted configure and stops this
+        // generation right away, so both are often ready at once, and the answer must still
+        // be given (`accepted`, the acknowledgement to the broker).
+        tokio::select! {
+            biased;
+            answer = rx => answer.ok(),
+            () = self.stop.cancelled() => None,
+        }
+    }
+
+    /// Publishes the replies the agent recorded for this generation (`applied`, `reverted`).
+    pub async fn announce(&self) {
+        for notice in &self.cx.notices {
+            self.publish(notice.clone()).await;
+        }
     }
 
     async fn start_poll(
@@ -325,14 +448,18 @@ impl<M: Mqtt> Handler<M> {
 
     /// Writes the `done` into the command's record, then sends it.
     async fn finish(&self, done: Done) {
-        let json = to_json(&done);
+        self.finish_json(&done.request_id, to_json(&done)).await
+    }
+
+    /// Writes a final reply into the command's record, then sends it.
+    async fn finish_json(&self, request_id: &str, json: Vec<u8>) {
         let (id, text) = (
-            done.request_id.clone(),
+            request_id.to_owned(),
             String::from_utf8_lossy(&json).into_owned(),
         );
         if let Err(e) = self.blocking(move |s| s.finish_command(&id, &text)).await {
             // Sent anyway: the centre gets its answer; a restart would run it once more.
-            tracing::warn!(request_id = %done.request_id, error = %e, "Could not record a command as done");
+            tracing::warn!(request_id = %request_id, error = %e, "Could not record a command as done");
         }
         self.publish(json).await;
     }

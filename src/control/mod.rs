@@ -1,4 +1,5 @@
-//! Central control over MQTT: on-demand polls, inspect, ping, cancel; a retained status.
+//! Central control over MQTT: on-demand polls, inspect, ping, cancel, remote configuration
+//! (confirm-or-revert); a retained status.
 //!
 //! Topics, under `{topic_prefix}/{gateway}/`:
 //!
@@ -23,6 +24,8 @@
 //! * [`session`] — admission (flood limits), the command loop, subscription and status.
 //! * [`handler`] — running one command: parse, verify, record, poll, reply.
 //! * [`command`] — parsing and signatures, sans-IO.
+//! * [`remote`] — `get_config`, `configure`, `confirm`: the confirm window ([`remote::window`],
+//!   sans-IO) and the [`remote::Keeper`] the agent's main loop owns.
 //! * [`reply`] — the typed reply and status documents.
 //! * [`tasks`] — every task control starts, tracked; their panics reported.
 
@@ -30,6 +33,7 @@ pub mod command;
 pub mod config;
 pub mod handler;
 pub mod link;
+pub mod remote;
 pub mod reply;
 pub mod session;
 pub mod tasks;
@@ -57,6 +61,7 @@ use crate::drain::DrainStatus;
 use crate::store::Store;
 use handler::{Context, Handler};
 use link::RumqttLink;
+use remote::RemoteLink;
 use reply::{StatusDoc, to_json};
 use session::Session;
 use tasks::Tasks;
@@ -81,6 +86,7 @@ impl Control {
         beat: BeatConfig,
         meters: Vec<String>,
         started_at: Timestamp,
+        remote: Option<RemoteLink>,
     ) -> Result<Control, ControlError> {
         let will = StatusDoc::offline(gateway, "connection lost", None);
         let options = config.options(gateway, String::from_utf8_lossy(&to_json(&will)).into())?;
@@ -99,6 +105,9 @@ impl Control {
             key: config.hmac_key()?,
             max_payload: config.max_payload.0 as usize,
             signature_window: config.signature_window.0,
+            remote_config: config.remote_config,
+            config_requests: remote.as_ref().map(|r| r.requests.clone()),
+            notices: remote.map(|r| r.notices).unwrap_or_default(),
         });
         Ok(Control {
             config,

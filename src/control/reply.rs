@@ -3,7 +3,9 @@
 //!
 //! Every reply carries the command's `request_id` and a `status`: `accepted` (a poll is
 //! queued; its `done` follows), `done` (with the result, or per-meter results for a poll) or
-//! `rejected` (with a reason). A reply that repeats an earlier one, for a command delivered
+//! `rejected` (with a reason, and for a config that does not validate, its `problems`). A
+//! `configure` is `accepted`, then `applied` (sent from the new configuration), then, unless
+//! confirmed in time, `reverted`. A reply that repeats an earlier one, for a command delivered
 //! again, says `"duplicate": true`.
 
 use std::collections::BTreeMap;
@@ -19,6 +21,8 @@ pub enum Status {
     Accepted,
     Done,
     Rejected,
+    Applied,
+    Reverted,
 }
 
 /// `{"request_id", "status": "rejected", "reason"}`.
@@ -27,6 +31,9 @@ pub struct Rejected {
     pub request_id: Option<String>,
     pub status: Status,
     pub reason: String,
+    /// A `configure` whose config does not validate: every problem, located.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<ConfigProblem>,
 }
 
 impl Rejected {
@@ -35,8 +42,82 @@ impl Rejected {
             request_id: request_id.map(str::to_owned),
             status: Status::Rejected,
             reason: reason.into(),
+            problems: Vec::new(),
         }
     }
+}
+
+/// One problem of a config, as `check` names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigProblem {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+/// `{"request_id", "status": "applied", "command": "configure", …}`: the new config runs;
+/// `confirm` it by `confirm_by` or it is reverted.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigApplied {
+    pub request_id: String,
+    pub status: Status,
+    pub command: &'static str,
+    pub sha256: String,
+    pub previous_sha256: String,
+    pub confirm_within: String,
+    pub confirm_by: String,
+}
+
+/// `{"request_id", "status": "reverted", "command": "configure", …}`: the gateway went back to
+/// the configuration `sha256`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigReverted {
+    pub request_id: String,
+    pub status: Status,
+    pub command: &'static str,
+    /// The configuration now active (the previous one).
+    pub sha256: String,
+    /// The one given up.
+    pub reverted_sha256: String,
+    pub reason: String,
+    pub at: String,
+}
+
+/// What `get_config` answers: the active configuration and where it came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigDoc {
+    pub path: String,
+    /// SHA-256 of the file's bytes, hex: the `base` of the next `configure`.
+    pub sha256: String,
+    /// The file's text, with inline secrets (`amqp.url`'s password) replaced by `***`.
+    pub text: String,
+    /// The keys whose values `text` does not show.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redacted: Vec<String>,
+    /// `local` (the file as an operator wrote it) or `remote` (a `configure`).
+    pub source: &'static str,
+    /// The `configure` it came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// When it took effect (for a local file: when this agent loaded it).
+    pub applied_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<String>,
+    /// It waits for its `confirm` until this time, else it is reverted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirm_by: Option<String>,
+    pub remote_config: bool,
+}
+
+/// What `confirm` answers.
+#[derive(Clone, Debug, Serialize)]
+pub struct Confirmed {
+    pub target: String,
+    pub sha256: String,
+    /// It had been confirmed before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub already: bool,
 }
 
 /// `{"request_id", "status": "accepted", "command": "poll", "meters"}`: queued, `done` follows.
@@ -45,6 +126,7 @@ pub struct Accepted {
     pub request_id: String,
     pub status: Status,
     pub command: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub meters: Vec<String>,
     /// This command had been accepted before (same `request_id`) and is still running.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -83,6 +165,8 @@ pub enum Outcome {
     Ping { result: Pong },
     Inspect { result: Box<Inspection> },
     Cancel { result: Cancelled },
+    GetConfig { result: Box<ConfigDoc> },
+    Confirm { result: Confirmed },
 }
 
 impl Outcome {
@@ -92,6 +176,8 @@ impl Outcome {
             Outcome::Ping { .. } => "ping",
             Outcome::Inspect { .. } => "inspect",
             Outcome::Cancel { .. } => "cancel",
+            Outcome::GetConfig { .. } => "get_config",
+            Outcome::Confirm { .. } => "confirm",
         }
     }
 }

@@ -101,6 +101,7 @@ impl<M: Mqtt> Session<M> {
         self.handler
             .tasks()
             .spawn("status", status.run(shutdown.clone()));
+        self.handler.announce().await;
         self.handler.resume().await;
         loop {
             let delivery = tokio::select! {

@@ -12,6 +12,7 @@ use super::Topics;
 use super::fake::FakeMqtt;
 use super::handler::{Context, Handler};
 use super::link::Delivery;
+use super::remote::ConfigRequest;
 use super::session::{Gate, Session};
 use super::tasks::{Panics, Tasks};
 use crate::beat::BeatConfig;
@@ -41,6 +42,10 @@ struct Setup {
     max_pending: usize,
     bus_queue: usize,
     poll_timeout: Duration,
+    remote_config: bool,
+    /// Where config commands go (a stand-in for the agent's keeper).
+    config_requests: Option<mpsc::Sender<ConfigRequest>>,
+    notices: Vec<Vec<u8>>,
 }
 
 impl Default for Setup {
@@ -49,6 +54,9 @@ impl Default for Setup {
             max_pending: 16,
             bus_queue: 16,
             poll_timeout: Duration::from_secs(60),
+            remote_config: false,
+            config_requests: None,
+            notices: Vec::new(),
         }
     }
 }
@@ -78,6 +86,9 @@ fn start(store: Arc<MemoryStore>, setup: Setup) -> Rig {
         key: None,
         max_payload: 4096,
         signature_window: Duration::from_secs(300),
+        remote_config: setup.remote_config,
+        config_requests: setup.config_requests,
+        notices: setup.notices,
     });
     let mqtt = FakeMqtt::default();
     let stop = CancellationToken::new();
@@ -463,4 +474,178 @@ async fn stopping_should_wait_for_every_task_and_leave_running_polls_to_the_next
     assert_eq!(mqtt.replies_to("r").len(), 1, "no done, not `cancelled`");
     assert_eq!(store.unfinished_commands(AT_MS).unwrap().len(), 1);
     assert!(panics.try_recv().is_err());
+}
+
+/// A stand-in for the agent's config keeper: answers every configure with `configure`, every
+/// confirm with `confirm`, and counts the requests.
+fn keeper(
+    configure: Result<String, super::reply::Rejected>,
+    confirm: Result<super::reply::Confirmed, String>,
+) -> (
+    mpsc::Sender<ConfigRequest>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (tx, mut rx) = mpsc::channel(4);
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = asked.clone();
+    tokio::spawn(async move {
+        while let Some(req) = rx.recv().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match req {
+                ConfigRequest::Configure { reply, .. } => {
+                    let _ = reply.send(configure.clone());
+                }
+                ConfigRequest::Confirm { reply, .. } => {
+                    let _ = reply.send(confirm.clone());
+                }
+                ConfigRequest::Get { .. } => {}
+            }
+        }
+    });
+    (tx, asked)
+}
+
+fn configure(id: &str) -> Value {
+    json!({"request_id": id, "command": "configure", "config": "[gateway]", "base": "abc", "confirm_within": "1m"})
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configure_should_be_refused_unrecorded_while_remote_configuration_is_off() {
+    let (tx, asked) = keeper(Ok("sha".into()), Err("unused".into()));
+    let rig = start(
+        Arc::new(MemoryStore::new()),
+        Setup {
+            config_requests: Some(tx),
+            ..Setup::default()
+        },
+    );
+    rig.send(3, configure("c1"));
+    rig.until("rejected", |r| !r.statuses("c1").is_empty())
+        .await;
+    let r = &rig.mqtt.replies_to("c1")[0];
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("remote_config = true"),
+        "{r}"
+    );
+    rig.until("acked", |r| r.mqtt.broker().acked == [3]).await;
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Not recorded: once allowed, the same request may come again.
+    let store = rig.stop().await;
+    assert!(store.unfinished_commands(AT_MS).unwrap().is_empty());
+    assert!(
+        store
+            .accept_command(&crate::store::CommandRecord {
+                request_id: "c1".into(),
+                accepted_ms: AT_MS,
+                command: "{}".into(),
+                outcome: None,
+            })
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configure_the_keeper_took_should_be_accepted_and_left_to_the_keeper_to_finish() {
+    let (tx, asked) = keeper(Ok("sha".into()), Err("unused".into()));
+    let rig = start(
+        Arc::new(MemoryStore::new()),
+        Setup {
+            remote_config: true,
+            config_requests: Some(tx),
+            notices: vec![br#"{"request_id":"c0","status":"reverted"}"#.to_vec()],
+            ..Setup::default()
+        },
+    );
+    // What the agent recorded for this generation goes out first.
+    rig.until("notice", |r| r.statuses("c0") == [json!("reverted")])
+        .await;
+    rig.send(4, configure("c1"));
+    rig.until("accepted", |r| !r.statuses("c1").is_empty())
+        .await;
+    assert_eq!(rig.statuses("c1"), [json!("accepted")]);
+    rig.until("acked", |r| r.mqtt.broker().acked == [4]).await;
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // `applied` is the keeper's to record (and the next generation's to send).
+    assert_eq!(rig.store.unfinished_commands(AT_MS).unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configure_or_confirm_the_keeper_refused_should_be_rejected_and_stay_so() {
+    let mut refusal = super::reply::Rejected::new(Some("c1"), "stale base");
+    refusal.problems.push(super::reply::ConfigProblem {
+        line: Some(3),
+        column: Some(1),
+        key: "gateway.id".into(),
+        message: "bad".into(),
+    });
+    let (tx, _) = keeper(Err(refusal), Err("too late".into()));
+    let rig = start(
+        Arc::new(MemoryStore::new()),
+        Setup {
+            remote_config: true,
+            config_requests: Some(tx),
+            ..Setup::default()
+        },
+    );
+    rig.send(5, configure("c1"));
+    rig.send(
+        6,
+        json!({"request_id": "k1", "command": "confirm", "target": "c1"}),
+    );
+    rig.until("both rejected", |r| {
+        r.statuses("c1") == [json!("rejected")] && r.statuses("k1") == [json!("rejected")]
+    })
+    .await;
+    assert_eq!(
+        rig.mqtt.replies_to("c1")[0]["problems"][0]["key"],
+        "gateway.id"
+    );
+    assert_eq!(rig.mqtt.replies_to("k1")[0]["reason"], "too late");
+    // A duplicate gets the same answer, not a second try.
+    rig.send(7, configure("c1"));
+    rig.until("duplicate", |r| r.statuses("c1").len() == 2)
+        .await;
+    let again = &rig.mqtt.replies_to("c1")[1];
+    assert_eq!(
+        (&again["status"], &again["duplicate"]),
+        (&json!("rejected"), &json!(true))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configure_interrupted_before_the_keeper_wrote_it_should_be_rejected_after_the_restart() {
+    let store = Arc::new(MemoryStore::new());
+    let command = super::command::Command::Configure {
+        config: "[gateway]".into(),
+        base: "abc".into(),
+        confirm_within_ms: 60_000,
+    };
+    store
+        .accept_command(&crate::store::CommandRecord {
+            request_id: "c1".into(),
+            accepted_ms: AT_MS,
+            command: serde_json::to_string(&command).unwrap(),
+            outcome: None,
+        })
+        .unwrap();
+    let (tx, asked) = keeper(Ok("sha".into()), Err("unused".into()));
+    let rig = start(
+        store,
+        Setup {
+            remote_config: true,
+            config_requests: Some(tx),
+            ..Setup::default()
+        },
+    );
+    rig.until("rejected", |r| !r.statuses("c1").is_empty())
+        .await;
+    let r = &rig.mqtt.replies_to("c1")[0];
+    assert!(r["reason"].as_str().unwrap().contains("interrupted"), "{r}");
+    // Never applied after the fact, and forgotten, so the redelivery runs afresh.
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(rig.store.unfinished_commands(AT_MS).unwrap().is_empty());
 }

@@ -125,7 +125,15 @@ pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
 /// new contents, whole: a temporary file beside it, fsynced, renamed over it, and the
 /// directory fsynced.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_atomically_mode(path, contents, None)
+}
+
+/// [`write_atomically`], the new file created with permission bits `mode` (before the umask)
+/// instead of 0666: a config that may hold a secret keeps the permissions of the one it
+/// replaces, with no moment in which it is readable by more.
+pub fn write_atomically_mode(path: &Path, contents: &[u8], mode: Option<u32>) -> io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -133,7 +141,16 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".tmp");
     let tmp = dir.join(name);
-    let mut f = File::create(&tmp)?;
+    // A temporary left by a crash may have other permissions: start afresh.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode.unwrap_or(0o666))
+        .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
     drop(f);
@@ -173,6 +190,19 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![OsString::from("store.seq")]);
+    }
+
+    #[test]
+    fn write_atomically_mode_should_never_show_more_than_the_mode_allows() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(dir.path().join("config.toml.tmp"), b"stale").unwrap();
+        write_atomically_mode(&path, b"secret", Some(0o600)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        assert!(!dir.path().join("config.toml.tmp").exists());
     }
 
     #[test]
