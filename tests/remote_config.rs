@@ -399,6 +399,44 @@ async fn a_kill_inside_the_window_should_still_end_on_the_previous_config() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_no_longer_loads_after_a_restart_inside_the_window_should_be_reverted() {
+    let mut g = gateway("remote_config = true", &unique("q")).await;
+    let old = g.file();
+    let base = sha_of(&g.agent.config_path);
+    // A DLMS meter whose key files are read when the config loads: there at the configure,
+    // gone after the restart.
+    let keys = g.setup.dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for k in ["ek", "ak"] {
+        std::fs::write(keys.join(k), "000102030405060708090A0B0C0D0E0F\n").unwrap();
+    }
+    let new = format!(
+        "{}\n[[bus]]\nname = \"dlms\"\ntcp = {{ host = \"127.0.0.1\", port = {} }}\n\n[[meter]]\nid = \"e450\"\nbus = \"dlms\"\ndlms = {{ client = 1, logical = 1, security = \"hls-gmac\", block_key_file = \"{}\", auth_key_file = \"{}\" }}\n",
+        g.setup.text(&[1]),
+        free_port(),
+        keys.join("ek").display(),
+        keys.join("ak").display()
+    );
+    g.configure("c1", &new, &base, "10m").await;
+    g.reply("c1", "applied", LONG).await;
+    g.agent.kill9();
+    std::fs::remove_dir_all(&keys).unwrap();
+    let seen = g.centre.status().len();
+    g.agent.restart();
+    g.agent.wait_running(LONG).await;
+    let reverted = g.reply("c1", "reverted", LONG).await;
+    assert_eq!(reverted["sha256"], base, "{reverted}");
+    g.centre.state("online", seen, LONG).await;
+    assert_eq!(g.file(), old);
+    assert!(
+        g.agent.log().contains("does not load"),
+        "the log says why:\n{}",
+        g.agent.log()
+    );
+    assert_eq!(g.poll("p1", "m1").await["results"][0]["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_that_validates_but_does_not_start_should_be_reverted_at_once() {
     let g = gateway("remote_config = true", &unique("q")).await;
     let old = g.file();

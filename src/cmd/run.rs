@@ -7,7 +7,15 @@ use std::time::Duration;
 use amr_edge::agent::{self, BeatMode, Options};
 
 pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = super::load(path)?;
+    let config = match super::load(path) {
+        Ok(c) => c,
+        // A remote config inside its window that no longer loads goes back to the previous
+        // one rather than keep the gateway down.
+        Err(e) if amr_edge::control::remote::rescue_unloadable(path, &format!("{e:#}")) => {
+            super::load(path)?
+        }
+        Err(e) => return Err(e),
+    };
     agent::run(
         config,
         Options {

@@ -187,6 +187,55 @@ fn read_state(dir: &Path) -> Result<Durable, RemoteError> {
     }
 }
 
+/// The config file at `path` does not load (`error`): if it is a remote configuration still
+/// inside its confirm window (by the `gateway.data_dir` its text names and the window's
+/// state there), write the previous configuration back so that the agent can start on it;
+/// [`Keeper::open`] then finishes the revert (reply, `config_reverted` event). Returns
+/// whether it did. Without this a remote config that validated when it was sent, but no
+/// longer loads after a restart (a key file it names was removed), would keep the agent
+/// from starting at all. Anything else (no window, a local edit, unreadable state) is left
+/// alone: the load error stands.
+pub fn rescue_unloadable(path: &Path, error: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Some(data_dir) = toml::from_str::<toml::Table>(&text).ok().and_then(|t| {
+        t.get("gateway")?
+            .get("data_dir")?
+            .as_str()
+            .map(PathBuf::from)
+    }) else {
+        return false;
+    };
+    let dir = data_dir.join(DIR);
+    let Ok(state) = read_state(&dir) else {
+        return false;
+    };
+    let Some(p) = state.pending else {
+        return false;
+    };
+    if p.sha256 != sha256_hex(text.as_bytes()) {
+        return false;
+    }
+    let previous = dir.join(PREVIOUS);
+    let Ok(old) = std::fs::read(&previous) else {
+        return false;
+    };
+    if sha256_hex(&old) != p.previous_sha256 {
+        return false;
+    }
+    match disk::write_atomically_mode(path, &old, mode_of(path)) {
+        Ok(()) => {
+            tracing::warn!(request_id = %p.request_id, %error, "The remote configuration waiting for its confirm does not load: going back to the previous one");
+            true
+        }
+        Err(e) => {
+            tracing::error!(request_id = %p.request_id, path = %path.display(), error = %e, "Cannot write the previous configuration back");
+            false
+        }
+    }
+}
+
 impl Keeper {
     /// Takes over the config file `path` that `config` was loaded from (its text read again
     /// here) and the state in `data_dir`; settles a window a stop left open. Returns the
