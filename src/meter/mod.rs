@@ -252,12 +252,41 @@ pub struct Timing {
     pub inter_request: Duration,
 }
 
+impl Timing {
+    /// The pauses that are set, for `check`: `, turnaround 20ms, connect_delay 1s`.
+    pub fn describe_pauses(&self) -> String {
+        Pauses {
+            turnaround: Some(self.turnaround),
+            connect_delay: Some(self.connect_delay),
+            inter_request: Some(self.inter_request),
+        }
+        .describe()
+    }
+}
+
 /// A meter's own pauses, where they differ from its bus's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pauses {
     pub turnaround: Option<Duration>,
     pub connect_delay: Option<Duration>,
     pub inter_request: Option<Duration>,
+}
+
+impl Pauses {
+    /// The pauses that are set (and not zero), each after `, `.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        for (name, d) in [
+            ("turnaround", self.turnaround),
+            ("connect_delay", self.connect_delay),
+            ("inter_request", self.inter_request),
+        ] {
+            if let Some(d) = d.filter(|d| !d.is_zero()) {
+                s.push_str(&format!(", {name} {}", crate::primitives::HumanDuration(d)));
+            }
+        }
+        s
+    }
 }
 
 /// The longest pause a timing knob takes: longer is a typo, not a slow meter.
