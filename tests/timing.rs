@@ -174,3 +174,33 @@ turnaround = "20s"
     );
     assert!(e.contains("bus[0].turnaround: must be at most"), "{e}");
 }
+
+#[test]
+fn check_should_show_the_pauses_of_buses_and_meters() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = "127.0.0.1:502".parse().unwrap();
+    let text = config(
+        dir.path(),
+        addr,
+        "turnaround = \"20ms\"",
+        "connect_delay = \"1s\"\ninter_request = \"100ms\"",
+    ) + "\n[metrics]\nlisten = \"127.0.0.1:9464\"\n";
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = common::agent::cli(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("0 retries, turnaround 20ms\n"), "{stdout}");
+    assert!(
+        stdout.contains("pauses     connect_delay 1s, inter_request 100ms"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("metrics    http://127.0.0.1:9464/metrics"),
+        "{stdout}"
+    );
+}
