@@ -121,6 +121,7 @@ fn readout_on_the_wire(c: &mut Criterion) {
     let timing = Timing {
         timeout: Duration::from_secs(2),
         retries: 0,
+        ..Timing::default()
     };
     let mut port = rt.block_on(async {
         amr_edge::meter::link::open_serial(

@@ -369,6 +369,10 @@ pub fn start_with(
     let mut tasks = JoinSet::new();
     let wake = Arc::new(Notify::new());
     let tz = config.gateway.tz.clone();
+    // Before the drain and the workers: they take their counters when they are made.
+    if let Some(m) = &config.metrics {
+        crate::metrics::install().set_per_meter(m.per_meter);
+    }
 
     let publisher = AmqpPublisher::new(
         config.amqp.clone(),
@@ -452,6 +456,19 @@ pub fn start_with(
         }
         .run(token.clone()),
     );
+
+    if let Some(m) = &config.metrics {
+        let view = crate::metrics::View {
+            metrics: crate::metrics::install().clone(),
+            store: store.clone(),
+            drain: drain_status.clone(),
+            buses: router.buses().to_vec(),
+            clock: clock.clone(),
+            started_at,
+            meters: config.meters.len(),
+        };
+        tasks.spawn(crate::metrics::Exporter::new(m, view)?.run(token.clone()));
+    }
 
     let maint_store = store.clone();
     let maint_token = token.clone();

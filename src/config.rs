@@ -19,6 +19,7 @@ use crate::control::MqttConfig;
 use crate::drain::AmqpConfig;
 use crate::meter::modbus::profile::Profiles;
 use crate::meter::{Meter, MeterConfig, Resolver};
+use crate::metrics::MetricsConfig;
 use crate::store::StoreConfig;
 
 pub use crate::primitives::{
@@ -42,6 +43,8 @@ pub struct ConfigFile {
     pub bus: Vec<BusConfig>,
     #[serde(default)]
     pub meter: Vec<MeterConfig>,
+    /// Prometheus metrics and health endpoints; absent: off.
+    pub metrics: Option<MetricsConfig>,
     /// Modbus register maps in files, besides the built-in ones; relative paths are relative
     /// to the config file.
     #[serde(default)]
@@ -78,6 +81,7 @@ pub struct Config {
     pub buses: Vec<Bus>,
     /// In file order; shared with the bus workers.
     pub meters: Vec<Arc<Meter>>,
+    pub metrics: Option<MetricsConfig>,
     /// Where the file came from, for messages.
     pub source: PathBuf,
 }
@@ -194,6 +198,9 @@ impl ConfigFile {
             mqtt.validate("mqtt", &mut p);
         }
         self.beat.validate("beat", &mut p);
+        if let Some(m) = &self.metrics {
+            m.validate("metrics", &mut p);
+        }
 
         let mut names = HashSet::new();
         let mut buses: Vec<Option<Bus>> = Vec::new();
@@ -275,6 +282,7 @@ impl ConfigFile {
             beat: self.beat,
             buses: buses.into_iter().flatten().collect(),
             meters,
+            metrics: self.metrics,
             source: source.to_owned(),
         })
     }

@@ -15,6 +15,8 @@
 //!   [`meter::iec62056_21`]; the links they run on ([`meter::link`]).
 //! * [`store`] — the durable buffer on sled: append, take, ack; eviction when full.
 //! * [`drain`] — the store to RabbitMQ as Celery protocol v2 tasks, with publisher confirms.
+//! * [`metrics`] — Prometheus metrics and health: `GET /metrics`, `/healthz`, `/readyz`, and
+//!   the textfile for node_exporter.
 //! * [`control`] — MQTT commands from the centre: on-demand polls, inspect, cancel, status.
 //! * [`reading`] — the data model: readings, OBIS series, exact decimals, system events.
 //! * [`config`] — the TOML file and its resolution into the typed [`config::Config`] the
@@ -41,6 +43,7 @@ pub mod control;
 pub mod drain;
 pub mod lock;
 pub mod meter;
+pub mod metrics;
 pub mod primitives;
 pub mod reading;
 pub mod sim;

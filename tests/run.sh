@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian machine with Rust: installs and starts what the tests
-# talk to (RabbitMQ, Mosquitto, socat, faketime, openssl, Python's venv, FUSE 3 for the
+# talk to (RabbitMQ, Mosquitto, socat, faketime, openssl, Prometheus, Python's venv, FUSE 3 for the
 # power-cut filesystem; the tests make their own virtualenv with Celery, pymodbus and mfusepy
 # from PyPI), then `cargo test`. Extra arguments go to cargo test.
 set -euo pipefail
@@ -17,6 +17,8 @@ command -v faketime >/dev/null || missing+=(faketime)
 command -v openssl >/dev/null || missing+=(openssl)
 # fusermount3 and libfuse3, for tests/powercut (which also needs /dev/fuse and root).
 command -v fusermount3 >/dev/null || missing+=(fuse3)
+# Prometheus and promtool, for tests/metrics (started by the test on a free loopback port).
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ -d /usr/share/zoneinfo ] || missing+=(tzdata)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -60,6 +60,12 @@ pub struct BusConfig {
     /// Longest pause of a failing meter's scheduled polls.
     #[serde(default = "default_backoff_max")]
     pub backoff_max: HumanDuration,
+    /// Pause between the end of one answer and the next request on the bus.
+    pub turnaround: Option<HumanDuration>,
+    /// Pause after opening a TCP connection, before its first request.
+    pub connect_delay: Option<HumanDuration>,
+    /// Pause between the requests of one read.
+    pub inter_request: Option<HumanDuration>,
 }
 
 fn default_timeout() -> HumanDuration {
@@ -128,12 +134,19 @@ impl BusConfig {
             p.push(format!("{at}.retries"), "must be at most 10");
         }
         let link = link?;
+        crate::meter::check_pause(format!("{at}.turnaround"), self.turnaround, &link, p);
+        crate::meter::check_pause(format!("{at}.connect_delay"), self.connect_delay, &link, p);
+        crate::meter::check_pause(format!("{at}.inter_request"), self.inter_request, &link, p);
+        let zero = |d: Option<HumanDuration>| d.map_or(Duration::ZERO, |d| d.0);
         (p.0.len() == before).then(|| Bus {
             name: self.name.clone(),
             link,
             timing: Timing {
                 timeout: self.timeout.0,
                 retries: self.retries,
+                turnaround: zero(self.turnaround),
+                connect_delay: zero(self.connect_delay),
+                inter_request: zero(self.inter_request),
             },
             backoff_max: self.backoff_max.0,
         })

@@ -37,9 +37,29 @@ pub async fn run_poll(
         cadence: req.cadence,
         series: req.series.as_deref(),
     };
+    let timing = meter.timing_on(&timing);
+    let started = tokio::time::Instant::now();
+    slot.begin(&timing).await;
     let outcome = meter.read(&mut slot, &request, &timing).await;
+    slot.end();
     if outcome.reopen {
         slot.reset();
+    }
+    if let Some(m) = &w.metrics {
+        let values = if outcome.failure.is_some() {
+            0
+        } else {
+            outcome.values.len()
+        };
+        m.poll(&crate::metrics::PollEnd {
+            meter: &meter.id,
+            cadence: req.cadence,
+            values,
+            took: started.elapsed(),
+            failure: outcome.failure.as_ref(),
+            refused: &outcome.refused,
+            at: w.clock.now(),
+        });
     }
     let failure = outcome.failure.clone();
     let unmapped = outcome.unmapped;

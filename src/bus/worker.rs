@@ -204,6 +204,9 @@ impl BusWorker {
         let (meter, cadence, boundary) = (req.meter.clone(), req.cadence, req.boundary);
         if let Pushed::Overrun { skipped } = queue.push(req) {
             tracing::warn!(bus = %self.bus.name, meter = %meter, cadence = %cadence, "Overrun: the previous read was still queued at the next boundary");
+            if let Some(m) = &self.writer.metrics {
+                m.overrun(cadence);
+            }
             let tz = &self.writer.tz;
             let now = self.writer.clock.now();
             let mut event = SystemEvent::new(

@@ -27,6 +27,8 @@ pub struct Writer {
     /// What the store could not take yet. The lock also serialises this bus's writes, so
     /// they reach the store in order.
     pub spill: tokio::sync::Mutex<Spill>,
+    /// The bus's counters, when metrics are on.
+    pub metrics: Option<Arc<crate::metrics::BusMetrics>>,
 }
 
 impl Writer {
@@ -44,6 +46,7 @@ impl Writer {
             clock,
             tz,
             spill: tokio::sync::Mutex::new(Spill::new(SPILL_READINGS)),
+            metrics: crate::metrics::global().map(|m| m.bus(bus)),
         }
     }
 }
@@ -115,6 +118,8 @@ pub async fn flush_spill(ctx: &Writer, spill: &mut Spill) -> bool {
 async fn append(ctx: &Writer, batch: Append) -> Result<(), StoreError> {
     let store = ctx.store.clone();
     let readings = batch.readings.len();
+    // Counted once durable; a poll's readings share one cadence.
+    let cadence = batch.readings.first().map(|r| r.cadence);
     match tokio::task::spawn_blocking(move || store.append(batch)).await {
         Ok(Ok(a)) => {
             if readings > 0 {
@@ -123,6 +128,9 @@ async fn append(ctx: &Writer, batch: Append) -> Result<(), StoreError> {
                 tracing::debug!(bus = %ctx.bus, first_seq = a.seqs[0], readings, "Buffered");
             }
             ctx.wake.notify_one();
+            if let (Some(m), Some(c)) = (&ctx.metrics, cadence) {
+                m.buffered(c, readings);
+            }
             Ok(())
         }
         Ok(Err(e)) => Err(e),

@@ -97,15 +97,27 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
     if let Some(remote) = amr_edge::control::remote::summary(&config.source, &g.data_dir) {
         writeln!(s, "source     {}", remote.render())?;
     }
+    if let Some(m) = &config.metrics {
+        let mut on = Vec::new();
+        if let Some(l) = &m.listen {
+            on.push(format!("http://{l}/metrics, /healthz, /readyz"));
+        }
+        if let Some(t) = &m.textfile {
+            on.push(format!("textfile {} every {}", t.display(), m.interval));
+        }
+        let per_meter = if m.per_meter { ", per meter" } else { "" };
+        writeln!(s, "metrics    {}{per_meter}", on.join("; "))?;
+    }
     for bus in &config.buses {
         writeln!(s)?;
         writeln!(
             s,
-            "bus {}: {}; timeout {}, {} retries",
+            "bus {}: {}; timeout {}, {} retries{}",
             bus.name,
             bus.link,
             HumanDuration(bus.timing.timeout),
-            bus.timing.retries
+            bus.timing.retries,
+            bus.timing.describe_pauses()
         )?;
         for m in config.meters_on(&bus.name) {
             match &m.protocol {
@@ -188,6 +200,10 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
             }
             if m.reads.cadences().next().is_none() {
                 writeln!(s, "    read on demand only")?;
+            }
+            let own = m.pauses.describe();
+            if !own.is_empty() {
+                writeln!(s, "    pauses     {}", own.trim_start_matches(", "))?;
             }
         }
     }

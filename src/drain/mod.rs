@@ -309,6 +309,8 @@ pub struct Drain<P: Publisher> {
     /// Poked by whoever appends to the store.
     wake: Arc<Notify>,
     status: watch::Sender<DrainStatus>,
+    /// The process's counters, when metrics are on.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Why a session with the broker ended.
@@ -317,7 +319,9 @@ enum SessionEnd {
     Failed(PublishError),
 }
 
-type InFlight = std::pin::Pin<Box<dyn Future<Output = (Vec<EntryId>, usize, Confirmation)> + Send>>;
+/// A published message: its records, how many, how it ended and how long that took.
+type InFlight =
+    std::pin::Pin<Box<dyn Future<Output = (Vec<EntryId>, usize, Confirmation, Duration)> + Send>>;
 
 impl<P: Publisher> Drain<P> {
     pub fn new(
@@ -334,6 +338,7 @@ impl<P: Publisher> Drain<P> {
                 publisher,
                 wake,
                 status,
+                metrics: crate::metrics::global().cloned(),
             },
             rx,
         )
@@ -346,6 +351,9 @@ impl<P: Publisher> Drain<P> {
             let result = match self.publisher.connect().await {
                 Ok(()) => {
                     tracing::info!("Connected to the broker");
+                    if let Some(m) = &self.metrics {
+                        m.drain.connected();
+                    }
                     self.status.send_modify(|s| {
                         s.connected = true;
                     });
@@ -445,6 +453,7 @@ impl<P: Publisher> Drain<P> {
                 }
                 let (queue, msg) = self.encode(stream, &entries);
                 let ids = ids(&entries);
+                let sent = tokio::time::Instant::now();
                 match self.publisher.publish(&queue, msg).await {
                     Ok(confirm) => {
                         let n = ids.len();
@@ -458,7 +467,7 @@ impl<P: Publisher> Drain<P> {
                                             "no confirmation within {limit:?}"
                                         ))
                                     });
-                            (ids, n, c)
+                            (ids, n, c, sent.elapsed())
                         }));
                     }
                     Err(e) => {
@@ -511,7 +520,8 @@ impl<P: Publisher> Drain<P> {
                         done.push(more);
                     }
                     let mut delivered: Vec<EntryId> = Vec::new();
-                    for (ids, n, confirmation) in done {
+                    for (ids, n, confirmation, took) in done {
+                        self.count(&ids, &confirmation, took);
                         match confirmation {
                             Confirmation::Ack => {
                                 progress.add(stream_of(&ids), n);
@@ -552,8 +562,14 @@ impl<P: Publisher> Drain<P> {
                     loop {
                         tokio::select! {
                             next = in_flight.next() => match next {
-                                Some((ids, _, Confirmation::Ack)) => { let _ = self.ack(&ids).await; }
-                                Some((ids, _, _)) => self.store.nack(&ids),
+                                Some((ids, _, c, took)) => {
+                                    self.count(&ids, &c, took);
+                                    if matches!(c, Confirmation::Ack) {
+                                        let _ = self.ack(&ids).await;
+                                    } else {
+                                        self.store.nack(&ids);
+                                    }
+                                }
                                 None => break,
                             },
                             () = &mut deadline => break,
@@ -564,6 +580,19 @@ impl<P: Publisher> Drain<P> {
                 }
             }
         }
+    }
+
+    /// Counts a message's end in the metrics, if they are on.
+    fn count(&self, ids: &[EntryId], confirmation: &Confirmation, took: Duration) {
+        use crate::metrics::Delivery;
+        let Some(m) = &self.metrics else { return };
+        let how = match confirmation {
+            Confirmation::Ack => Delivery::Acked,
+            Confirmation::Nack => Delivery::Nacked,
+            Confirmation::Returned { .. } => Delivery::Returned,
+            Confirmation::Lost(_) => Delivery::Lost,
+        };
+        m.drain.message(stream_of(ids), ids.len(), how, took);
     }
 
     fn per_message(&self, stream: Stream) -> usize {

@@ -222,13 +222,26 @@ pub enum Slot {
         /// The port held raw by a driver, opened in some framing; a driver may have changed
         /// the rate since (IEC 62056-21's baud switch), so it is set again on every ask.
         raw: Option<SerialStream>,
+        pace: Pacing,
     },
     Tcp {
         addr: String,
         connect_timeout: Duration,
         modbus: Option<(Context, SharedWire)>,
         raw: Option<TcpStream>,
+        pace: Pacing,
     },
+}
+
+/// The timing knobs of the read in hand ([`crate::meter::Timing`]), and when the last read on
+/// the slot ended. The one place they are applied: [`Slot::begin`] before a read, the
+/// connection's opening for `connect_delay`, and the Modbus tap between requests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pacing {
+    pub turnaround: Duration,
+    pub connect_delay: Duration,
+    pub inter_request: Duration,
+    last_end: Option<tokio::time::Instant>,
 }
 
 impl Slot {
@@ -240,6 +253,7 @@ impl Slot {
                 config: s.clone(),
                 modbus: None,
                 raw: None,
+                pace: Pacing::default(),
             }],
             Link::Tcp(t) => (0..t.concurrency.max(1))
                 .map(|_| Slot::Tcp {
@@ -247,9 +261,40 @@ impl Slot {
                     connect_timeout: timeout.max(Duration::from_secs(3)),
                     modbus: None,
                     raw: None,
+                    pace: Pacing::default(),
                 })
                 .collect(),
         }
+    }
+
+    /// Before a read with `timing`: takes its pauses, and waits out the `turnaround` since
+    /// the last read on this slot ended. Between the requests of the read, the Modbus tap
+    /// keeps them; other drivers' reads are one exchange, or pace themselves by protocol.
+    pub async fn begin(&mut self, timing: &crate::meter::Timing) {
+        let (Slot::Serial { modbus, pace, .. } | Slot::Tcp { modbus, pace, .. }) = self;
+        pace.turnaround = timing.turnaround;
+        pace.connect_delay = timing.connect_delay;
+        pace.inter_request = timing.inter_request;
+        let wait_until = pace.last_end.map(|t| t + timing.turnaround);
+        if let Some((_, wire)) = modbus {
+            let mut w = wire.lock().unwrap_or_else(|p| p.into_inner());
+            w.pace = crate::meter::modbus::wire::Pace {
+                turnaround: timing.turnaround,
+                inter_request: timing.inter_request,
+                first: true,
+            };
+        }
+        if let Some(t) = wait_until {
+            if timing.turnaround > Duration::ZERO {
+                tokio::time::sleep_until(t).await;
+            }
+        }
+    }
+
+    /// After a read: the turnaround of the next one counts from now.
+    pub fn end(&mut self) {
+        let (Slot::Serial { pace, .. } | Slot::Tcp { pace, .. }) = self;
+        pace.last_end = Some(tokio::time::Instant::now());
     }
 
     pub fn is_serial(&self) -> bool {
@@ -263,12 +308,13 @@ impl Slot {
                 config,
                 modbus,
                 raw,
+                pace,
             } => {
                 if modbus.is_none() {
                     // One owner: the raw port is let go of first.
                     *raw = None;
                     let port = open_serial(config, config.framing())?;
-                    let wire = SharedWire::default();
+                    let wire = pace.wire();
                     let ctx = tokio_modbus::client::rtu::attach(Tap::new(port, wire.clone()));
                     *modbus = Some((ctx, wire));
                 }
@@ -279,11 +325,12 @@ impl Slot {
                 connect_timeout,
                 modbus,
                 raw,
+                pace,
             } => {
                 if modbus.is_none() {
                     *raw = None;
-                    let stream = connect(addr, *connect_timeout).await?;
-                    let wire = SharedWire::default();
+                    let stream = connect(addr, *connect_timeout, pace.connect_delay).await?;
+                    let wire = pace.wire();
                     let ctx = tokio_modbus::client::tcp::attach(Tap::new(stream, wire.clone()));
                     *modbus = Some((ctx, wire));
                 }
@@ -301,6 +348,7 @@ impl Slot {
                 config,
                 modbus,
                 raw,
+                ..
             } => {
                 match raw {
                     Some(port) => set_framing(port, framing).map_err(|e| {
@@ -329,10 +377,11 @@ impl Slot {
                 connect_timeout,
                 modbus,
                 raw,
+                pace,
             } => {
                 if raw.is_none() {
                     *modbus = None;
-                    *raw = Some(connect(addr, *connect_timeout).await?);
+                    *raw = Some(connect(addr, *connect_timeout, pace.connect_delay).await?);
                 }
                 raw.as_mut()
                     .ok_or_else(|| Failure::Link("not connected".into()))
@@ -361,7 +410,27 @@ impl Slot {
     }
 }
 
-async fn connect(addr: &str, within: Duration) -> Result<TcpStream, Failure> {
+impl Pacing {
+    /// A tap for a new Modbus client, keeping the read's pauses. A new connection has no
+    /// last answer: its first request waits only for `connect_delay`.
+    fn wire(&self) -> SharedWire {
+        let wire = SharedWire::default();
+        {
+            let mut w = wire.lock().unwrap_or_else(|p| p.into_inner());
+            w.pace = crate::meter::modbus::wire::Pace {
+                turnaround: self.turnaround,
+                inter_request: self.inter_request,
+                first: true,
+            };
+        }
+        wire
+    }
+}
+
+/// Connects to `addr` within `within`, then waits `delay` before handing the connection out:
+/// some meters and Modbus gateways drop a request that comes right after the connection
+/// opens.
+async fn connect(addr: &str, within: Duration, delay: Duration) -> Result<TcpStream, Failure> {
     let stream = match tokio::time::timeout(within, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(Failure::Link(format!("cannot connect to {addr}: {e}"))),
@@ -372,6 +441,9 @@ async fn connect(addr: &str, within: Duration) -> Result<TcpStream, Failure> {
         }
     };
     let _ = stream.set_nodelay(true);
+    if delay > Duration::ZERO {
+        tokio::time::sleep(delay).await;
+    }
     Ok(stream)
 }
 

@@ -62,6 +62,10 @@ pub struct MeterConfig {
     /// Which series to read at each cadence. A cadence not listed is not read.
     #[serde(default)]
     pub reads: Reads,
+    /// This meter's own pauses, where they differ from the bus's (see [`Timing`]).
+    pub turnaround: Option<crate::primitives::HumanDuration>,
+    pub connect_delay: Option<crate::primitives::HumanDuration>,
+    pub inter_request: Option<crate::primitives::HumanDuration>,
 }
 
 fn default_id_type() -> String {
@@ -76,6 +80,8 @@ pub struct Meter {
     pub bus: String,
     pub protocol: Protocol,
     pub reads: Reads,
+    /// Pauses that differ from the bus's.
+    pub pauses: Pauses,
 }
 
 /// The protocol of a meter with its driver's settings, resolved. One variant per driver.
@@ -144,6 +150,9 @@ impl MeterConfig {
         if self.id.is_empty() || self.id.len() > 128 {
             p.push(format!("{at}.id"), "must be 1-128 characters");
         }
+        check_pause(format!("{at}.turnaround"), self.turnaround, link, p);
+        check_pause(format!("{at}.connect_delay"), self.connect_delay, link, p);
+        check_pause(format!("{at}.inter_request"), self.inter_request, link, p);
         let set = [
             self.modbus.is_some(),
             self.iec62056_21.is_some(),
@@ -202,6 +211,11 @@ impl MeterConfig {
                 bus: self.bus.clone(),
                 protocol,
                 reads: self.reads.clone(),
+                pauses: Pauses {
+                    turnaround: self.turnaround.map(|d| d.0),
+                    connect_delay: self.connect_delay.map(|d| d.0),
+                    inter_request: self.inter_request.map(|d| d.0),
+                },
             }),
             _ => None,
         }
@@ -217,13 +231,84 @@ pub struct Request<'a> {
     pub series: Option<&'a [Obis]>,
 }
 
-/// How a bus runs its requests: the same for every meter on it.
-#[derive(Clone, Copy, Debug)]
+/// How a bus runs its requests: the bus's settings, with a meter's own pauses where it has
+/// them ([`Meter::timing_on`]).
+///
+/// The three pauses are kept by the link, not by the drivers: [`link::Slot::begin`] waits
+/// out `turnaround` before each read (from the end of the last read on the slot), the slot's
+/// TCP connect waits `connect_delay` before handing out a new connection, and between the
+/// requests of one read the Modbus tap ([`modbus::wire::pace`]) keeps `turnaround` and
+/// `inter_request` from the end of the last answer. The pauses are outside the request's
+/// `timeout`. The other drivers' reads are one exchange (IEC 62056-21 readout) or paced by
+/// their protocol's own timing (DLMS, M-Bus): for them the knobs apply between reads.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Timing {
     /// Per request (per frame exchange).
     pub timeout: Duration,
     /// Further attempts of a request before the poll counts as failed.
     pub retries: u32,
+    pub turnaround: Duration,
+    pub connect_delay: Duration,
+    pub inter_request: Duration,
+}
+
+impl Timing {
+    /// The pauses that are set, for `check`: `, turnaround 20ms, connect_delay 1s`.
+    pub fn describe_pauses(&self) -> String {
+        Pauses {
+            turnaround: Some(self.turnaround),
+            connect_delay: Some(self.connect_delay),
+            inter_request: Some(self.inter_request),
+        }
+        .describe()
+    }
+}
+
+/// A meter's own pauses, where they differ from its bus's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pauses {
+    pub turnaround: Option<Duration>,
+    pub connect_delay: Option<Duration>,
+    pub inter_request: Option<Duration>,
+}
+
+impl Pauses {
+    /// The pauses that are set (and not zero), each after `, `.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        for (name, d) in [
+            ("turnaround", self.turnaround),
+            ("connect_delay", self.connect_delay),
+            ("inter_request", self.inter_request),
+        ] {
+            if let Some(d) = d.filter(|d| !d.is_zero()) {
+                s.push_str(&format!(", {name} {}", crate::primitives::HumanDuration(d)));
+            }
+        }
+        s
+    }
+}
+
+/// The longest pause a timing knob takes: longer is a typo, not a slow meter.
+pub const MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// Checks a timing knob (`turnaround`, `connect_delay`, `inter_request`) at `key`.
+pub fn check_pause(
+    key: String,
+    d: Option<crate::primitives::HumanDuration>,
+    link: &Link,
+    p: &mut Problems,
+) {
+    let Some(d) = d else { return };
+    if d.0 > MAX_PAUSE {
+        p.push(key.clone(), format!("must be at most {MAX_PAUSE:?}"));
+    }
+    if key.ends_with("connect_delay") && link.is_serial() {
+        p.push(
+            key,
+            "applies to TCP links only (a serial port has no connection to open)",
+        );
+    }
 }
 
 /// What a driver's read produced.
@@ -263,6 +348,16 @@ pub struct Value {
 }
 
 impl Meter {
+    /// The bus's timing with this meter's own pauses where it has them.
+    pub fn timing_on(&self, bus: &Timing) -> Timing {
+        Timing {
+            turnaround: self.pauses.turnaround.unwrap_or(bus.turnaround),
+            connect_delay: self.pauses.connect_delay.unwrap_or(bus.connect_delay),
+            inter_request: self.pauses.inter_request.unwrap_or(bus.inter_request),
+            ..*bus
+        }
+    }
+
     /// Reads the meter on `slot`: the one driver entry point (see the module doc).
     pub async fn read(&self, slot: &mut Slot, request: &Request<'_>, timing: &Timing) -> Outcome {
         match &self.protocol {

@@ -1,7 +1,11 @@
 //! A Modbus server (tokio-modbus' own) that answers like a set of meters: one register bank
 //! per unit id, filled from a profile, with energy counters that advance with time.
 //!
-//! Faults can be switched on per unit, for the fault-handling tests: silence, an exception.
+//! Faults can be switched on per unit, for the fault-handling tests: silence, an exception, a
+//! slow answer, and the two timing faults of real meters that the bus's timing knobs are for:
+//! a meter that needs a pause after the connection opens ([`Fault::SlowConnect`]), and one
+//! that needs a pause between the end of its answer and the next request
+//! ([`Fault::Turnaround`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -28,6 +32,14 @@ pub enum Fault {
     Exception(ExceptionCode),
     /// Answers, but only after this many milliseconds (a slow meter, a long line).
     Delay(u64),
+    /// A TCP connection whose first request comes sooner than this many milliseconds after it
+    /// opened is never answered (the meter's network side accepts before its application is
+    /// ready, and the session is dead). Cured by the bus's `connect_delay`.
+    SlowConnect(u64),
+    /// A request that comes sooner than this many milliseconds after the unit's last answer
+    /// is ignored (a meter still busy, an RS-485 converter still turning round). Cured by
+    /// `turnaround` or `inter_request`.
+    Turnaround(u64),
 }
 
 /// One simulated meter.
@@ -130,6 +142,8 @@ pub struct Meters {
     units: Arc<Mutex<HashMap<u8, Unit>>>,
     started: Option<Instant>,
     requests: Arc<std::sync::atomic::AtomicU64>,
+    /// When each unit last answered ([`Fault::Turnaround`]).
+    answered: Arc<Mutex<HashMap<u8, Instant>>>,
 }
 
 impl Meters {
@@ -168,9 +182,15 @@ impl Meters {
             return Ok(None);
         };
         match unit.fault {
-            Fault::None | Fault::Delay(_) => {}
+            Fault::None | Fault::Delay(_) | Fault::SlowConnect(_) => {}
             Fault::Silent => return Ok(None),
             Fault::Exception(e) => return Err(e),
+            Fault::Turnaround(ms) => {
+                let last = lock_map(&self.answered).get(&req.slave).copied();
+                if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(ms)) {
+                    return Ok(None);
+                }
+            }
         }
         let elapsed = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
         let (function, addr, count) = match req.request {
@@ -179,6 +199,7 @@ impl Meters {
             _ => return Err(ExceptionCode::IllegalFunction),
         };
         let words = unit.read(function, addr, count, elapsed)?;
+        lock_map(&self.answered).insert(req.slave, Instant::now());
         Ok(Some(match function {
             Function::Input => Response::ReadInputRegisters(words),
             Function::Holding => Response::ReadHoldingRegisters(words),
@@ -207,12 +228,59 @@ impl Service for Meters {
     }
 }
 
+fn lock_map<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The meters as one TCP connection sees them: when it opened, and whether its first request
+/// came too early for a [`Fault::SlowConnect`] unit.
+#[derive(Clone)]
+struct Connection {
+    meters: Meters,
+    opened: Instant,
+    /// Requests seen, and whether the connection is dead.
+    state: Arc<Mutex<(u64, bool)>>,
+}
+
+impl Service for Connection {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Exception>> + Send>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let slow = match self.meters.lock().get(&req.slave).map(|u| u.fault) {
+            Some(Fault::SlowConnect(ms)) => Some(std::time::Duration::from_millis(ms)),
+            _ => None,
+        };
+        let dead = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.0 += 1;
+            if s.0 == 1 && slow.is_some_and(|ms| self.opened.elapsed() < ms) {
+                s.1 = true;
+            }
+            s.1
+        };
+        if dead {
+            self.meters
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Box::pin(async { Ok(None) });
+        }
+        self.meters.call(req)
+    }
+}
+
 /// Serves `meters` over Modbus TCP on `listener` until the task is dropped.
 pub async fn serve_tcp(listener: TcpListener, meters: Meters) {
     let server = tokio_modbus::server::tcp::Server::new(listener);
     let on_connected = |stream, _addr: SocketAddr| {
-        let meters = meters.clone();
-        async move { Ok(Some((meters, stream))) }
+        let conn = Connection {
+            meters: meters.clone(),
+            opened: Instant::now(),
+            state: Arc::default(),
+        };
+        async move { Ok(Some((conn, stream))) }
     };
     let on_error = |e| tracing::debug!(error = %e, "Simulated meter connection ended");
     if let Err(e) = server.serve(&on_connected, on_error).await {

@@ -276,6 +276,9 @@ pub struct Stats {
     pub events: Depth,
     /// Records evicted since the store was created.
     pub evicted: u64,
+    /// Records evicted since the store was opened, by [`Range`] (profile, events, billing):
+    /// the metrics' counters by eviction class.
+    pub evicted_by_class: [u64; 3],
     /// Records that could not be decoded and were set aside.
     pub set_aside: u64,
     /// Gateway time of the oldest record not yet delivered.

@@ -161,6 +161,8 @@ fn a_full_store_should_evict_profile_readings_before_events_before_billing() {
     let st = s.stats().unwrap();
     assert!(evicted > 0);
     assert_eq!(st.evicted, evicted);
+    // By class: only profile readings went (the metrics' amr_edge_evictions_total{class}).
+    assert_eq!(st.evicted_by_class, [evicted, 0, 0]);
     assert_eq!(st.billing.count, 100, "billing readings must survive");
     assert!(st.bytes() <= config.max_bytes.0 + 1024, "{st:?}");
     // Every eviction was reported, and the reports add up.

@@ -105,6 +105,7 @@ fn timing(retries: u32) -> Timing {
     Timing {
         timeout: Duration::from_secs(1),
         retries,
+        ..Timing::default()
     }
 }
 

@@ -378,6 +378,7 @@ pub async fn read(
         let mut attempt = 0;
         let words = loop {
             attempt += 1;
+            wire::pace(wire).await;
             if let Ok(mut w) = wire.lock() {
                 w.last_answer.clear();
             }

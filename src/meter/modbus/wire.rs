@@ -9,6 +9,9 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -20,6 +23,33 @@ pub struct WireStats {
     pub requests: u64,
     /// Received since the last write (the answer in progress).
     pub last_answer: Vec<u8>,
+    /// When the last byte came in: the end of the last answer, once a request is due.
+    pub last_in: Option<Instant>,
+    /// Pauses before the next request (see [`crate::meter::Timing`]): `first` is the first of
+    /// a read, counted from the end of the last answer, the others at least `between`.
+    pub pace: Pace,
+}
+
+/// The pauses the tap keeps before requests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pace {
+    pub turnaround: Duration,
+    pub inter_request: Duration,
+    /// The next request is the first of a read.
+    pub first: bool,
+}
+
+impl WireStats {
+    /// Until when the next request must wait, if at all.
+    fn next_request_at(&self) -> Option<Instant> {
+        let gap = if self.pace.first {
+            self.pace.turnaround
+        } else {
+            self.pace.turnaround.max(self.pace.inter_request)
+        };
+        let at = self.last_in? + gap;
+        (gap > Duration::ZERO && at > Instant::now()).then_some(at)
+    }
 }
 
 pub type SharedWire = Arc<Mutex<WireStats>>;
@@ -46,6 +76,16 @@ impl<T> Tap<T> {
     }
 }
 
+/// Waits out the pause the timing knobs ask for before the next request on this tap (see
+/// [`crate::meter::Timing`]). Called before a request's timeout starts, so a pause never
+/// counts against the meter.
+pub async fn pace(wire: &SharedWire) {
+    let at = lock(wire).next_request_at();
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 fn lock(w: &SharedWire) -> std::sync::MutexGuard<'_, WireStats> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -64,6 +104,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
                 self.writing = false;
                 let mut w = lock(&self.wire);
                 w.bytes_in += new.len() as u64;
+                w.last_in = Some(Instant::now());
                 // Bounded: an answer is at most 256 bytes; keep a little more for diagnosis.
                 if w.last_answer.len() < 1024 {
                     w.last_answer.extend_from_slice(new);
@@ -85,6 +126,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tap<T> {
             let starting = !self.writing;
             self.writing = true;
             let mut w = lock(&self.wire);
+            w.pace.first = false;
             w.bytes_out += *n as u64;
             if starting {
                 w.requests += 1;

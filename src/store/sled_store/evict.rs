@@ -95,6 +95,7 @@ impl SledStore {
             d.count = d.count.saturating_sub(v.count);
             d.bytes = d.bytes.saturating_sub(v.bytes);
             u.per_range[v.range as usize] += v.count;
+            st.evicted_since_open[v.range as usize] += v.count;
             u.first_seq = Some(u.first_seq.map_or(v.first, |f| f.min(v.first)));
             u.last_seq = u.last_seq.max(v.last);
             st.forget_chunk(v.range, v.first, v.last + 1);

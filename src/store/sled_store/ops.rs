@@ -320,9 +320,9 @@ impl SledStore {
     }
 
     fn stats_inner(&self) -> Result<Stats, StoreError> {
-        let (mut meta, partial) = {
+        let (mut meta, partial, evicted_by_class) = {
             let st = self.lock();
-            (st.meta.clone(), st.partial_count())
+            (st.meta.clone(), st.partial_count(), st.evicted_since_open)
         };
         for (d, p) in meta.depth.iter_mut().zip(partial) {
             d.count = d.count.saturating_sub(p);
@@ -337,6 +337,7 @@ impl SledStore {
             billing: meta.depth[Range::Billing as usize],
             events: meta.depth[Range::Events as usize],
             evicted: meta.evicted,
+            evicted_by_class,
             set_aside: meta.set_aside,
             oldest_ms,
             last_drain_ms: meta.last_drain_ms,

@@ -32,6 +32,8 @@ pub(super) struct State {
     partial: BTreeMap<(Range, u64), BTreeSet<u64>>,
     /// Per range, how many records `partial` holds (not yet subtracted on disk).
     partial_count: [u64; 3],
+    /// Per range, records evicted since the store was opened (for the metrics).
+    pub(super) evicted_since_open: [u64; 3],
 }
 
 /// What an acknowledgement did to a chunk (see [`State::acknowledge`]).
