@@ -1400,12 +1400,19 @@ where
                 }
             }
             _ => {
-                if !heard_at(300) {
+                // The acknowledgement is sent at 300 Bd, but the client may have switched its
+                // end to the new rate by the time these bytes are read here (a pty has no
+                // wire): once identified, take it whatever the rate reads now.
+                if !heard_at(300) && mode != Some(None) {
                     continue;
                 }
                 line.extend_from_slice(&buf[..n]);
                 while let Some(end) = line.iter().position(|b| *b == b'\n') {
-                    let msg: Vec<u8> = line.drain(..=end).collect();
+                    let mut msg: Vec<u8> = line.drain(..=end).collect();
+                    // Noise before a sign-on: a meter starts listening at the `/`.
+                    if let Some(start) = msg.windows(2).position(|w| w == b"/?") {
+                        msg.drain(..start);
+                    }
                     if msg.starts_with(b"/?") && msg.ends_with(b"!\r\n") {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         if io.write_all(&ident).await.is_err() {
@@ -1420,6 +1427,13 @@ where
                     {
                         mode = codec::baud_of_code(msg[2]).map(Some);
                         server.reset();
+                        // HDLC may follow in the same read.
+                        let rest = std::mem::take(&mut line);
+                        let out = server.received(&rest);
+                        if !out.is_empty() && io.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        break;
                     }
                 }
             }
