@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every benchmark in one go, each printing its table: the store and the drain, Modbus
-# (coalescing, 1,000 meters, mbpoll), IEC 62056-21, M-Bus, the agent against the Celery way, what
-# metrics cost with 1,000 meters, and the
+# (coalescing, 1,000 meters, mbpoll), IEC 62056-21, M-Bus, DLMS/COSEM, the agent against the
+# Celery way, what metrics cost with 1,000 meters, and the
 # ARM binary (size; memory of the demo under qemu). Needs what the tests need (./tests/run.sh
 # installs it) plus mbpoll; builds the ARM binary with cross/build.sh if it is not there.
 #
 #   benches/run.sh            everything
-#   benches/run.sh backbone   one of: backbone modbus iec62056_21 mbus compare metrics arm
+#   benches/run.sh backbone   one of: backbone modbus iec62056_21 mbus dlms compare metrics arm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=${1:-all}
@@ -22,7 +22,7 @@ mkdir -p target/shipped
 cp target/release/amr-edge target/shipped/amr-edge
 export AMR_EDGE_BIN=$PWD/target/shipped/amr-edge
 
-for b in backbone modbus iec62056_21 mbus compare metrics; do
+for b in backbone modbus iec62056_21 mbus dlms compare metrics; do
   if run "$b"; then
     section "$b"
     cargo bench --quiet --bench "$b" 2>/dev/null | sed -n '/^$/,$p'

@@ -183,8 +183,10 @@ fn the_demo_should_poll_and_buffer_without_a_broker() {
     ]);
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(j["buffer"]["readings"].as_u64().unwrap() >= 22, "{j}");
-    // Three Modbus meters, the IEC 62056-21 one and three M-Bus meters.
-    assert_eq!(j["meters"].as_array().unwrap().len(), 7);
+    // Three Modbus meters, the DLMS/COSEM one, the IEC 62056-21 one and three M-Bus meters.
+    let meters = j["meters"].as_array().unwrap();
+    assert_eq!(meters.len(), 8, "{j}");
+    assert!(meters.iter().any(|m| m["meter"] == "demo-dlms"), "{j}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

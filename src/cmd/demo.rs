@@ -7,6 +7,7 @@ use std::time::Duration;
 use amr_edge::agent::{self, BeatMode, Options};
 use amr_edge::config::{Config, redact_url};
 use amr_edge::meter::modbus::profile::Profiles;
+use amr_edge::sim::dlms;
 use amr_edge::sim::iec::{Clock, SimBus, SimMeter, spawn_pty};
 use amr_edge::sim::mbus::Segment;
 use amr_edge::sim::modbus::{Meters, Unit, spawn_tcp};
@@ -47,6 +48,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         meters.insert(unit, u);
     }
     let addr = spawn_tcp(meters).await?;
+
+    // A DLMS/COSEM meter on the IEC 62056-47 wrapper, read by the public client: registers,
+    // its clock, and a 15-minute load profile.
+    let dlms_addr = dlms::spawn_wrapper(dlms::Meter::new(dlms::MeterSpec::new(17))).await?;
 
     // An IEC 62056-21 meter behind a pseudo-terminal, as behind an optical probe: signed on
     // at 300 Bd, read at the 9600 Bd it offers.
@@ -125,6 +130,16 @@ modbus = {{ unit = 3, profile = "carlo-gavazzi-em24" }}
 reads = {{ quarterly = ["1-0:1.8.0", "1-0:2.8.0", "1-0:16.7.0"] }}
 
 [[bus]]
+name = "lan-dlms"
+tcp = {{ host = "{dlms_host}", port = {dlms_port} }}
+
+[[meter]]
+id = "demo-dlms"
+bus = "lan-dlms"
+dlms = {{ client = 16, logical = 1 }}
+reads = {{ quarterly = "all" }}
+
+[[bus]]
 name = "optical"
 serial = {{ device = "{pty}" }}
 timeout = "2s"
@@ -165,6 +180,8 @@ reads = {{ quarterly = "all" }}
         events_queue = args.events_queue,
         host = addr.ip(),
         port = addr.port(),
+        dlms_host = dlms_addr.ip(),
+        dlms_port = dlms_addr.port(),
         pty = pty.path().display(),
     );
     std::fs::create_dir_all(&data_dir)?;
@@ -175,6 +192,9 @@ reads = {{ quarterly = "all" }}
     eprintln!("amr-edge demo");
     eprintln!(
         "  meters  3 simulated Modbus TCP meters on {addr}: SDM630 (unit 1), SDM120 (unit 2), EM24 (unit 3)"
+    );
+    eprintln!(
+        "          1 simulated DLMS/COSEM meter on {dlms_addr} (IEC 62056-47 wrapper, public client): energy, voltages, currents, power, clock"
     );
     eprintln!(
         "          1 simulated IEC 62056-21 meter on {} (optical probe, plain sign-on): {ident}, 300 → 9600 Bd, read `all`",

@@ -1,4 +1,6 @@
 //! `amr-edge poll --config FILE [METER…]`: read meters once, print the values.
+//! `amr-edge poll --config FILE METER --profile OBIS --from T --to T`: a DLMS meter's load
+//! profile rows in that range, read from the meter's own buffer.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,8 +9,12 @@ use std::sync::Arc;
 use amr_edge::bus::{BusWorker, PollReport, PollRequest, Router};
 use amr_edge::clock::SystemClock;
 use amr_edge::lock::DirLock;
-use amr_edge::reading::Cadence;
+use amr_edge::meter::Protocol;
+use amr_edge::meter::dlms::reads::ProfileValue;
+use amr_edge::meter::link::Slot;
+use amr_edge::reading::{Cadence, Obis, Stamp};
 use amr_edge::store::MemoryStore;
+use jiff::Timestamp;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +27,126 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Print the rows of this load profile (a DLMS profile generic, e.g. 1-0:99.1.0) of one
+    /// meter instead of its registers.
+    #[arg(long, requires_all = ["from", "to"])]
+    profile: Option<String>,
+    /// The first capture time of the range: RFC 3339 (`2026-12-01T00:00:00Z`,
+    /// `…+01:00`) or a local time in the gateway's zone (`2026-12-01T00:00`).
+    #[arg(long, requires = "profile")]
+    from: Option<String>,
+    /// The last capture time of the range (same forms as --from).
+    #[arg(long, requires = "profile")]
+    to: Option<String>,
+}
+
+/// A time on the command line: an instant, or a civil time in the gateway's zone.
+fn parse_time(flag: &str, s: &str, tz: &jiff::tz::TimeZone) -> anyhow::Result<Timestamp> {
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    s.parse::<jiff::civil::DateTime>()
+        .ok()
+        .and_then(|dt| dt.to_zoned(tz.clone()).ok())
+        .map(|z| z.timestamp())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{flag} `{s}` is not a time: give RFC 3339 (2026-12-01T00:00:00Z) or a local time in the gateway's zone (2026-12-01T00:00)"
+            )
+        })
+}
+
+async fn profile(
+    config: &amr_edge::config::Config,
+    args: &Args,
+    profile: &str,
+) -> anyhow::Result<ExitCode> {
+    let tz = &config.gateway.tz;
+    let obis: Obis = profile
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--profile `{profile}`: {e}"))?;
+    let from = parse_time("--from", args.from.as_deref().unwrap_or_default(), tz)?;
+    let to = parse_time("--to", args.to.as_deref().unwrap_or_default(), tz)?;
+    if from > to {
+        anyhow::bail!("--from {from} is after --to {to}");
+    }
+    let [name] = args.meters.as_slice() else {
+        anyhow::bail!(
+            "--profile reads one meter: name it (e.g. `poll --config F METER --profile …`)"
+        );
+    };
+    let Some(meter) = config.meters.iter().find(|m| &m.id == name) else {
+        anyhow::bail!("no meter `{name}` in {}", args.config.display());
+    };
+    let Protocol::Dlms(d) = &meter.protocol else {
+        anyhow::bail!(
+            "`{}` is a {} meter; --profile reads DLMS/COSEM load profiles",
+            meter.id,
+            meter.protocol.name()
+        );
+    };
+    let Some(bus) = config.buses.iter().find(|b| b.name == meter.bus) else {
+        anyhow::bail!("no bus `{}`", meter.bus);
+    };
+    let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
+    let p = match d.read_profile(&mut slot, obis, from, to, &bus.timing).await {
+        Ok(p) => p,
+        Err(f) => {
+            eprintln!("{}: {f}", meter.id);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // One line per row: the values of a row share its capture time.
+    let mut rows: Vec<(Timestamp, Option<u8>, Vec<ProfileValue>)> = Vec::new();
+    for v in p.values() {
+        match rows.last_mut() {
+            Some((t, _, vs)) if *t == v.timestamp => vs.push(v),
+            _ => rows.push((v.timestamp, v.clock_status, vec![v])),
+        }
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "meter": meter.id,
+            "profile": obis.to_string(),
+            "from": Stamp::in_zone(from, tz).rfc3339(),
+            "to": Stamp::in_zone(to, tz).rfc3339(),
+            "capture_period_s": p.capture_period_s,
+            "rows": rows.iter().map(|(t, status, vs)| serde_json::json!({
+                "timestamp": Stamp::in_zone(*t, tz).rfc3339(),
+                "clock_status": status,
+                "values": vs.iter().map(|v| serde_json::json!({
+                    "series": v.obis.to_string(),
+                    "value": v.value.as_str(),
+                    "unit": v.unit.unwrap_or(""),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let mut header = format!("{:<26}", "timestamp");
+        if let Some((_, _, vs)) = rows.first() {
+            for v in vs {
+                let col = format!("{} [{}]", v.obis, v.unit.unwrap_or(""));
+                header.push_str(&format!(" {col:>24}"));
+            }
+        }
+        println!("{header}");
+        for (t, _, vs) in &rows {
+            let mut line = format!("{:<26}", Stamp::in_zone(*t, tz).rfc3339());
+            for v in vs {
+                line.push_str(&format!(" {:>24}", v.value.as_str()));
+            }
+            println!("{line}");
+        }
+        eprintln!(
+            "{} row(s) of {} from {} (capture period {} s)",
+            rows.len(),
+            obis,
+            meter.id,
+            p.capture_period_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -32,6 +158,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "{e}\n(the running agent owns the buses: ask it with an MQTT `poll` command instead)"
         )
     })?;
+    if let Some(p) = &args.profile {
+        return profile(&config, &args, p).await;
+    }
     let unknown: Vec<&String> = args
         .meters
         .iter()

@@ -499,9 +499,10 @@ impl DlmsMeter {
             Transport::Hdlc(framing) => {
                 scan_on(slot.port(framing)?, cfg, self.counter.clone()).await
             }
-            Transport::ModeE { .. } => Err(Failure::Refused(
-                "scan over mode E is not supported yet".into(),
-            )),
+            Transport::ModeE { max_baud } => {
+                let port = mode_e_port(slot, max_baud, timing).await?;
+                scan_on(port, cfg, self.counter.clone()).await
+            }
         }
     }
 
@@ -514,30 +515,52 @@ impl DlmsMeter {
         max_baud: u32,
         timing: &Timing,
     ) -> Result<Outcome, Stop> {
-        let port = slot.port(Framing::IEC_SIGN_ON).map_err(|f| Stop(f, true))?;
-        let switch = super::transport::mode_e_sign_on(
-            port,
-            max_baud,
-            timing.timeout.max(Duration::from_millis(1500)),
-        )
-        .await
-        .map_err(|e| {
-            let f = match e {
-                super::transport::ModeEFailure::NoAnswer(d) => Failure::Timeout(d),
-                super::transport::ModeEFailure::Io(e) => Failure::Link(e.to_string()),
-                super::transport::ModeEFailure::Refused(e) => Failure::Refused(e.to_string()),
-            };
-            Stop(f, true)
-        })?;
-        let port = slot
-            .port(Framing {
-                baud: switch.baud,
-                parity: Parity::None,
-                data_bits: 8,
-                stop_bits: 1,
-            })
+        let port = mode_e_port(slot, max_baud, timing)
+            .await
             .map_err(|f| Stop(f, true))?;
         self.session(port, cfg, meter, selection).await
+    }
+
+    /// Rows of a load profile captured in `from ..= to` (the meter's selective access by
+    /// range on the clock column), for `amr-edge poll --profile`: one association, released.
+    pub async fn read_profile(
+        &self,
+        slot: &mut Slot,
+        profile: Obis,
+        from: Timestamp,
+        to: Timestamp,
+        timing: &Timing,
+    ) -> Result<super::reads::Profile, Failure> {
+        let cfg = self.association(timing);
+        let range = Some((from, to));
+        match self.transport {
+            Transport::Wrapper => {
+                profile_on(
+                    slot.tcp().await?,
+                    cfg,
+                    self.counter.clone(),
+                    profile,
+                    range,
+                    &self.tz,
+                )
+                .await
+            }
+            Transport::Hdlc(framing) => {
+                profile_on(
+                    slot.port(framing)?,
+                    cfg,
+                    self.counter.clone(),
+                    profile,
+                    range,
+                    &self.tz,
+                )
+                .await
+            }
+            Transport::ModeE { max_baud } => {
+                let port = mode_e_port(slot, max_baud, timing).await?;
+                profile_on(port, cfg, self.counter.clone(), profile, range, &self.tz).await
+            }
+        }
     }
 
     /// One association on `io`: connect, object list if needed, values and clock, release.
@@ -693,6 +716,56 @@ impl DlmsMeter {
             return Ok(out);
         }
     }
+}
+
+/// The mode E opening on the optical probe (300 Bd 7E1), then the port at the agreed rate in
+/// 8N1 for HDLC.
+async fn mode_e_port<'a>(
+    slot: &'a mut Slot,
+    max_baud: u32,
+    timing: &Timing,
+) -> Result<&'a mut tokio_serial::SerialStream, Failure> {
+    let port = slot.port(Framing::IEC_SIGN_ON)?;
+    let switch = super::transport::mode_e_sign_on(
+        port,
+        max_baud,
+        timing.timeout.max(Duration::from_millis(1500)),
+    )
+    .await
+    .map_err(|e| match e {
+        super::transport::ModeEFailure::NoAnswer(d) => Failure::Timeout(d),
+        super::transport::ModeEFailure::Io(e) => Failure::Link(e.to_string()),
+        super::transport::ModeEFailure::Refused(e) => Failure::Refused(e.to_string()),
+    })?;
+    slot.port(Framing {
+        baud: switch.baud,
+        parity: Parity::None,
+        data_bits: 8,
+        stop_bits: 1,
+    })
+}
+
+async fn profile_on<S>(
+    io: S,
+    cfg: AssociationConfig,
+    counter: FileCounter,
+    profile: Obis,
+    range: Option<(Timestamp, Timestamp)>,
+    tz: &TimeZone,
+) -> Result<super::reads::Profile, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = Client::new(io, cfg, counter);
+    client.connect().await.map_err(|e| failure(&e))?;
+    let p = client
+        .read_profile(profile, range, tz)
+        .await
+        .map_err(|e| failure(&e))?;
+    if let Err(e) = client.release().await {
+        tracing::debug!(error = %e, "DLMS release failed");
+    }
+    Ok(p)
 }
 
 async fn scan_on<S>(

@@ -1,0 +1,268 @@
+//! DLMS/COSEM figures: a register read over the IEC 62056-47 wrapper — request/answer round
+//! trips and bytes on the wire per read, counted by a proxy between the driver (as the agent
+//! runs it) and the simulated meter (src/sim/dlms.rs) — and the resident memory of an idle
+//! agent (`amr-edge run`, the shipped binary) with 200 DLMS meters configured on one bus,
+//! idle as in `benches/backbone.rs`: the broker out of reach, nothing due to be read.
+//! Run with `benches/run.sh dlms`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use amr_edge::bus::BusConfig;
+use amr_edge::meter::dlms::wrapper;
+use amr_edge::meter::link::Slot;
+use amr_edge::meter::modbus::profile::Profiles;
+use amr_edge::meter::{MeterConfig, Request, Resolver};
+use amr_edge::primitives::Problems;
+use amr_edge::reading::{Cadence, Obis};
+use amr_edge::sim::dlms::{Meter, MeterSpec, spawn_wrapper};
+use jiff::tz::TimeZone;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Wire {
+    /// APDUs the client sent: each one is answered, so one round trip each.
+    requests: u64,
+    to_meter: u64,
+    from_meter: u64,
+}
+
+/// A TCP proxy in front of `target` that counts wrapped APDUs and bytes each way.
+async fn counting_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<Mutex<Wire>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let wire = Arc::new(Mutex::new(Wire::default()));
+    let w = wire.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let meter = TcpStream::connect(target).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut mr, mut mw) = meter.into_split();
+            let up = w.clone();
+            tokio::spawn(async move {
+                let mut split = wrapper::Splitter::new(1 << 16);
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    split.push(&buf[..n]);
+                    let mut apdus = 0;
+                    while let Some(Ok(_)) = split.next_apdu() {
+                        apdus += 1;
+                    }
+                    {
+                        let mut g = up.lock().unwrap();
+                        g.to_meter += n as u64;
+                        g.requests += apdus;
+                    }
+                    if mw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let down = w.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = mr.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    down.lock().unwrap().from_meter += n as u64;
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, wire)
+}
+
+fn meter(
+    port: u16,
+    dlms: &str,
+    reads: &str,
+    dir: &Path,
+) -> (amr_edge::bus::Bus, amr_edge::meter::Meter) {
+    let bus: BusConfig = toml::from_str(&format!(
+        "name = \"lan\"\ntcp = {{ host = \"127.0.0.1\", port = {port} }}\ntimeout = \"3s\""
+    ))
+    .unwrap();
+    let m: MeterConfig = toml::from_str(&format!(
+        "id = \"bench\"\nbus = \"lan\"\ndlms = {{ {dlms} }}\nreads = {{ quarterly = {reads} }}"
+    ))
+    .unwrap();
+    let mut p = Problems::default();
+    let bus = bus.resolve("bus", &mut p).unwrap();
+    let profiles = Profiles::built_in();
+    let tz = TimeZone::UTC;
+    let mut r = Resolver::new(&profiles, &tz).with_gateway("gw-bench", dir);
+    let m = m
+        .resolve("meter[0]", "lan", &bus.link, &mut r, &mut p)
+        .unwrap_or_else(|| panic!("{:?}", p.0));
+    (bus, m)
+}
+
+async fn register_reads(rows: &mut Vec<(String, String)>) {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = counting_proxy(sim).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ek = dir.path().join("ek");
+    std::fs::write(&ek, "000102030405060708090A0B0C0D0E0F\n").unwrap();
+    let ak = dir.path().join("ak");
+    std::fs::write(&ak, "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\n").unwrap();
+    let levels = [
+        ("public", "client = 16, logical = 1".to_owned()),
+        (
+            "HLS-GMAC",
+            format!(
+                "client = 1, logical = 1, security = \"hls-gmac\", block_key_file = {ek:?}, auth_key_file = {ak:?}"
+            ),
+        ),
+    ];
+    for (level, section) in &levels {
+        for (what, reads, n) in [
+            ("1 register", "[\"1-0:1.8.0\"]", 1),
+            (
+                "reads = \"all\" (9 registers, 2 data objects)",
+                "\"all\"",
+                9,
+            ),
+        ] {
+            let (bus, m) = meter(proxy.port(), section, reads, dir.path());
+            let req = Request {
+                cadence: Cadence::Quarterly,
+                series: None,
+            };
+            // The first read of a meter also reads its object list (once per process).
+            for first in [true, false] {
+                *wire.lock().unwrap() = Wire::default();
+                let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
+                let out = m.read(&mut slot, &req, &bus.timing).await;
+                drop(slot);
+                assert!(out.failure.is_none(), "{level} {what}: {:?}", out.failure);
+                let energy: Obis = "1-0:1.8.0".parse().unwrap();
+                assert!(out.values.iter().any(|v| v.series == energy));
+                assert!(out.values.len() >= n, "{:?}", out.values);
+                // Let the proxy count the RLRE.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let w = *wire.lock().unwrap();
+                let label = format!(
+                    "{level}, {what}{}",
+                    if first {
+                        ", first read (object list)"
+                    } else {
+                        ""
+                    }
+                );
+                rows.push((
+                    format!("DLMS wrapper read: {label}"),
+                    format!(
+                        "{} round trips, {} B to meter, {} B from meter, {} B total",
+                        w.requests,
+                        w.to_meter,
+                        w.from_meter,
+                        w.to_meter + w.from_meter
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+fn shipped_bin() -> PathBuf {
+    match std::env::var_os("AMR_EDGE_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_amr-edge")),
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn two_hundred_meters(rows: &mut Vec<(String, String)>) {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = format!(
+        r#"[gateway]
+id = "gw-bench"
+timezone = "UTC"
+data_dir = "{data}"
+
+[amqp]
+url = "amqp://guest:guest@127.0.0.1:9/%2f"
+
+[[bus]]
+name = "lan"
+tcp = {{ host = "127.0.0.1", port = {port} }}
+"#,
+        data = dir.path().join("data").display(),
+        port = sim.port()
+    );
+    for i in 0..200 {
+        cfg.push_str(&format!(
+            "\n[[meter]]\nid = \"dlms-{i:03}\"\nbus = \"lan\"\ndlms = {{ client = 16, logical = 1 }}\nreads = {{ quarterly = \"all\", daily = \"all\" }}\n"
+        ));
+    }
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = Command::new(shipped_bin())
+        .args(["--log", "warn", "run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    let mut peak = 0;
+    let mut last = 0;
+    while start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(r) = rss_kib(pid) {
+            peak = peak.max(r);
+            last = r;
+        }
+    }
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    rows.push((
+        "idle agent, 200 DLMS meters on one bus: resident memory".into(),
+        format!(
+            "{:.1} MiB after 20 s (peak {:.1} MiB; budget 15 MiB)",
+            last as f64 / 1024.0,
+            peak as f64 / 1024.0
+        ),
+    ));
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    rt.block_on(register_reads(&mut rows));
+    rt.block_on(two_hundred_meters(&mut rows));
+    println!("\n{:<72} measured", "figure");
+    for (what, figure) in rows {
+        println!("{what:<72} {figure}");
+    }
+}
