@@ -5,3 +5,4 @@ pub mod dlms;
 pub mod iec;
 pub mod mbus;
 pub mod modbus;
+pub mod pty;

@@ -2,6 +2,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::sim::pty::spawn as spawn_pty;
 
 // ---------------------------------------------------------------------------------------------
 // I/O
@@ -166,25 +167,8 @@ where
     }
 }
 
-/// A simulated line on a pty: the path the agent opens; stopped on drop.
-pub struct DlmsPty {
-    path: std::path::PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl DlmsPty {
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
-    }
-}
-
-impl Drop for DlmsPty {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
+/// A simulated DLMS line on a pty; stops when dropped.
+pub type DlmsPty = crate::sim::pty::SimPty;
 
 /// Serves `meters` over HDLC on a new pty (an RS-485 segment), in a thread of its own.
 pub fn spawn_hdlc_pty(meters: Vec<Meter>) -> std::io::Result<DlmsPty> {
@@ -198,86 +182,4 @@ pub fn spawn_mode_e_pty(meter: Meter) -> std::io::Result<DlmsPty> {
     spawn_pty("sim-dlms-mode-e", move |master, baud| {
         serve_mode_e(master, baud, meter)
     })
-}
-
-type PeerBaud = Box<dyn Fn() -> Option<u32> + Send>;
-
-fn spawn_pty<F, Fut>(name: &str, serve: F) -> std::io::Result<DlmsPty>
-where
-    F: FnOnce(tokio_serial::SerialStream, PeerBaud) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let (path_tx, path_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = path_tx.send(Err(e));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                match open_pty() {
-                    Ok((master, path, baud)) => {
-                        let _ = path_tx.send(Ok(path));
-                        tokio::select! {
-                            () = serve(master, baud) => {}
-                            _ = stop_rx => {}
-                        }
-                    }
-                    Err(e) => {
-                        let _ = path_tx.send(Err(e));
-                    }
-                }
-            });
-        })?;
-    let path = path_rx.recv().map_err(|_| {
-        std::io::Error::other("the simulator thread ended before opening its pty")
-    })??;
-    Ok(DlmsPty {
-        path,
-        stop: Some(stop_tx),
-    })
-}
-
-/// The master end, the slave's path, and how to read the rate the slave is set to (Linux
-/// shares one termios per pty pair; the serial crate sets rates with `termios2`).
-fn open_pty() -> std::io::Result<(tokio_serial::SerialStream, std::path::PathBuf, PeerBaud)> {
-    use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-    use tokio_serial::SerialPort;
-    let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
-    let path = slave
-        .name()
-        .map(std::path::PathBuf::from)
-        .ok_or_else(|| std::io::Error::other("the pty slave has no name"))?;
-    // The agent opens the slave by its path and locks it (TIOCEXCL) while it has it open.
-    drop(slave);
-    // SAFETY: the descriptor belongs to `master`, open for this call; the clone is owned.
-    let fd: OwnedFd = unsafe { BorrowedFd::borrow_raw(master.as_raw_fd()) }.try_clone_to_owned()?;
-    Ok((master, path, Box::new(move || pty_baud(&fd))))
-}
-
-#[cfg(target_os = "linux")]
-fn pty_baud(fd: &std::os::fd::OwnedFd) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut t = std::mem::MaybeUninit::<libc::termios2>::uninit();
-    // SAFETY: `fd` is open; TCGETS2 fills `t` when it returns 0.
-    let t = unsafe {
-        if libc::ioctl(fd.as_raw_fd(), libc::TCGETS2 as _, t.as_mut_ptr()) != 0 {
-            return None;
-        }
-        t.assume_init()
-    };
-    Some(t.c_ospeed)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn pty_baud(_: &std::os::fd::OwnedFd) -> Option<u32> {
-    None
 }
