@@ -231,6 +231,28 @@ async fn link_dropped_mid_association_should_fail_and_reopen() {
 /// socat's two linked ptys, killed on drop.
 struct Ptys(std::process::Child);
 
+impl Ptys {
+    /// A pty pair from socat, its two ends behind the links `a` (the meter's) and `b` (the
+    /// agent's), once both exist.
+    fn pair(a: &Path, b: &Path) -> Ptys {
+        let ptys = Ptys(
+            std::process::Command::new("socat")
+                .arg(format!("pty,raw,echo=0,link={}", a.display()))
+                .arg(format!("pty,raw,echo=0,link={}", b.display()))
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("socat"),
+        );
+        for _ in 0..250 {
+            if a.exists() && b.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        ptys
+    }
+}
+
 impl Drop for Ptys {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -242,20 +264,7 @@ impl Drop for Ptys {
 async fn hdlc_meters_on_one_line_should_read_and_a_wrong_address_time_out() {
     let dir = tempfile::tempdir().unwrap();
     let (m_dev, a_dev) = (dir.path().join("meter"), dir.path().join("agent"));
-    let _ptys = Ptys(
-        std::process::Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", m_dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", a_dev.display()))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("socat"),
-    );
-    for _ in 0..100 {
-        if m_dev.exists() && a_dev.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let _ptys = Ptys::pair(&m_dev, &a_dev);
     let m_path = m_dev.to_str().unwrap().to_owned();
     let _peer = DlmsMeter::start(&["--hdlc", &m_path, "--physical", "17", "--physical", "18"]);
     let want = expected_registers(&DlmsMeter::dump(&["--physical", "17", "--physical", "18"]));
@@ -297,23 +306,53 @@ async fn hdlc_meters_on_one_line_should_read_and_a_wrong_address_time_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplugged_hdlc_line_should_be_a_link_failure_and_read_again_once_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m_dev, a_dev) = (dir.path().join("meter"), dir.path().join("agent"));
+    let link = format!("serial = {{ device = {:?}, baud = 9600 }}", a_dev);
+    let (bus, m17) = meter_on(&link, "h17", "client = 16, physical = 17", dir.path());
+    let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
+    let req = Request {
+        cadence: Cadence::OnDemand,
+        series: None,
+    };
+    let m_path = m_dev.to_str().unwrap().to_owned();
+    let ptys = Ptys::pair(&m_dev, &a_dev);
+    let peer = DlmsMeter::start(&["--hdlc", &m_path, "--physical", "17"]);
+    let out = m17.read(&mut slot, &req, &bus.timing).await;
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    // Unplugged: the line and its device are gone.
+    drop(peer);
+    drop(ptys);
+    for d in [&m_dev, &a_dev] {
+        let _ = std::fs::remove_file(d);
+    }
+    let mut failures = Vec::new();
+    for _ in 0..2 {
+        let out = m17.read(&mut slot, &req, &bus.timing).await;
+        assert!(out.values.is_empty());
+        failures.push(out.failure.expect("a failure while unplugged"));
+        if out.reopen {
+            slot.reset();
+        }
+    }
+    assert!(
+        failures.iter().any(|f| matches!(f, Failure::Link(_))),
+        "opening the missing device is a link failure: {failures:?}"
+    );
+    // Plugged in again under the same name: read on the same slot.
+    let _ptys = Ptys::pair(&m_dev, &a_dev);
+    let _peer = DlmsMeter::start(&["--hdlc", &m_path, "--physical", "17"]);
+    let out = m17.read(&mut slot, &req, &bus.timing).await;
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    assert!(!out.values.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_fcs_on_hdlc_should_be_a_checksum_error() {
     let dir = tempfile::tempdir().unwrap();
     let (m_dev, a_dev) = (dir.path().join("meter"), dir.path().join("agent"));
-    let _ptys = Ptys(
-        std::process::Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", m_dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", a_dev.display()))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("socat"),
-    );
-    for _ in 0..100 {
-        if m_dev.exists() && a_dev.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let _ptys = Ptys::pair(&m_dev, &a_dev);
     let m_path = m_dev.to_str().unwrap().to_owned();
     let _peer = DlmsMeter::start(&["--hdlc", &m_path, "--physical", "17", "--fault", "bad-fcs"]);
     let link = format!("serial = {{ device = {:?}, baud = 9600 }}", a_dev);
