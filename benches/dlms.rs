@@ -1,6 +1,6 @@
 //! DLMS/COSEM figures: a register read over the IEC 62056-47 wrapper — request/answer round
 //! trips and bytes on the wire per read, counted by a proxy between the driver (as the agent
-//! runs it) and the simulated meter (src/sim/dlms.rs) — and the resident memory of an idle
+//! runs it) and the simulated meter (src/sim/dlms/) — and the resident memory of an idle
 //! agent (`amr-edge run`, the shipped binary) with 200 DLMS meters configured on one bus,
 //! idle as in `benches/backbone.rs`: the broker out of reach, nothing due to be read.
 //! Run with `benches/run.sh dlms`.

@@ -1,5 +1,5 @@
 //! `amr-edge poll --config F METER --profile OBIS --from T --to T` against the simulated
-//! DLMS/COSEM meter (src/sim/dlms.rs, itself proved against Gurux's client in
+//! DLMS/COSEM meter (src/sim/dlms/, itself proved against Gurux's client in
 //! tests/dlms_sim.rs): the rows of a range exactly, as JSON and as a table, over the public
 //! client and HLS-GMAC; and the clear errors for a non-DLMS meter, a malformed time and a
 //! range that ends before it starts.

@@ -1,7 +1,7 @@
 //! Mode E (IEC 62056-21 annex E): the DLMS driver through an optical probe's opening — sign-on
 //! `/?!` at 300 Bd 7E1, an identification offering HDLC (`\2`), `ACK 2 Z 2`, then HDLC at the
 //! agreed rate in 8N1 — against the simulated meter's mode E front end on a pty
-//! (src/sim/dlms.rs, which listens only at the rate the line is set to: bytes sent at the wrong
+//! (src/sim/dlms/, which listens only at the rate the line is set to: bytes sent at the wrong
 //! rate are lost, as on a real line). Registers and a profile range read exactly, with LLS and
 //! the public client, read after read.
 

@@ -1,4 +1,4 @@
-//! amr-edge's own simulated DLMS/COSEM meter (src/sim/dlms.rs) proved against an independent
+//! amr-edge's own simulated DLMS/COSEM meter (src/sim/dlms/) proved against an independent
 //! client, Gurux's GXDLMSClient (tests/dlms/check_sim.py): every register, scaler and unit,
 //! the clock, the object list, get-with-list, and the load profile whole, by range and by
 //! entry, at each security level over the TCP wrapper, and the refusals. The simulator is

@@ -1,4 +1,4 @@
-"""Proves amr-edge's own simulated DLMS meter (src/sim/dlms.rs) against an independent client,
+"""Proves amr-edge's own simulated DLMS meter (src/sim/dlms/) against an independent client,
 Gurux's GXDLMSClient: at each security level (lowest, LLS, HLS-GMAC) over the TCP wrapper it
 reads every register, scaler and unit and compares them with the simulator's formulas
 (written again here, from its module doc), the clock, the object list as Gurux parses it,
@@ -39,7 +39,7 @@ def current(k):
     return lambda t, _p: 500 + (13 * (t // 10) + 29 * k) % 300
 
 
-# OBIS, scaler, unit code, value at meter time t: the table of src/sim/dlms.rs.
+# OBIS, scaler, unit code, value at meter time t: the table of src/sim/dlms/mod.rs.
 REGISTERS = [
     ("1.0.1.8.0.255", -1, 30, load_profile.import_raw),
     ("1.0.2.8.0.255", 3, 30, load_profile.export_raw),
