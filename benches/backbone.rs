@@ -290,13 +290,7 @@ fn rss(rows: &mut Vec<Row>) {
     }
     let start = t.elapsed();
     std::thread::sleep(Duration::from_secs(5));
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let kb = common::agent::rss_kib(pid).unwrap_or(0);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();

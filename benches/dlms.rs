@@ -5,7 +5,11 @@
 //! idle as in `benches/backbone.rs`: the broker out of reach, nothing due to be read.
 //! Run with `benches/run.sh dlms`.
 
-use std::path::{Path, PathBuf};
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -177,24 +181,6 @@ async fn register_reads(rows: &mut Vec<(String, String)>) {
     }
 }
 
-fn shipped_bin() -> PathBuf {
-    match std::env::var_os("AMR_EDGE_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_BIN_EXE_amr-edge")),
-    }
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 async fn two_hundred_meters(rows: &mut Vec<(String, String)>) {
     let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -221,7 +207,13 @@ tcp = {{ host = "127.0.0.1", port = {port} }}
     }
     let path = dir.path().join("config.toml");
     std::fs::write(&path, cfg).unwrap();
-    let mut child = Command::new(shipped_bin())
+    let (bin, shipped) = common::agent::shipped_bin();
+    let which = if shipped {
+        ""
+    } else {
+        " (bench-profile binary; benches/run.sh measures the shipped one)"
+    };
+    let mut child = Command::new(bin)
         .args(["--log", "warn", "run", "--config"])
         .arg(&path)
         .stdout(Stdio::null())
@@ -234,7 +226,7 @@ tcp = {{ host = "127.0.0.1", port = {port} }}
     let mut last = 0;
     while start.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if let Some(r) = rss_kib(pid) {
+        if let Some(r) = common::agent::rss_kib(pid) {
             peak = peak.max(r);
             last = r;
         }
@@ -245,7 +237,7 @@ tcp = {{ host = "127.0.0.1", port = {port} }}
     rows.push((
         "idle agent, 200 DLMS meters on one bus: resident memory".into(),
         format!(
-            "{:.1} MiB after 20 s (peak {:.1} MiB; budget 15 MiB)",
+            "{:.1} MiB after 20 s (peak {:.1} MiB; budget 15 MiB){which}",
             last as f64 / 1024.0,
             peak as f64 / 1024.0
         ),
