@@ -396,7 +396,7 @@ impl FromStr for Cadence {
     }
 }
 
-/// Qualities of a reading, as bits.
+/// Qualities of a reading, as bits. One byte on disk (postcard), so at most eight flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Flags(u8);
 
@@ -406,6 +406,30 @@ impl Flags {
     /// Taken while the gateway clock was not synchronised: `read_at` (and a boundary-derived
     /// `timestamp`) may be wrong.
     pub const CLOCK_UNSYNCED: Flags = Flags(2);
+    /// A row of the meter's own load profile: `timestamp` is the interval the row closes.
+    pub const FROM_PROFILE: Flags = Flags(4);
+    /// Read on the centre's `backfill` order.
+    pub const BACKFILL: Flags = Flags(8);
+    /// The row's status (or its time's clock status) says the meter's clock was invalid or
+    /// doubtful when it was captured.
+    pub const CLOCK_INVALID: Flags = Flags(16);
+    /// Captured while daylight saving time was in effect (the row's status says so).
+    pub const DST: Flags = Flags(32);
+    /// The interval saw a power failure (the row's status says so).
+    pub const POWER_DOWN: Flags = Flags(64);
+    /// The meter's clock was set during the interval (the row's status says so).
+    pub const CLOCK_ADJUSTED: Flags = Flags(128);
+
+    const NAMES: [(Flags, &'static str); 8] = [
+        (Flags::LATE, "late"),
+        (Flags::CLOCK_UNSYNCED, "clock_unsynced"),
+        (Flags::FROM_PROFILE, "from_profile"),
+        (Flags::BACKFILL, "backfill"),
+        (Flags::CLOCK_INVALID, "clock_invalid"),
+        (Flags::DST, "dst"),
+        (Flags::POWER_DOWN, "power_down"),
+        (Flags::CLOCK_ADJUSTED, "clock_adjusted"),
+    ];
 
     pub const fn empty() -> Self {
         Flags(0)
@@ -417,14 +441,11 @@ impl Flags {
         self.0 |= other.0;
     }
     pub fn names(self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.contains(Flags::LATE) {
-            v.push("late");
-        }
-        if self.contains(Flags::CLOCK_UNSYNCED) {
-            v.push("clock_unsynced");
-        }
-        v
+        Flags::NAMES
+            .iter()
+            .filter(|(f, _)| self.contains(*f))
+            .map(|(_, n)| *n)
+            .collect()
     }
 }
 
@@ -485,6 +506,9 @@ pub enum EventKind {
     /// A configuration sent by the centre (`configure`) was not confirmed in time, or did not
     /// start, and the gateway went back to the previous one.
     ConfigReverted,
+    /// A meter's load profile did not reach back far enough to fill a range the agent (or
+    /// the centre) asked for: those intervals are not in the meter any more.
+    ProfileGap,
 }
 
 impl EventKind {
@@ -512,6 +536,7 @@ impl EventKind {
             EventKind::StoreCorruption => "store_corruption",
             EventKind::SecurityError => "security_error",
             EventKind::ConfigReverted => "config_reverted",
+            EventKind::ProfileGap => "profile_gap",
         }
     }
 }

@@ -223,6 +223,16 @@ mod tests {
         fn meters(&self) -> Result<Vec<MeterState>, StoreError> {
             self.inner.meters()
         }
+        fn profile_mark(
+            &self,
+            meter: &str,
+            profile: &crate::reading::Obis,
+        ) -> Result<Option<i64>, StoreError> {
+            self.inner.profile_mark(meter, profile)
+        }
+        fn profiles(&self) -> Result<Vec<crate::store::ProfileState>, StoreError> {
+            self.inner.profiles()
+        }
         fn maintain(&self) -> Result<u64, StoreError> {
             self.inner.maintain()
         }

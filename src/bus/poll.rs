@@ -200,5 +200,6 @@ pub fn assemble(
         readings,
         events,
         marks,
+        ..Append::default()
     }
 }

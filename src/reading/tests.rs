@@ -19,6 +19,7 @@ fn every_event_kind_should_be_named_as_serde_names_it_and_found_by_its_name() {
         K::StoreCorruption,
         K::SecurityError,
         K::ConfigReverted,
+        K::ProfileGap,
     ] {
         let json = serde_json::to_string(&kind).unwrap();
         assert_eq!(json, format!("\"{}\"", kind.as_str()));

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{
     Append, Appended, COMMAND_TTL_MS, CommandLog, CommandRecord, Depth, Entry, EntryId,
-    LastFailure, MeterState, Range, Record, Stats, Store, StoreError, Stream, encoded_len,
+    LastFailure, MeterState, ProfileState, Range, Record, Stats, Store, StoreError, Stream,
+    encoded_len,
 };
-use crate::reading::Cadence;
+use crate::reading::{Cadence, Obis};
 
 #[derive(Default)]
 struct Inner {
@@ -18,6 +19,7 @@ struct Inner {
     records: BTreeMap<EntryId, Record>,
     taken: BTreeSet<EntryId>,
     marks: HashMap<(String, Cadence), i64>,
+    profiles: BTreeMap<(String, Obis), (i64, u64)>,
     last_read: BTreeMap<String, i64>,
     last_failure: BTreeMap<String, LastFailure>,
     last_drain_ms: Option<i64>,
@@ -103,6 +105,10 @@ impl Store for MemoryStore {
         for m in batch.marks {
             s.marks.insert((m.meter, m.cadence), m.boundary_ms);
         }
+        for m in batch.profile_marks {
+            let e = s.profiles.entry((m.meter, m.profile)).or_insert((0, 0));
+            *e = (m.last_ms, e.1 + m.rows);
+        }
         Ok(Appended { seqs, evicted: 0 })
     }
 
@@ -169,6 +175,24 @@ impl Store for MemoryStore {
 
     fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
         Ok(self.lock().marks.get(&(meter.to_owned(), cadence)).copied())
+    }
+
+    fn profile_mark(&self, meter: &str, profile: &Obis) -> Result<Option<i64>, StoreError> {
+        let s = self.lock();
+        Ok(s.profiles.get(&(meter.to_owned(), *profile)).map(|p| p.0))
+    }
+
+    fn profiles(&self) -> Result<Vec<ProfileState>, StoreError> {
+        let s = self.lock();
+        Ok(s.profiles
+            .iter()
+            .map(|((meter, profile), (last_ms, rows))| ProfileState {
+                meter: meter.clone(),
+                profile: *profile,
+                last_ms: *last_ms,
+                rows: *rows,
+            })
+            .collect())
     }
 
     fn meters(&self) -> Result<Vec<MeterState>, StoreError> {

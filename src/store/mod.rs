@@ -23,11 +23,13 @@
 //! the log, fsync of new blob files and fsync of the directories whose entries changed.
 //!
 //! * [`Store::append`] writes the records, the boundary marks of the reads they came from, the
+//!   high-water marks of the profiles their rows came from ([`ProfileMark`]), the
 //!   per-meter bookkeeping and the counters in **one atomic batch**, then fsyncs, and only then
 //!   returns. A crash or power cut before the fsync loses the whole batch (the caller was never
 //!   told it was stored, and the boundary is not marked read, so the beat reads it again); one
 //!   after it loses nothing. There is never a boundary marked done without its readings, nor a
-//!   reading without its boundary mark: sled's recovery replays whole batches or none.
+//!   reading without its boundary mark, nor a profile row counted read without its readings
+//!   (or read twice by the next profile read): sled's recovery replays whole batches or none.
 //!   A batch whose records cannot be encoded is refused before anything is written (the
 //!   caller keeps it, as for a full disk); the store's own small values (counters, a meter's
 //!   last failure) are encoded by a function that cannot fail, so no batch ever carries an
@@ -95,7 +97,7 @@ pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
 use crate::primitives::{ByteSize, HumanDuration, Problems};
-use crate::reading::{Cadence, EventKind, Reading, SystemEvent};
+use crate::reading::{Cadence, EventKind, Obis, Reading, SystemEvent};
 
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -238,17 +240,44 @@ pub struct Mark {
     pub boundary_ms: i64,
 }
 
+/// "Every row of (`meter`, `profile`) up to `last_ms` is buffered": the high-water mark of a
+/// profile-based read, persisted with the rows' readings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileMark {
+    pub meter: String,
+    pub profile: Obis,
+    /// The newest row's time, in Unix milliseconds: the next read asks for rows after it.
+    pub last_ms: i64,
+    /// Rows this batch adds, for the count `status` shows.
+    pub rows: u64,
+}
+
+/// What the store knows of a (meter, profile), for `status` and `inspect`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProfileState {
+    pub meter: String,
+    pub profile: Obis,
+    /// The high-water mark: the newest row buffered, Unix ms.
+    pub last_ms: i64,
+    /// Rows read by profile-based reads since the store was created.
+    pub rows: u64,
+}
+
 /// One atomic write.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Append {
     pub readings: Vec<Reading>,
     pub events: Vec<SystemEvent>,
     pub marks: Vec<Mark>,
+    pub profile_marks: Vec<ProfileMark>,
 }
 
 impl Append {
     pub fn is_empty(&self) -> bool {
-        self.readings.is_empty() && self.events.is_empty() && self.marks.is_empty()
+        self.readings.is_empty()
+            && self.events.is_empty()
+            && self.marks.is_empty()
+            && self.profile_marks.is_empty()
     }
 }
 
@@ -358,6 +387,10 @@ pub trait Store: CommandLog + Send + Sync + 'static {
     fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError>;
     /// Per-meter last read and last failure.
     fn meters(&self) -> Result<Vec<MeterState>, StoreError>;
+    /// The high-water mark of (`meter`, `profile`): the newest row buffered, Unix ms.
+    fn profile_mark(&self, meter: &str, profile: &Obis) -> Result<Option<i64>, StoreError>;
+    /// Every (meter, profile) read so far, with its mark and row count.
+    fn profiles(&self) -> Result<Vec<ProfileState>, StoreError>;
     /// Evicts what `max_age` says is too old, and reports every eviction since the last call
     /// in one system event. Called once a minute. Returns the records evicted by age.
     fn maintain(&self) -> Result<u64, StoreError>;

@@ -526,3 +526,45 @@ fn both_stores_should_know_each_meters_last_read_and_last_failure_across_a_reope
     m.append(batch()).unwrap();
     assert_eq!(m.meters().unwrap(), want, "the memory store");
 }
+
+#[test]
+fn both_stores_should_keep_a_profiles_high_water_mark_and_row_count_with_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig::default();
+    let profile = Obis([1, 0, 99, 1, 0, 255]);
+    let batch = |last_ms: i64, rows: u64| Append {
+        readings: vec![reading("m1", Cadence::Quarterly, 1, last_ms)],
+        profile_marks: vec![ProfileMark {
+            meter: "m1".into(),
+            profile,
+            last_ms,
+            rows,
+        }],
+        ..Append::default()
+    };
+    let memory = MemoryStore::new();
+    {
+        let sled = open(dir.path(), &config, c.clone());
+        for s in [&sled as &dyn Store, &memory] {
+            assert_eq!(s.profile_mark("m1", &profile).unwrap(), None);
+            s.append(batch(1_000, 4)).unwrap();
+            s.append(batch(2_000, 3)).unwrap();
+            assert_eq!(s.profile_mark("m1", &profile).unwrap(), Some(2_000));
+            assert_eq!(s.profile_mark("m2", &profile).unwrap(), None);
+        }
+    }
+    let sled = open(dir.path(), &config, c);
+    for s in [&sled as &dyn Store, &memory] {
+        assert_eq!(s.profile_mark("m1", &profile).unwrap(), Some(2_000));
+        assert_eq!(
+            s.profiles().unwrap(),
+            vec![ProfileState {
+                meter: "m1".into(),
+                profile,
+                last_ms: 2_000,
+                rows: 7,
+            }]
+        );
+    }
+}

@@ -47,6 +47,31 @@ pub(super) fn mark_key(meter: &str, cadence: Cadence) -> Vec<u8> {
     k
 }
 
+/// `p` meter `\0` profile (`A-B-C-D-E-F`): a profile's high-water mark and row count.
+pub(super) fn profile_key(meter: &str, profile: &crate::reading::Obis) -> Vec<u8> {
+    let mut k = Vec::with_capacity(meter.len() + 24);
+    k.push(b'p');
+    k.extend_from_slice(meter.as_bytes());
+    k.push(0);
+    k.extend_from_slice(profile.to_string().as_bytes());
+    k
+}
+
+/// A profile's mark as stored: last row (Unix ms) and rows read, 8 bytes big-endian each.
+pub(super) fn encode_profile_mark(last_ms: i64, rows: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&last_ms.to_be_bytes());
+    v[8..].copy_from_slice(&rows.to_be_bytes());
+    v
+}
+
+/// The inverse of [`encode_profile_mark`]; `None` for a value of another length.
+pub(super) fn decode_profile_mark(v: &[u8]) -> Option<(i64, u64)> {
+    let last = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let rows = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    (v.len() == 16).then_some((last, rows))
+}
+
 /// `tag` followed by `name`: a meter's last read (`l`), last failure (`f`), or a command id
 /// (`c`).
 pub(super) fn meter_key(tag: u8, name: &str) -> Vec<u8> {

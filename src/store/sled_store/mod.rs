@@ -5,6 +5,7 @@
 //! | `r` range first-seq(8, big-endian) | a chunk: the records of one range from one append |
 //! | `m` | [`Meta`]: counters, next sequence number |
 //! | `b` meter `\0` cadence | last boundary read, Unix ms (8, big-endian) |
+//! | `p` meter `\0` profile | a profile's high-water mark: last row, Unix ms; rows read (8 + 8, big-endian) |
 //! | `l` meter | last reading stored, Unix ms |
 //! | `f` meter | last failure: (Unix ms, kind, message), postcard |
 //! | `c` request id | when a command with that id was accepted, Unix ms |

@@ -6,16 +6,16 @@ use std::sync::Arc;
 use sled::{Batch, IVec};
 
 use super::super::{
-    Append, Appended, Entry, EntryId, LastFailure, MeterState, Range, Record, Stats, Store,
-    StoreError, Stream,
+    Append, Appended, Entry, EntryId, LastFailure, MeterState, ProfileState, Range, Record, Stats,
+    Store, StoreError, Stream,
 };
 use super::keys::{
-    decode_chunk, decode_failure, encode_chunk, encode_failure, mark_key, meter_key, parse_key,
-    rkey,
+    decode_chunk, decode_failure, decode_profile_mark, encode_chunk, encode_failure,
+    encode_profile_mark, mark_key, meter_key, parse_key, profile_key, rkey,
 };
 use super::state::{Acked, Items, State};
 use super::{SledStore, io};
-use crate::reading::Cadence;
+use crate::reading::{Cadence, Obis};
 
 /// Command ids older than this are forgotten.
 fn cutoff_commands(now_ms: i64) -> i64 {
@@ -89,6 +89,7 @@ impl SledStore {
             readings,
             events,
             marks,
+            profile_marks,
         } = batch_in;
         let mut batch = Batch::default();
         let mut last_read: BTreeMap<&str, i64> = BTreeMap::new();
@@ -108,6 +109,17 @@ impl SledStore {
             batch.insert(
                 mark_key(&m.meter, m.cadence),
                 &m.boundary_ms.to_be_bytes()[..],
+            );
+        }
+        for m in &profile_marks {
+            let key = profile_key(&m.meter, &m.profile);
+            let before = self.tree()?.get(&key).map_err(io)?;
+            let rows = before
+                .and_then(|v| decode_profile_mark(&v))
+                .map_or(0, |(_, n)| n);
+            batch.insert(
+                key,
+                &encode_profile_mark(m.last_ms, rows.saturating_add(m.rows))[..],
             );
         }
         drop(last_read);
@@ -358,6 +370,39 @@ impl SledStore {
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
+    fn profile_mark_inner(&self, meter: &str, profile: &Obis) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .tree()?
+            .get(profile_key(meter, profile))
+            .map_err(io)?
+            .and_then(|v| decode_profile_mark(&v))
+            .map(|(last, _)| last))
+    }
+
+    fn profiles_inner(&self) -> Result<Vec<ProfileState>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree()?.scan_prefix(b"p") {
+            let (k, v) = item.map_err(io)?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            let Some((meter, profile)) = name.split_once('\0') else {
+                continue;
+            };
+            let (Ok(profile), Some((last_ms, rows))) =
+                (profile.parse::<Obis>(), decode_profile_mark(&v))
+            else {
+                tracing::debug!(key = %name, "Profile mark not readable: left out");
+                continue;
+            };
+            out.push(ProfileState {
+                meter: meter.to_owned(),
+                profile,
+                last_ms,
+                rows,
+            });
+        }
+        Ok(out)
+    }
+
     fn meters_inner(&self) -> Result<Vec<MeterState>, StoreError> {
         let mut by_meter: BTreeMap<String, MeterState> = BTreeMap::new();
         let tree = self.tree()?;
@@ -447,6 +492,12 @@ impl Store for SledStore {
     }
     fn meters(&self) -> Result<Vec<MeterState>, StoreError> {
         self.meters_inner()
+    }
+    fn profile_mark(&self, meter: &str, profile: &Obis) -> Result<Option<i64>, StoreError> {
+        self.profile_mark_inner(meter, profile)
+    }
+    fn profiles(&self) -> Result<Vec<ProfileState>, StoreError> {
+        self.profiles_inner()
     }
     fn maintain(&self) -> Result<u64, StoreError> {
         self.save_high_water();
