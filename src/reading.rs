@@ -396,9 +396,10 @@ impl FromStr for Cadence {
     }
 }
 
-/// Qualities of a reading, as bits. One byte on disk (postcard), so at most eight flags.
+/// Qualities of a reading, as bits. On disk a postcard varint: one byte for the flags below
+/// 128 (the first two were a `u8`, whose encoding is the same for them), two above.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Flags(u8);
+pub struct Flags(u16);
 
 impl Flags {
     /// A catch-up read after downtime, for a boundary that passed while the agent was down.
@@ -419,8 +420,10 @@ impl Flags {
     pub const POWER_DOWN: Flags = Flags(64);
     /// The meter's clock was set during the interval (the row's status says so).
     pub const CLOCK_ADJUSTED: Flags = Flags(128);
+    /// The row's status says its values are not valid (a meter error during the interval).
+    pub const DATA_INVALID: Flags = Flags(256);
 
-    const NAMES: [(Flags, &'static str); 8] = [
+    const NAMES: [(Flags, &'static str); 9] = [
         (Flags::LATE, "late"),
         (Flags::CLOCK_UNSYNCED, "clock_unsynced"),
         (Flags::FROM_PROFILE, "from_profile"),
@@ -429,6 +432,7 @@ impl Flags {
         (Flags::DST, "dst"),
         (Flags::POWER_DOWN, "power_down"),
         (Flags::CLOCK_ADJUSTED, "clock_adjusted"),
+        (Flags::DATA_INVALID, "data_invalid"),
     ];
 
     pub const fn empty() -> Self {

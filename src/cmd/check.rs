@@ -160,7 +160,7 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
                         ic.max_baud
                     )?;
                     for c in m.reads.cadences() {
-                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
+                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m, c))?;
                     }
                 }
                 Protocol::Dlms(dc) => {
@@ -183,7 +183,7 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
                         }
                     )?;
                     for c in m.reads.cadences() {
-                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
+                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m, c))?;
                     }
                 }
                 Protocol::Mbus(mb) => {
@@ -194,7 +194,7 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
                     };
                     writeln!(s, "  meter {:<24} M-Bus {address}", m.id)?;
                     for c in m.reads.cadences() {
-                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m.reads.get(c)))?;
+                        writeln!(s, "    {:<10} {}", c.as_str(), describe(m, c))?;
                     }
                 }
             }
@@ -250,8 +250,19 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
     Ok(s)
 }
 
-fn describe(sel: Option<&amr_edge::meter::Selection>) -> String {
-    match sel {
+fn describe(m: &amr_edge::meter::Meter, c: Cadence) -> String {
+    if let Some(p) = m.reads.profile(c) {
+        let history = p
+            .history
+            .or(m.history)
+            .map(|h| format!(", history {}", HumanDuration(h)))
+            .unwrap_or_default();
+        return format!(
+            "load profile {} (rows after the last one buffered{history})",
+            p.profile
+        );
+    }
+    match m.reads.get(c) {
         Some(amr_edge::meter::Selection::All) => "all data sets".into(),
         Some(amr_edge::meter::Selection::Series(v)) => v
             .iter()

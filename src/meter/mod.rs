@@ -35,6 +35,7 @@ pub mod iec62056_21;
 pub mod link;
 pub mod mbus;
 pub mod modbus;
+pub mod rows;
 
 use std::time::Duration;
 
@@ -62,6 +63,10 @@ pub struct MeterConfig {
     /// Which series to read at each cadence. A cadence not listed is not read.
     #[serde(default)]
     pub reads: Reads,
+    /// How far back a profile-based read goes for a new meter or a wiped store (its
+    /// high-water mark unknown): `history = "7d"`. Default: one chunk's worth is never
+    /// asked for; only the last boundary's interval.
+    pub history: Option<crate::primitives::HumanDuration>,
     /// This meter's own pauses, where they differ from the bus's (see [`Timing`]).
     pub turnaround: Option<crate::primitives::HumanDuration>,
     pub connect_delay: Option<crate::primitives::HumanDuration>,
@@ -80,6 +85,8 @@ pub struct Meter {
     pub bus: String,
     pub protocol: Protocol,
     pub reads: Reads,
+    /// `history`: how far back a profile-based read without a high-water mark goes.
+    pub history: Option<Duration>,
     /// Pauses that differ from the bus's.
     pub pauses: Pauses,
 }
@@ -153,6 +160,7 @@ impl MeterConfig {
         check_pause(format!("{at}.turnaround"), self.turnaround, link, p);
         check_pause(format!("{at}.connect_delay"), self.connect_delay, link, p);
         check_pause(format!("{at}.inter_request"), self.inter_request, link, p);
+        self.check_profile_reads(at, p);
         let set = [
             self.modbus.is_some(),
             self.iec62056_21.is_some(),
@@ -211,6 +219,7 @@ impl MeterConfig {
                 bus: self.bus.clone(),
                 protocol,
                 reads: self.reads.clone(),
+                history: self.history.map(|h| h.0),
                 pauses: Pauses {
                     turnaround: self.turnaround.map(|d| d.0),
                     connect_delay: self.connect_delay.map(|d| d.0),
@@ -221,6 +230,49 @@ impl MeterConfig {
         }
     }
 }
+
+impl MeterConfig {
+    /// Profile-based reads: only protocols with a load profile, each profile read by one
+    /// cadence (two would race for its high-water mark), a sane `history`.
+    fn check_profile_reads(&self, at: &str, p: &mut Problems) {
+        let mut seen: Vec<Obis> = Vec::new();
+        for c in self.reads.cadences() {
+            let Some(read) = self.reads.profile(c) else {
+                continue;
+            };
+            if self.modbus.is_some() || self.mbus.is_some() {
+                p.push(
+                    format!("{at}.reads.{c}"),
+                    "only DLMS/COSEM and IEC 62056-21 meters keep a load profile to read from; read registers (`\"all\"` or a list of OBIS codes)",
+                );
+            }
+            if seen.contains(&read.profile) {
+                p.push(
+                    format!("{at}.reads.{c}"),
+                    format!(
+                        "profile {} is already read by another cadence; read each profile at one cadence",
+                        read.profile
+                    ),
+                );
+            }
+            seen.push(read.profile);
+        }
+        if let Some(h) = self.history {
+            if h.0 > MAX_HISTORY {
+                p.push(
+                    format!("{at}.history"),
+                    "must be at most 400d (no meter keeps a load profile longer)",
+                );
+            }
+            if h.0.is_zero() {
+                p.push(format!("{at}.history"), "must be more than 0s");
+            }
+        }
+    }
+}
+
+/// The furthest back `history` may reach.
+pub const MAX_HISTORY: Duration = Duration::from_secs(400 * 86_400);
 
 /// What one poll asks of a meter.
 #[derive(Clone, Copy, Debug)]
@@ -377,6 +429,29 @@ impl Meter {
         }
     }
 
+    /// Reads rows of the meter's own load profile (see [`rows`]): DLMS/COSEM by selective
+    /// access by range, IEC 62056-21 by `P.01(from;to)` in programming mode.
+    pub async fn read_rows(
+        &self,
+        slot: &mut Slot,
+        request: &rows::RowsRequest,
+        timing: &Timing,
+    ) -> Result<rows::Rows, Failure> {
+        match &self.protocol {
+            Protocol::Dlms(m) => m.read_rows(slot, &self.id, request, timing).await,
+            Protocol::Iec62056_21(m) => m.read_rows(slot, &self.id, request, timing).await,
+            Protocol::Modbus(_) | Protocol::Mbus(_) => Err(Failure::Refused(format!(
+                "{} meters keep no load profile to read",
+                self.protocol.name()
+            ))),
+        }
+    }
+
+    /// The profile read of `cadence`, when its `reads` name one.
+    pub fn profile_read(&self, cadence: Cadence) -> Option<&ProfileRead> {
+        self.reads.profile(cadence)
+    }
+
     /// What `request` selects: the series it names, else the meter's `reads` for the
     /// cadence, else everything.
     pub fn selection(&self, request: &Request<'_>) -> Selection {
@@ -391,35 +466,126 @@ impl Meter {
     }
 }
 
-/// `reads = { quarterly = ["1-0:1.8.0"], monthly = "all" }`.
+/// `reads = { quarterly = ["1-0:1.8.0"], daily = { profile = "1-0:99.2.0" }, monthly = "all" }`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reads {
-    pub quarterly: Option<Selection>,
-    pub hourly: Option<Selection>,
-    pub daily: Option<Selection>,
-    pub monthly: Option<Selection>,
-    pub yearly: Option<Selection>,
+    pub quarterly: Option<CadenceRead>,
+    pub hourly: Option<CadenceRead>,
+    pub daily: Option<CadenceRead>,
+    pub monthly: Option<CadenceRead>,
+    pub yearly: Option<CadenceRead>,
+}
+
+/// What one cadence reads: registers, or the rows of a load profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CadenceRead {
+    Registers(Selection),
+    Profile(ProfileRead),
+}
+
+/// `{ profile = "1-0:99.1.0" }`, optionally with its own `history`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileRead {
+    pub profile: Obis,
+    /// How far back a read without a high-water mark goes, for this cadence (else the
+    /// meter's `history`).
+    pub history: Option<Duration>,
 }
 
 impl Reads {
-    pub fn get(&self, cadence: Cadence) -> Option<&Selection> {
+    fn read(&self, cadence: Cadence) -> Option<&CadenceRead> {
         match cadence {
             Cadence::Quarterly => self.quarterly.as_ref(),
             Cadence::Hourly => self.hourly.as_ref(),
             Cadence::Daily => self.daily.as_ref(),
             Cadence::Monthly => self.monthly.as_ref(),
             Cadence::Yearly => self.yearly.as_ref(),
-            // An on-demand poll reads everything unless the command names series.
-            Cadence::OnDemand => Some(&Selection::All),
+            Cadence::OnDemand => None,
         }
     }
 
-    /// The scheduled cadences this meter is read at.
+    /// The registers a cadence reads; `None` for a cadence not read, or read from a profile.
+    pub fn get(&self, cadence: Cadence) -> Option<&Selection> {
+        match (cadence, self.read(cadence)) {
+            // An on-demand poll reads everything unless the command names series.
+            (Cadence::OnDemand, _) => Some(&Selection::All),
+            (_, Some(CadenceRead::Registers(s))) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The profile a cadence reads from, if it does.
+    pub fn profile(&self, cadence: Cadence) -> Option<&ProfileRead> {
+        match self.read(cadence) {
+            Some(CadenceRead::Profile(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The scheduled cadences this meter is read at (registers or profile).
     pub fn cadences(&self) -> impl Iterator<Item = Cadence> + '_ {
         Cadence::SCHEDULED
             .into_iter()
-            .filter(|c| self.get(*c).is_some())
+            .filter(|c| self.read(*c).is_some())
+    }
+}
+
+impl<'de> Deserialize<'de> for CadenceRead {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            profile: String,
+            history: Option<crate::primitives::HumanDuration>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Profile(Raw),
+            Registers(serde_value_registers::Registers),
+        }
+        let what = "expected \"all\", a list of OBIS codes such as [\"1-0:1.8.0\"], or a load profile such as { profile = \"1-0:99.1.0\" }";
+        match Either::deserialize(d).map_err(|_| serde::de::Error::custom(what))? {
+            Either::Registers(r) => {
+                r.0.map(CadenceRead::Registers)
+                    .map_err(serde::de::Error::custom)
+            }
+            Either::Profile(raw) => {
+                let profile = raw
+                    .profile
+                    .parse::<Obis>()
+                    .map_err(serde::de::Error::custom)?;
+                Ok(CadenceRead::Profile(ProfileRead {
+                    profile,
+                    history: raw.history.map(|h| h.0),
+                }))
+            }
+        }
+    }
+}
+
+/// The register forms of a cadence's read, parsed leniently so that the untagged enum above
+/// can tell them from a profile table and still give [`Selection`]'s own error message.
+mod serde_value_registers {
+    use serde::{Deserialize, Deserializer};
+
+    pub struct Registers(pub Result<super::Selection, String>);
+
+    impl<'de> Deserialize<'de> for Registers {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            #[derive(Deserialize)]
+            #[serde(untagged)]
+            enum Raw {
+                Word(String),
+                List(Vec<String>),
+            }
+            let raw = Raw::deserialize(d)?;
+            Ok(Registers(super::Selection::from_raw(match raw {
+                Raw::Word(w) => Err(w),
+                Raw::List(l) => Ok(l),
+            })))
+        }
     }
 }
 
@@ -439,6 +605,24 @@ impl Selection {
     }
 }
 
+impl Selection {
+    /// `"all"` (a word) or a list of OBIS codes, with the message a person needs otherwise.
+    fn from_raw(raw: Result<Vec<String>, String>) -> Result<Selection, String> {
+        match raw {
+            Err(w) if w == "all" => Ok(Selection::All),
+            Err(w) => Err(format!(
+                "expected \"all\" or a list of OBIS codes, not \"{w}\""
+            )),
+            Ok(list) => list
+                .iter()
+                .map(|s| s.parse::<Obis>())
+                .collect::<Result<Vec<_>, _>>()
+                .map(Selection::Series)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Selection {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -452,18 +636,11 @@ impl<'de> Deserialize<'de> for Selection {
                 "expected \"all\" or a list of OBIS codes such as [\"1-0:1.8.0\"]",
             )
         })?;
-        match raw {
-            Raw::Word(w) if w == "all" => Ok(Selection::All),
-            Raw::Word(w) => Err(serde::de::Error::custom(format!(
-                "expected \"all\" or a list of OBIS codes, not \"{w}\""
-            ))),
-            Raw::List(list) => list
-                .iter()
-                .map(|s| s.parse::<Obis>())
-                .collect::<Result<Vec<_>, _>>()
-                .map(Selection::Series)
-                .map_err(serde::de::Error::custom),
-        }
+        Selection::from_raw(match raw {
+            Raw::Word(w) => Err(w),
+            Raw::List(l) => Ok(l),
+        })
+        .map_err(serde::de::Error::custom)
     }
 }
 

@@ -157,3 +157,17 @@ fn cadence_priorities_should_put_on_demand_first_and_quarterly_last() {
     assert_eq!(all.first(), Some(&Cadence::OnDemand));
     assert_eq!(all.last(), Some(&Cadence::Quarterly));
 }
+
+#[test]
+fn flags_written_as_the_old_single_byte_should_read_back_the_same() {
+    // Stores written before the profile flags held `Flags(u8)`: postcard wrote the byte as
+    // it is; a u16 varint below 128 is that same byte.
+    for old in [0u8, 1, 2, 3] {
+        let f: Flags = postcard::from_bytes(&[old]).unwrap();
+        assert_eq!(postcard::to_stdvec(&f).unwrap(), vec![old]);
+    }
+    assert_eq!(
+        (Flags::FROM_PROFILE | Flags::DATA_INVALID).names(),
+        vec!["from_profile", "data_invalid"]
+    );
+}

@@ -34,6 +34,7 @@ use crate::primitives::{HumanDuration, Problems};
 use crate::reading::{Obis, Stamp};
 
 mod config;
+mod rows;
 
 pub use config::{DlmsMeterConfig, SecurityName, default_system_title};
 

@@ -157,6 +157,20 @@ pub struct IecMeter {
 }
 
 impl IecMeter {
+    /// Rows of the meter's load profile (`P.01`) in the request's range.
+    pub async fn read_rows(
+        &self,
+        _slot: &mut Slot,
+        _meter: &str,
+        _request: &crate::meter::rows::RowsRequest,
+        _timing: &Timing,
+    ) -> Result<crate::meter::rows::Rows, crate::meter::Failure> {
+        // TODO(iec-profile): programming mode, R5 P.01(from;to) — being built.
+        Err(crate::meter::Failure::Refused(
+            "IEC 62056-21 load profile reads are not built yet".into(),
+        ))
+    }
+
     /// Reads the meter on `slot`: the bus's port, in IEC framing.
     pub async fn read(
         &self,
