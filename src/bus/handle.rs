@@ -23,6 +23,9 @@ pub struct PollRequest {
     /// The on-demand command's id, for `cancel` and the reply.
     pub request_id: Option<String>,
     pub reply: Option<oneshot::Sender<PollReport>>,
+    /// A profile read in progress (a backfill, or the next chunk of a long read); `None`:
+    /// what the meter's `reads` say for the cadence.
+    pub rows: Option<Box<super::rows::RowsJob>>,
 }
 
 impl PollRequest {
@@ -35,6 +38,7 @@ impl PollRequest {
             series: None,
             request_id: None,
             reply: None,
+            rows: None,
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct PollReport {
     pub errors: Vec<PollError>,
     /// Whether the readings are in the store (durable).
     pub stored: bool,
+    /// A profile read's rows (its readings are not repeated in `readings`).
+    pub rows: Option<super::rows::RowsTally>,
 }
 
 /// Why a poll did not (fully) happen.
@@ -62,6 +68,12 @@ pub enum PollError {
     /// Queued when the agent began to stop; a scheduled read is read late after the restart.
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// The store could not be asked or written (a profile read's high-water mark).
+    #[error("store: {0}")]
+    Store(String),
+    /// A `cancel` dropped the rest of it.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// What `inspect` shows of a bus.
@@ -181,6 +193,8 @@ impl BusHandle {
     }
 
     /// Queues a poll without waiting; a full inbox hands the request back.
+    // The request comes back in the error, unboxed, so that the caller can answer it.
+    #[allow(clippy::result_large_err)]
     pub fn try_poll(&self, req: PollRequest) -> Result<(), Busy> {
         self.tx
             .try_send(BusCommand::Poll(req))
@@ -251,6 +265,8 @@ impl Router {
     }
 
     /// Queues without waiting: a full bus inbox hands the request back.
+    // The request comes back in the error, unboxed, so that the caller can answer it.
+    #[allow(clippy::result_large_err)]
     pub fn try_poll(&self, req: PollRequest) -> Result<(), RouteError> {
         match self.bus_of(&req.meter) {
             None => Err(RouteError::UnknownMeter(req)),

@@ -22,6 +22,7 @@
 pub mod handle;
 pub mod poll;
 pub mod queue;
+pub mod rows;
 pub mod spill;
 pub mod worker;
 pub mod write;

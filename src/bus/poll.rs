@@ -22,6 +22,8 @@ pub struct Done {
     /// `Err`: the read failed (not a refusal of part of it).
     pub result: Result<(), Failure>,
     pub unmapped: usize,
+    /// A profile read's next chunk, to queue below the scheduled reads.
+    pub again: Option<PollRequest>,
 }
 
 /// Reads, stores and reports one poll.
@@ -32,6 +34,9 @@ pub async fn run_poll(
     meter: Arc<Meter>,
     req: PollRequest,
 ) -> Done {
+    if let Some(profile) = super::rows::profile_of(&meter, &req) {
+        return super::rows::run_rows(w, timing, slot, meter, req, profile).await;
+    }
     let info = PollInfo::from(&req);
     let request = Request {
         cadence: req.cadence,
@@ -102,6 +107,7 @@ pub async fn run_poll(
             readings,
             errors: failures.into_iter().map(PollError::Meter).collect(),
             stored,
+            rows: None,
         });
     }
     Done {
@@ -110,6 +116,7 @@ pub async fn run_poll(
         info,
         result: failure.map_or(Ok(()), Err),
         unmapped,
+        again: None,
     }
 }
 
@@ -122,6 +129,7 @@ pub fn reply_error(req: PollRequest, why: PollError) {
             readings: Vec::new(),
             errors: vec![why],
             stored: false,
+            rows: req.rows.map(|j| j.tally),
         });
     }
 }

@@ -35,10 +35,26 @@ pub struct PollQueue {
 
 impl PollQueue {
     pub fn push(&mut self, req: PollRequest) -> Pushed {
+        let continuation = req.rows.as_ref().is_some_and(|j| j.is_continuation());
         if req.cadence != Cadence::OnDemand {
             let k = (req.meter.clone(), req.cadence);
-            if let Some(key) = self.scheduled.get(&k) {
-                if let Some(queued) = self.entries.get_mut(key) {
+            if let Some(key) = self.scheduled.get(&k).copied() {
+                let queued_continues = self
+                    .entries
+                    .get(&key)
+                    .and_then(|q| q.rows.as_ref())
+                    .is_some_and(|j| j.is_continuation());
+                if continuation {
+                    // A newer read of the same profile is queued: it starts from the same
+                    // high-water mark, so this chunk is not needed.
+                    return Pushed::Queued;
+                }
+                if queued_continues {
+                    // The next chunk of a profile read gives way to the boundary's own read,
+                    // which goes on from the same mark, at the cadence's priority.
+                    self.entries.remove(&key);
+                    self.scheduled.remove(&k);
+                } else if let Some(queued) = self.entries.get_mut(&key) {
                     let skipped = queued.boundary;
                     queued.boundary = req.boundary;
                     queued.flags = queued.flags | req.flags;
@@ -47,7 +63,13 @@ impl PollQueue {
             }
         }
         self.arrivals += 1;
-        let key = (req.cadence.priority(), self.arrivals);
+        // The next chunks of profile reads (a long gap, a backfill) after everything else.
+        let priority = if continuation {
+            u8::MAX
+        } else {
+            req.cadence.priority()
+        };
+        let key = (priority, self.arrivals);
         if req.cadence != Cadence::OnDemand {
             self.scheduled.insert((req.meter.clone(), req.cadence), key);
         }
@@ -77,7 +99,7 @@ impl PollQueue {
         Some(req)
     }
 
-    /// Removes the queued on-demand polls of `request_id`.
+    /// Removes the queued polls of `request_id` (on-demand polls, a backfill's next chunk).
     pub fn cancel(&mut self, request_id: &str) -> Vec<PollRequest> {
         let keys: Vec<(u8, u64)> = self
             .entries
@@ -153,5 +175,38 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q.cancel("r1").len(), 1);
         assert_eq!(q.pop().unwrap().request_id.as_deref(), Some("r2"));
+    }
+
+    fn continuation(meter: &str, cadence: Cadence) -> PollRequest {
+        let mut r = req(meter, cadence);
+        let mut job = crate::bus::rows::RowsJob::new(crate::reading::Obis([1, 0, 99, 1, 0, 255]));
+        job.next = Some("2026-01-01T00:00:00Z".parse().unwrap());
+        r.rows = Some(Box::new(job));
+        r
+    }
+
+    #[test]
+    fn a_profile_reads_next_chunk_should_wait_behind_every_scheduled_read_and_give_way_to_its_boundary()
+     {
+        let mut q = PollQueue::default();
+        q.push(continuation("a", Cadence::Daily));
+        q.push(req("b", Cadence::Quarterly));
+        q.push(continuation("c", Cadence::Quarterly));
+        q.push(req("d", Cadence::Quarterly));
+        let order: Vec<String> = std::iter::from_fn(|| q.pop()).map(|r| r.meter).collect();
+        assert_eq!(order, ["b", "d", "a", "c"]);
+
+        // The boundary's read replaces a queued chunk (it starts from the same mark)...
+        q.push(continuation("a", Cadence::Quarterly));
+        assert_eq!(q.push(req("a", Cadence::Quarterly)), Pushed::Queued);
+        assert_eq!(q.len(), 1);
+        assert!(q.pop().unwrap().rows.is_none());
+        // ...and a chunk arriving behind a queued read of the same cadence is dropped.
+        q.push(req("a", Cadence::Quarterly));
+        assert_eq!(
+            q.push(continuation("a", Cadence::Quarterly)),
+            Pushed::Queued
+        );
+        assert_eq!(q.len(), 1);
     }
 }

@@ -54,6 +54,17 @@ impl Spill {
         dropped
     }
 
+    /// The newest high-water mark of (`meter`, `profile`) among the batches kept: rows up to
+    /// it are read (and wait here), so the next profile read starts after it.
+    pub fn profile_mark(&self, meter: &str, profile: &crate::reading::Obis) -> Option<i64> {
+        self.batches
+            .iter()
+            .flat_map(|b| &b.profile_marks)
+            .filter(|m| m.meter == meter && m.profile == *profile)
+            .map(|m| m.last_ms)
+            .max()
+    }
+
     pub fn front(&self) -> Option<&Append> {
         self.batches.front()
     }

@@ -104,7 +104,16 @@ impl BusWorker {
         loop {
             // Start what can start.
             while !stopping && !free.is_empty() {
-                let Some(req) = queue.pop() else { break };
+                // Never two scheduled reads of one (meter, cadence) at once (a TCP bus with
+                // concurrency): a profile read's high-water mark is read and moved by one.
+                let Some(req) = queue.pop_where(|r| {
+                    r.cadence == Cadence::OnDemand
+                        || !active_info
+                            .iter()
+                            .any(|a| a.meter == r.meter && a.cadence == r.cadence)
+                }) else {
+                    break;
+                };
                 let Some(meter) = self.meters.get(&req.meter) else {
                     reply_error(req, PollError::UnknownMeter);
                     continue;
@@ -138,8 +147,11 @@ impl BusWorker {
                     }
                 }
                 Some(done) = active.next() => {
-                    let Done { slot, meter, info, result, unmapped } = done;
+                    let Done { slot, meter, info, result, unmapped, again } = done;
                     free.push(slot);
+                    if let Some(next) = again {
+                        self.enqueue(&mut queue, next);
+                    }
                     if let Some(i) = active_info.iter().position(|a| a.meter == info.meter && a.cadence == info.cadence && a.request_id == info.request_id) {
                         active_info.remove(i);
                     }
@@ -169,7 +181,21 @@ impl BusWorker {
                     None => stopping = true,
                     Some(BusCommand::Poll(req)) => self.enqueue(&mut queue, req),
                     Some(BusCommand::Cancel { request_id, reply }) => {
-                        let _ = reply.send(queue.cancel(&request_id));
+                        let mut dropped = queue.cancel(&request_id);
+                        // A backfill cancelled between chunks: say what it read so far.
+                        for req in &mut dropped {
+                            if let (Some(tx), Some(job)) = (req.reply.take(), req.rows.clone()) {
+                                let _ = tx.send(super::handle::PollReport {
+                                    meter: req.meter.clone(),
+                                    cadence: req.cadence,
+                                    readings: Vec::new(),
+                                    errors: vec![PollError::Cancelled],
+                                    stored: true,
+                                    rows: Some(job.tally),
+                                });
+                            }
+                        }
+                        let _ = reply.send(dropped);
                     }
                     Some(BusCommand::Inspect(reply)) => {
                         let _ = reply.send(BusSnapshot {

@@ -180,6 +180,7 @@ fn answer(req: PollRequest) {
         readings: vec![reading(&req.meter, Cadence::OnDemand, 11_000_125, AT_MS)],
         errors: Vec::new(),
         stored: true,
+        rows: None,
     };
     if let Some(tx) = req.reply {
         let _ = tx.send(report);

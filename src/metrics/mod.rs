@@ -178,6 +178,8 @@ pub struct BusMetrics {
     pub failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Beat overruns, by cadence.
     pub overruns: [AtomicU64; 6],
+    /// Rows read from meters' load profiles (profile-based reads and backfills).
+    pub profile_rows: AtomicU64,
     per_meter: AtomicBool,
     pub meters: Mutex<BTreeMap<String, MeterCounters>>,
 }
@@ -241,6 +243,11 @@ impl BusMetrics {
     /// Readings of `cadence` made durable.
     pub fn buffered(&self, cadence: Cadence, n: usize) {
         self.buffered[cadence_index(cadence)].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Rows of a meter's load profile read and handed to the store.
+    pub fn backfill_rows(&self, n: u64) {
+        self.profile_rows.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn overrun(&self, cadence: Cadence) {

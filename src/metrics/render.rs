@@ -376,6 +376,20 @@ pub fn encode(out: &mut String, s: &Snapshot<'_>) {
         "Reads still queued at their next boundary (overruns), by bus and cadence.",
         &|b| &b.overruns,
     );
+    head(
+        out,
+        "amr_edge_profile_rows_total",
+        "counter",
+        "Rows read from meters' own load profiles (profile-based reads and backfills), by bus.",
+    );
+    for b in &buses {
+        let _ = writeln!(
+            out,
+            "amr_edge_profile_rows_total{{bus=\"{}\"}} {}",
+            Esc(&b.name),
+            b.profile_rows.load(Ordering::Relaxed)
+        );
+    }
 
     // Per meter, when asked for.
     let per_meter: Vec<_> = buses
