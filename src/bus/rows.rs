@@ -153,7 +153,7 @@ pub async fn run_rows(
             tracing::warn!(bus = %w.bus, meter = %meter.id, %profile, error = %why, "Profile read skipped: its high-water mark cannot be read");
             return finish(
                 req,
-                job,
+                job.tally,
                 &meter,
                 slot,
                 info,
