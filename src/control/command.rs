@@ -8,6 +8,7 @@
 //! {"request_id": "r-5", "command": "get_config"}
 //! {"request_id": "r-6", "command": "configure", "config": "<TOML>", "base": "<sha256>", "confirm_within": "10m"}
 //! {"request_id": "r-7", "command": "confirm", "target": "r-6"}
+//! {"request_id": "r-8", "command": "backfill", "meters": ["LGZ-E450-0001"], "profile": "1-0:99.1.0", "from": "2026-11-01T00:00:00Z", "to": "2026-11-02T00:00:00Z"}
 //! ```
 //!
 //! `configure` and `confirm` are what [`super::remote`] runs; here they are only parsed. A
@@ -28,7 +29,8 @@
 //! request_id \n command \n ts \n meters joined by "," \n series joined by "," \n target
 //! ```
 //!
-//! and, for `configure` only, three more lines, so the signature covers the configuration
+//! and, for `backfill` only, three more lines: `profile`, `from` and `to` as sent; for
+//! `configure` only, three more lines, so the signature covers the configuration
 //! itself (by its hash), what it replaces and its window:
 //!
 //! ```text
@@ -81,6 +83,13 @@ pub enum Command {
     Confirm {
         target: String,
     },
+    /// Read `from ..= to` of these meters' load profile `profile` again.
+    Backfill {
+        meters: Vec<String>,
+        profile: Obis,
+        from_ms: i64,
+        to_ms: i64,
+    },
 }
 
 impl Command {
@@ -93,6 +102,7 @@ impl Command {
             Command::GetConfig => "get_config",
             Command::Configure { .. } => "configure",
             Command::Confirm { .. } => "confirm",
+            Command::Backfill { .. } => "backfill",
         }
     }
 }
@@ -120,6 +130,8 @@ pub struct Rules<'a> {
     pub key: Option<&'a [u8]>,
     pub now_s: i64,
     pub window_s: i64,
+    /// The longest range a `backfill` may ask for (`[mqtt] max_backfill`).
+    pub max_backfill: std::time::Duration,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +145,9 @@ struct Raw {
     config: Option<String>,
     base: Option<String>,
     confirm_within: Option<String>,
+    profile: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
     ts: Option<i64>,
     sig: Option<String>,
 }
@@ -176,6 +191,9 @@ pub fn parse(payload: &[u8], rules: &Rules<'_>) -> Result<Request, Rejection> {
             ("config", raw.config.is_some()),
             ("base", raw.base.is_some()),
             ("confirm_within", raw.confirm_within.is_some()),
+            ("profile", raw.profile.is_some()),
+            ("from", raw.from.is_some()),
+            ("to", raw.to.is_some()),
         ] {
             if present && !allowed.contains(&name) {
                 return Err(reject(
@@ -293,11 +311,69 @@ pub fn parse(payload: &[u8], rules: &Rules<'_>) -> Result<Request, Rejection> {
                 }
             }
         }
+        "backfill" => {
+            only(&["meters", "profile", "from", "to"])?;
+            let meters = match &raw.meters {
+                Some(m) if !m.is_empty() => m.clone(),
+                _ => {
+                    return Err(reject(
+                        id,
+                        "`backfill` needs `meters`: the meters whose profile to read again".into(),
+                    ));
+                }
+            };
+            if let Some(unknown) = meters.iter().find(|m| !rules.meters.contains(*m)) {
+                return Err(reject(id, format!("unknown meter `{unknown}`")));
+            }
+            let Some(profile) = &raw.profile else {
+                return Err(reject(
+                    id,
+                    "`backfill` needs `profile`, e.g. \"1-0:99.1.0\"".into(),
+                ));
+            };
+            let profile = profile
+                .parse::<Obis>()
+                .map_err(|e| reject(id, format!("`profile`: {e}")))?;
+            let time = |name: &str, v: &Option<String>| -> Result<jiff::Timestamp, Rejection> {
+                let v = v.as_deref().ok_or_else(|| {
+                    reject(
+                        id,
+                        format!("`backfill` needs `{name}` (RFC 3339, e.g. 2026-11-01T00:00:00Z)"),
+                    )
+                })?;
+                v.parse::<jiff::Timestamp>().map_err(|e| {
+                    reject(
+                        id,
+                        format!("`{name}` is not an RFC 3339 time with an offset: {e}"),
+                    )
+                })
+            };
+            let (from, to) = (time("from", &raw.from)?, time("to", &raw.to)?);
+            if from >= to {
+                return Err(reject(id, "`from` must be before `to`".into()));
+            }
+            let span_ms = to.as_millisecond() - from.as_millisecond();
+            if span_ms > rules.max_backfill.as_millis() as i64 {
+                return Err(reject(
+                    id,
+                    format!(
+                        "the range is longer than max_backfill ({}): ask for it in parts",
+                        HumanDuration(rules.max_backfill)
+                    ),
+                ));
+            }
+            Command::Backfill {
+                meters,
+                profile,
+                from_ms: from.as_millisecond(),
+                to_ms: to.as_millisecond(),
+            }
+        }
         other => {
             return Err(reject(
                 id,
                 format!(
-                    "unknown command `{other}` (poll, inspect, ping, cancel, get_config, configure, confirm)"
+                    "unknown command `{other}` (poll, inspect, ping, cancel, get_config, configure, confirm, backfill)"
                 ),
             ));
         }
@@ -367,6 +443,14 @@ fn canonical(raw: &Raw, ts: i64) -> String {
         raw.series.as_deref().unwrap_or_default().join(","),
         raw.target.as_deref().unwrap_or_default()
     );
+    if raw.command == "backfill" {
+        s.push_str(&format!(
+            "\n{}\n{}\n{}",
+            raw.profile.as_deref().unwrap_or_default(),
+            raw.from.as_deref().unwrap_or_default(),
+            raw.to.as_deref().unwrap_or_default()
+        ));
+    }
     if raw.command == "configure" {
         s.push_str(&format!(
             "\n{}\n{}\n{}",
@@ -397,6 +481,39 @@ pub fn sign(
         config: None,
         base: None,
         confirm_within: None,
+        profile: None,
+        from: None,
+        to: None,
+        ts: Some(ts),
+        sig: None,
+    };
+    let mut mac = mac(key);
+    mac.update(canonical(&raw, ts).as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The signature of a `backfill` (`profile`, `from` and `to` as sent).
+pub fn sign_backfill(
+    key: &[u8],
+    request_id: &str,
+    ts: i64,
+    meters: &[&str],
+    profile: &str,
+    from: &str,
+    to: &str,
+) -> String {
+    let raw = Raw {
+        request_id: request_id.into(),
+        command: "backfill".into(),
+        meters: Some(meters.iter().map(|s| s.to_string()).collect()),
+        series: None,
+        target: None,
+        config: None,
+        base: None,
+        confirm_within: None,
+        profile: Some(profile.to_owned()),
+        from: Some(from.to_owned()),
+        to: Some(to.to_owned()),
         ts: Some(ts),
         sig: None,
     };
@@ -423,6 +540,9 @@ pub fn sign_configure(
         config: Some(config.to_owned()),
         base: Some(base.to_owned()),
         confirm_within: (!confirm_within.is_empty()).then(|| confirm_within.to_owned()),
+        profile: None,
+        from: None,
+        to: None,
         ts: Some(ts),
         sig: None,
     };

@@ -48,6 +48,9 @@ pub struct MqttConfig {
     /// How long a poll's `done` waits for slow meters before reporting them as timed out.
     #[serde(default = "default_poll_timeout")]
     pub poll_timeout: HumanDuration,
+    /// The longest range one `backfill` command may ask for.
+    #[serde(default = "default_max_backfill")]
+    pub max_backfill: HumanDuration,
     /// Longest wait between reconnection attempts.
     #[serde(default = "default_max_backoff")]
     pub max_backoff: HumanDuration,
@@ -77,6 +80,9 @@ fn default_max_pending() -> usize {
 }
 fn default_poll_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
+}
+fn default_max_backfill() -> HumanDuration {
+    HumanDuration(Duration::from_secs(31 * 86_400))
 }
 fn default_max_backoff() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
@@ -137,6 +143,11 @@ impl MqttConfig {
         }
         if self.keep_alive.0 < Duration::from_secs(5) {
             p.push(format!("{at}.keep_alive"), "must be at least 5s");
+        }
+        if self.max_backfill.0 < Duration::from_secs(3600)
+            || self.max_backfill.0 > crate::meter::MAX_HISTORY
+        {
+            p.push(format!("{at}.max_backfill"), "must be between 1h and 400d");
         }
     }
 

@@ -32,8 +32,8 @@ use super::command::{self, Command, MAX_CONFIG_PAYLOAD, Rejection, Request, Rule
 use super::link::{Delivery, Mqtt};
 use super::remote::ConfigRequest;
 use super::reply::{
-    Accepted, Buffer, Cancelled, Done, Inspection, MeterResult, Outcome, Pong, Rejected, State,
-    Status, StatusDoc, Value, to_json,
+    Accepted, Buffer, Cancelled, Done, Inspection, MeterResult, Outcome, Pong, Rejected,
+    RowsResult, State, Status, StatusDoc, Value, to_json,
 };
 use super::tasks::Tasks;
 use crate::beat::BeatConfig;
@@ -58,6 +58,8 @@ pub struct Context {
     pub started_at: Timestamp,
     pub topics: Topics,
     pub poll_timeout: Duration,
+    /// `[mqtt] max_backfill`: the longest range a `backfill` may ask for.
+    pub max_backfill: Duration,
     /// The HMAC key, when commands must be signed.
     pub key: Option<Vec<u8>>,
     pub max_payload: usize,
@@ -113,6 +115,7 @@ impl<M: Mqtt> Handler<M> {
             key: self.cx.key.as_deref(),
             now_s: self.cx.clock.now().as_second(),
             window_s: self.cx.signature_window.as_secs() as i64,
+            max_backfill: self.cx.max_backfill,
         };
         match command::parse(&delivery.payload, &rules) {
             Err(Rejection { request_id, reason }) => {
@@ -223,6 +226,7 @@ impl<M: Mqtt> Handler<M> {
                     Some(Command::Poll { meters, .. }) => {
                         meters.clone().unwrap_or_else(|| self.cx.meters.clone())
                     }
+                    Some(Command::Backfill { meters, .. }) => meters.clone(),
                     _ => Vec::new(),
                 };
                 let accepted_at = Timestamp::from_millisecond(kept.accepted_ms)
@@ -267,6 +271,21 @@ impl<M: Mqtt> Handler<M> {
             }
             Command::Poll { meters, series } => {
                 return self.start_poll(request_id, meters, series, fresh).await;
+            }
+            Command::Backfill {
+                meters,
+                profile,
+                from_ms,
+                to_ms,
+            } => {
+                let range = (
+                    Timestamp::from_millisecond(from_ms).unwrap_or(Timestamp::UNIX_EPOCH),
+                    Timestamp::from_millisecond(to_ms).unwrap_or(Timestamp::UNIX_EPOCH),
+                );
+                let job = Backfill { profile, range };
+                return self
+                    .start(request_id, Some(meters), None, Some(job), fresh)
+                    .await;
             }
             Command::GetConfig => match self.ask(|reply| ConfigRequest::Get { reply }).await {
                 Some(doc) => Outcome::GetConfig {
@@ -366,14 +385,37 @@ impl<M: Mqtt> Handler<M> {
         series: Option<Vec<crate::reading::Obis>>,
         fresh: bool,
     ) {
+        self.start(request_id, meters, series, None, fresh).await
+    }
+
+    /// Queues a poll's (or a backfill's) reads of each meter, says `accepted`, and leaves a
+    /// waiter to say `done`.
+    async fn start(
+        &self,
+        request_id: String,
+        meters: Option<Vec<String>>,
+        series: Option<Vec<crate::reading::Obis>>,
+        backfill: Option<Backfill>,
+        fresh: bool,
+    ) {
         let mut waits = Vec::new();
         let mut missed = Vec::new();
+        let command = if backfill.is_some() {
+            "backfill"
+        } else {
+            "poll"
+        };
         for meter in meters.unwrap_or_else(|| self.cx.meters.clone()) {
             let (tx, rx) = oneshot::channel();
             let mut req = PollRequest::new(meter.clone(), Cadence::OnDemand);
             req.request_id = Some(request_id.clone());
             req.series = series.clone();
             req.reply = Some(tx);
+            if let Some(b) = &backfill {
+                let mut job = crate::bus::rows::RowsJob::new(b.profile);
+                job.backfill = Some(b.range);
+                req.rows = Some(Box::new(job));
+            }
             match self.cx.router.try_poll(req) {
                 Ok(()) => waits.push((meter, rx)),
                 Err(RouteError::Busy(_)) => missed.push(MeterResult::failed(
@@ -400,7 +442,7 @@ impl<M: Mqtt> Handler<M> {
             self.reply(&Accepted {
                 request_id: request_id.clone(),
                 status: Status::Accepted,
-                command: "poll",
+                command,
                 meters: waits.iter().map(|(m, _)| m.clone()).collect(),
                 duplicate: false,
                 accepted_at: None,
@@ -408,10 +450,21 @@ impl<M: Mqtt> Handler<M> {
             .await;
         }
         let this = self.clone();
+        // A backfill reads days of rows chunk by chunk, behind the scheduled reads: it may
+        // take far longer than a poll.
+        let timeout = if backfill.is_some() {
+            self.cx.poll_timeout.max(BACKFILL_TIMEOUT)
+        } else {
+            self.cx.poll_timeout
+        };
         self.tasks.spawn("poll waiter", async move {
-            if let Some(results) = this.wait_poll(waits, missed).await {
-                this.finish(Done::new(&request_id, Outcome::Poll { results }))
-                    .await;
+            if let Some(results) = this.wait_poll(waits, missed, timeout).await {
+                let outcome = if backfill.is_some() {
+                    Outcome::Backfill { results }
+                } else {
+                    Outcome::Poll { results }
+                };
+                this.finish(Done::new(&request_id, outcome)).await;
             }
         });
     }
@@ -422,8 +475,8 @@ impl<M: Mqtt> Handler<M> {
         &self,
         waits: Vec<(String, oneshot::Receiver<PollReport>)>,
         missed: Vec<MeterResult>,
+        timeout: Duration,
     ) -> Option<Vec<MeterResult>> {
-        let timeout = self.cx.poll_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut results = Vec::new();
         for (meter, rx) in waits {
@@ -567,8 +620,40 @@ impl<M: Mqtt> Handler<M> {
     }
 }
 
+/// What a `backfill` reads of each meter.
+struct Backfill {
+    profile: crate::reading::Obis,
+    range: (Timestamp, Timestamp),
+}
+
+/// The longest a `backfill`'s `done` waits for its meters (at least `poll_timeout`).
+const BACKFILL_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The one place that reads a [`PollReport`]'s values and errors.
 fn meter_result(report: &PollReport) -> MeterResult {
+    if let Some(t) = &report.rows {
+        return MeterResult {
+            meter: report.meter.clone(),
+            ok: report.errors.is_empty(),
+            values: None,
+            stored: Some(report.stored),
+            error: (!report.errors.is_empty()).then(|| {
+                let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+                errors.join("; ")
+            }),
+            rows: Some(RowsResult {
+                rows: t.rows,
+                readings: t.readings,
+                first: t.first.map(|s| s.rfc3339()),
+                last: t.last.map(|s| s.rfc3339()),
+                gaps: t
+                    .gaps
+                    .iter()
+                    .map(|(a, b)| [a.rfc3339(), b.rfc3339()])
+                    .collect(),
+            }),
+        };
+    }
     let values = report
         .readings
         .iter()
@@ -588,5 +673,6 @@ fn meter_result(report: &PollReport) -> MeterResult {
             let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
             errors.join("; ")
         }),
+        rows: None,
     }
 }

@@ -102,6 +102,7 @@ impl Control {
             started_at,
             topics: config.topics(gateway),
             poll_timeout: config.poll_timeout.0,
+            max_backfill: config.max_backfill.0,
             key: config.hmac_key()?,
             max_payload: config.max_payload.0 as usize,
             signature_window: config.signature_window.0,

@@ -162,6 +162,7 @@ impl Done {
 #[serde(untagged)]
 pub enum Outcome {
     Poll { results: Vec<MeterResult> },
+    Backfill { results: Vec<MeterResult> },
     Ping { result: Pong },
     Inspect { result: Box<Inspection> },
     Cancel { result: Cancelled },
@@ -173,6 +174,7 @@ impl Outcome {
     pub fn command(&self) -> &'static str {
         match self {
             Outcome::Poll { .. } => "poll",
+            Outcome::Backfill { .. } => "backfill",
             Outcome::Ping { .. } => "ping",
             Outcome::Inspect { .. } => "inspect",
             Outcome::Cancel { .. } => "cancel",
@@ -194,6 +196,21 @@ pub struct MeterResult {
     pub stored: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A backfill's rows: how many, the first and last row's time, ranges the meter could
+    /// not give.
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub rows: Option<RowsResult>,
+}
+
+/// What a backfill read of one meter: `rows`, `readings`, `first`, `last`, `gaps`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RowsResult {
+    pub rows: u64,
+    pub readings: u64,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<[String; 2]>,
 }
 
 impl MeterResult {
@@ -205,6 +222,7 @@ impl MeterResult {
             values: None,
             stored: None,
             error: Some(error.into()),
+            rows: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::beat::BeatConfig;
 use crate::bus::{BusCommand, BusHandle, BusSnapshot, PollReport, PollRequest, Router};
 use crate::clock::ManualClock;
 use crate::drain::DrainStatus;
-use crate::reading::Cadence;
+use crate::reading::{Cadence, Obis, Stamp};
 use crate::store::tests::reading;
 use crate::store::{CommandLog, MemoryStore};
 
@@ -83,6 +83,7 @@ fn start(store: Arc<MemoryStore>, setup: Setup) -> Rig {
             status: "p/gw-test/status".into(),
         },
         poll_timeout: setup.poll_timeout,
+        max_backfill: Duration::from_secs(31 * 86_400),
         key: None,
         max_payload: 4096,
         signature_window: Duration::from_secs(300),
@@ -649,4 +650,67 @@ async fn a_configure_interrupted_before_the_keeper_wrote_it_should_be_rejected_a
     // Never applied after the fact, and forgotten, so the redelivery runs afresh.
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(rig.store.unfinished_commands(AT_MS).unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backfill_should_queue_range_reads_and_be_done_with_row_counts_and_first_and_last() {
+    let mut rig = start(Arc::new(MemoryStore::new()), Setup::default());
+    rig.send(
+        3,
+        json!({"request_id": "bf1", "command": "backfill", "meters": ["m1"], "profile": "1-0:99.1.0",
+               "from": "2026-11-20T00:00:00Z", "to": "2026-11-21T00:00:00Z"}),
+    );
+    let mut req = rig.next_poll().await;
+    let job = req.rows.as_ref().expect("a profile read");
+    assert_eq!(
+        job.backfill,
+        Some((
+            "2026-11-20T00:00:00Z".parse().unwrap(),
+            "2026-11-21T00:00:00Z".parse().unwrap()
+        ))
+    );
+    assert_eq!(job.profile, Obis([1, 0, 99, 1, 0, 255]));
+    let stamp = |s: &str| Stamp::in_zone(s.parse().unwrap(), &jiff::tz::TimeZone::UTC);
+    let tally = crate::bus::rows::RowsTally {
+        rows: 97,
+        readings: 194,
+        chunks: 2,
+        first: Some(stamp("2026-11-20T00:00:00Z")),
+        last: Some(stamp("2026-11-21T00:00:00Z")),
+        gaps: Vec::new(),
+    };
+    let _ = req.reply.take().unwrap().send(PollReport {
+        meter: "m1".into(),
+        cadence: Cadence::OnDemand,
+        readings: Vec::new(),
+        errors: Vec::new(),
+        stored: true,
+        rows: Some(tally),
+    });
+    rig.until("done", |r| r.statuses("bf1").len() == 2).await;
+    let replies = rig.mqtt.replies_to("bf1");
+    assert_eq!(replies[0]["command"], "backfill");
+    let done = &replies[1];
+    assert_eq!(done["status"], "done");
+    let m = &done["results"][0];
+    assert_eq!(
+        (m["ok"].clone(), m["rows"].clone()),
+        (json!(true), json!(97))
+    );
+    assert_eq!(m["first"], "2026-11-20T00:00:00+00:00");
+    assert_eq!(m["last"], "2026-11-21T00:00:00+00:00");
+    rig.send(
+        4,
+        json!({"request_id": "bf2", "command": "backfill", "meters": ["m1"], "profile": "1-0:99.1.0",
+               "from": "2026-09-01T00:00:00Z", "to": "2026-11-21T00:00:00Z"}),
+    );
+    rig.until("rejected", |r| r.statuses("bf2") == [json!("rejected")])
+        .await;
+    assert!(
+        rig.mqtt.replies_to("bf2")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_backfill")
+    );
+    rig.stop().await;
 }

@@ -25,6 +25,7 @@ fn parse_remote(
             key,
             now_s: 1_800_000_000,
             window_s: 300,
+            max_backfill: std::time::Duration::from_secs(31 * 86_400),
         },
     )
 }
@@ -287,4 +288,67 @@ fn signed_commands_should_verify_and_everything_else_be_refused() {
             .reason
             .contains("does not match")
     );
+}
+
+#[test]
+fn a_backfill_should_parse_and_bad_ranges_be_rejected_with_the_reason() {
+    let ok = parse_with(
+        r#"{"request_id": "b1", "command": "backfill", "meters": ["m1"], "profile": "1-0:99.1.0", "from": "2026-11-01T00:00:00+01:00", "to": "2026-11-02T00:00:00+01:00"}"#,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        ok.command,
+        Command::Backfill {
+            meters: vec!["m1".into()],
+            profile: Obis([1, 0, 99, 1, 0, 255]),
+            from_ms: "2026-10-31T23:00:00Z"
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+                .as_millisecond(),
+            to_ms: "2026-11-01T23:00:00Z"
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+                .as_millisecond(),
+        }
+    );
+    let base = |extra: &str| {
+        format!(r#"{{"request_id": "b2", "command": "backfill", "meters": ["m1"], {extra}}}"#)
+    };
+    for (payload, why) in [
+        (base(r#""profile": "1-0:99.1.0", "from": "2026-11-02T00:00:00Z", "to": "2026-11-01T00:00:00Z""#), "`from` must be before `to`"),
+        (base(r#""profile": "1-0:99.1.0", "from": "2026-09-01T00:00:00Z", "to": "2026-11-01T00:00:00Z""#), "longer than max_backfill (31d)"),
+        (base(r#""profile": "1-0:99.1.0", "from": "yesterday", "to": "2026-11-01T00:00:00Z""#), "`from` is not an RFC 3339 time"),
+        (base(r#""profile": "1-0:99.1.0", "to": "2026-11-01T00:00:00Z""#), "needs `from`"),
+        (base(r#""profile": "99.1", "from": "2026-10-31T00:00:00Z", "to": "2026-11-01T00:00:00Z""#), "`profile`"),
+        (base(r#""from": "2026-10-31T00:00:00Z", "to": "2026-11-01T00:00:00Z""#), "needs `profile`"),
+        (r#"{"request_id": "b3", "command": "backfill", "profile": "1-0:99.1.0", "from": "2026-10-31T00:00:00Z", "to": "2026-11-01T00:00:00Z"}"#.to_owned(), "needs `meters`"),
+        (r#"{"request_id": "b4", "command": "backfill", "meters": ["nope"], "profile": "1-0:99.1.0", "from": "2026-10-31T00:00:00Z", "to": "2026-11-01T00:00:00Z"}"#.to_owned(), "unknown meter `nope`"),
+        (r#"{"request_id": "b5", "command": "poll", "from": "2026-10-31T00:00:00Z"}"#.to_owned(), "`from` does not apply to `poll`"),
+    ] {
+        let got = reason(&payload);
+        assert!(got.contains(why), "{payload}: {got}");
+    }
+}
+
+#[test]
+fn a_signed_backfill_should_cover_its_profile_and_range() {
+    let key = b"k";
+    let sig = sign_backfill(
+        key,
+        "b1",
+        1_800_000_000,
+        &["m1"],
+        "1-0:99.1.0",
+        "2026-10-31T00:00:00Z",
+        "2026-11-01T00:00:00Z",
+    );
+    let payload = |to: &str| {
+        format!(
+            r#"{{"request_id": "b1", "command": "backfill", "meters": ["m1"], "profile": "1-0:99.1.0", "from": "2026-10-31T00:00:00Z", "to": "{to}", "ts": 1800000000, "sig": "{sig}"}}"#
+        )
+    };
+    assert!(parse_with(&payload("2026-11-01T00:00:00Z"), Some(key)).is_ok());
+    let widened = parse_with(&payload("2026-11-02T00:00:00Z"), Some(key)).unwrap_err();
+    assert!(widened.reason.contains("signature"), "{}", widened.reason);
 }
