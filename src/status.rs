@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Health;
 use crate::drain::DrainStatus;
-use crate::store::{MeterState, Stats, Store};
+use crate::store::{MeterState, ProfileState, Stats, Store};
 
 pub const SOCKET: &str = "agent.sock";
 
@@ -59,6 +59,19 @@ pub struct MeterReport {
     pub last_read: Option<String>,
     pub last_failure: Option<String>,
     pub health: Health,
+    /// Its profile-based reads: the high-water mark and rows read of each profile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<ProfileReport>,
+}
+
+/// One (meter, profile) of a profile-based read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileReport {
+    /// OBIS, `A-B-C-D-E-F`.
+    pub profile: String,
+    /// The newest row buffered: the next read asks for the rows after it.
+    pub high_water_mark: String,
+    pub rows: u64,
 }
 
 fn ts(ms: i64) -> String {
@@ -72,6 +85,7 @@ impl StatusReport {
         gateway: &str,
         stats: &Stats,
         meters: &[MeterState],
+        profiles: &[ProfileState],
         configured: &[String],
         drain: Option<&DrainStatus>,
         now_ms: i64,
@@ -89,6 +103,15 @@ impl StatusReport {
                     last_failure: failure
                         .map(|f| format!("{} {}: {}", ts(f.at_ms), f.kind, f.message)),
                     health,
+                    profiles: profiles
+                        .iter()
+                        .filter(|p| &p.meter == id)
+                        .map(|p| ProfileReport {
+                            profile: p.profile.to_string(),
+                            high_water_mark: ts(p.last_ms),
+                            rows: p.rows,
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -195,6 +218,13 @@ impl StatusReport {
                     m.last_read.as_deref().unwrap_or("-"),
                     m.last_failure.as_deref().unwrap_or("-")
                 );
+                for p in &m.profiles {
+                    let _ = writeln!(
+                        s,
+                        "  profile {} {} rows, read up to {}",
+                        p.profile, p.rows, p.high_water_mark
+                    );
+                }
             }
         }
         s
@@ -237,10 +267,11 @@ impl StatusServer {
 
     async fn report(&self) -> StatusReport {
         let store = self.store.clone();
-        let (stats, meters) = tokio::task::spawn_blocking(move || {
+        let (stats, meters, profiles) = tokio::task::spawn_blocking(move || {
             (
                 store.stats().unwrap_or_default(),
                 store.meters().unwrap_or_default(),
+                store.profiles().unwrap_or_default(),
             )
         })
         .await
@@ -250,6 +281,7 @@ impl StatusServer {
             &self.gateway,
             &stats,
             &meters,
+            &profiles,
             &self.meters,
             Some(&drain),
             Timestamp::now().as_millisecond(),

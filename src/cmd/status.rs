@@ -22,6 +22,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 &config.gateway.id,
                 &store.stats()?,
                 &store.meters()?,
+                &store.profiles()?,
                 &meters,
                 None,
                 clock.now_ms(),

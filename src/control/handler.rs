@@ -539,11 +539,12 @@ impl<M: Mqtt> Handler<M> {
                 buses.push(s);
             }
         }
-        let (stats, meter_states) = self
+        let (stats, meter_states, profiles) = self
             .blocking(|s| {
                 Ok((
                     s.stats().unwrap_or_default(),
                     s.meters().unwrap_or_default(),
+                    s.profiles().unwrap_or_default(),
                 ))
             })
             .await
@@ -553,6 +554,7 @@ impl<M: Mqtt> Handler<M> {
             &cx.gateway,
             &stats,
             &meter_states,
+            &profiles,
             &cx.meters,
             Some(&drain),
             cx.clock.now_ms(),
