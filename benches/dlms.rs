@@ -11,43 +11,13 @@ mod common;
 #[path = "../tests/dlms/wire.rs"]
 mod wire;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amr_edge::bus::BusConfig;
+use amr_edge::meter::Request;
 use amr_edge::meter::link::Slot;
-use amr_edge::meter::modbus::profile::Profiles;
-use amr_edge::meter::{MeterConfig, Request, Resolver};
-use amr_edge::primitives::Problems;
 use amr_edge::reading::{Cadence, Obis};
 use amr_edge::sim::dlms::{Meter, MeterSpec, spawn_wrapper};
-use jiff::tz::TimeZone;
-
-fn meter(
-    port: u16,
-    dlms: &str,
-    reads: &str,
-    dir: &Path,
-) -> (amr_edge::bus::Bus, amr_edge::meter::Meter) {
-    let bus: BusConfig = toml::from_str(&format!(
-        "name = \"lan\"\ntcp = {{ host = \"127.0.0.1\", port = {port} }}\ntimeout = \"3s\""
-    ))
-    .unwrap();
-    let m: MeterConfig = toml::from_str(&format!(
-        "id = \"bench\"\nbus = \"lan\"\ndlms = {{ {dlms} }}\nreads = {{ quarterly = {reads} }}"
-    ))
-    .unwrap();
-    let mut p = Problems::default();
-    let bus = bus.resolve("bus", &mut p).unwrap();
-    let profiles = Profiles::built_in();
-    let tz = TimeZone::UTC;
-    let mut r = Resolver::new(&profiles, &tz).with_gateway("gw-bench", dir);
-    let m = m
-        .resolve("meter[0]", "lan", &bus.link, &mut r, &mut p)
-        .unwrap_or_else(|| panic!("{:?}", p.0));
-    (bus, m)
-}
 
 async fn register_reads(rows: &mut Vec<(String, String)>) {
     let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
@@ -78,7 +48,7 @@ async fn register_reads(rows: &mut Vec<(String, String)>) {
             // The object list and scalers cached by the row before are forgotten; the
             // invocation counter in the same data dir is kept (the meter wants it rising).
             let _ = std::fs::remove_file(dir.path().join("dlms/bench.objects"));
-            let (bus, m) = meter(proxy.port(), section, reads, dir.path());
+            let (bus, m) = wire::meter(proxy.port(), "bench", section, reads, dir.path());
             let req = Request {
                 cadence: Cadence::Quarterly,
                 series: None,

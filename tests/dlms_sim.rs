@@ -15,14 +15,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use amr_edge::bus::BusConfig;
+use amr_edge::meter::Request;
 use amr_edge::meter::link::Slot;
-use amr_edge::meter::modbus::profile::Profiles;
-use amr_edge::meter::{MeterConfig, Request, Resolver};
-use amr_edge::primitives::Problems;
 use amr_edge::reading::{Cadence, Obis};
 use amr_edge::sim::dlms::{Meter, MeterSpec, spawn_wrapper};
-use jiff::tz::TimeZone;
 use wire::{AARQ, GET, GLO_ACTION, GLO_GET, RLRQ};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,26 +46,6 @@ async fn gurux_client_should_read_the_rust_simulator_exactly() {
         summary.ends_with(" passed, 0 failed"),
         "check_sim.py ended with {summary:?}"
     );
-}
-
-fn meter(port: u16, dlms: &str, data_dir: &Path) -> (amr_edge::bus::Bus, amr_edge::meter::Meter) {
-    let bus: BusConfig = toml::from_str(&format!(
-        "name = \"lan\"\ntcp = {{ host = \"127.0.0.1\", port = {port} }}\ntimeout = \"3s\""
-    ))
-    .unwrap();
-    let m: MeterConfig = toml::from_str(&format!(
-        "id = \"rt\"\nbus = \"lan\"\ndlms = {{ {dlms} }}\nreads = {{ quarterly = \"all\" }}"
-    ))
-    .unwrap();
-    let mut p = Problems::default();
-    let bus = bus.resolve("bus", &mut p).unwrap();
-    let profiles = Profiles::built_in();
-    let tz = TimeZone::UTC;
-    let mut r = Resolver::new(&profiles, &tz).with_gateway("gw-test", data_dir);
-    let m = m
-        .resolve("meter[0]", "lan", &bus.link, &mut r, &mut p)
-        .unwrap_or_else(|| panic!("{:?}", p.0));
-    (bus, m)
 }
 
 /// One `reads = "all"` poll through the proxy: the APDU tags the client sent.
@@ -120,7 +96,7 @@ async fn polls_after_the_first_should_be_association_one_get_and_release() {
         ("HLS-GMAC", hls, vec![AARQ, GLO_ACTION], GLO_GET),
     ] {
         let data = tempfile::tempdir().unwrap();
-        let (bus, m) = meter(proxy.port(), &section, data.path());
+        let (bus, m) = wire::meter(proxy.port(), "rt", &section, "\"all\"", data.path());
         let once = |gets: usize| {
             let mut v = association.clone();
             v.extend(std::iter::repeat_n(get, gets));
@@ -132,7 +108,7 @@ async fn polls_after_the_first_should_be_association_one_get_and_release() {
         // Then only the values and the clock, in one GET-with-list.
         assert_eq!(poll(&bus, &m, &wire).await, once(1), "{level}, second poll");
         // A restart (a new meter on the same data dir) finds list and scalers on disk.
-        let (bus, m) = meter(proxy.port(), &section, data.path());
+        let (bus, m) = wire::meter(proxy.port(), "rt", &section, "\"all\"", data.path());
         assert_eq!(
             poll(&bus, &m, &wire).await,
             once(1),
@@ -141,7 +117,7 @@ async fn polls_after_the_first_should_be_association_one_get_and_release() {
         // A cache file that does not decode is read again from the meter, with no error.
         let file = data.path().join("dlms/rt.objects");
         std::fs::write(&file, b"{ not the object list").unwrap();
-        let (bus, m) = meter(proxy.port(), &section, data.path());
+        let (bus, m) = wire::meter(proxy.port(), "rt", &section, "\"all\"", data.path());
         assert_eq!(
             poll(&bus, &m, &wire).await,
             once(2),

@@ -1,5 +1,6 @@
 //! A TCP proxy in front of a wrapper meter that counts what crosses it: each APDU the client
-//! sends (one round trip each, as every one is answered), its tag, and the bytes each way.
+//! sends (one round trip each, as every one is answered), its tag, and the bytes each way;
+//! and a DLMS meter on a wrapper bus, resolved as the agent resolves it, to read through it.
 //! Shared by the round-trip tests (tests/dlms_sim.rs) and the bench (benches/dlms.rs):
 //!
 //! ```ignore
@@ -9,9 +10,15 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use amr_edge::bus::{Bus, BusConfig};
 use amr_edge::meter::dlms::wrapper;
+use amr_edge::meter::modbus::profile::Profiles;
+use amr_edge::meter::{Meter, MeterConfig, Resolver};
+use amr_edge::primitives::Problems;
+use jiff::tz::TimeZone;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -90,4 +97,26 @@ pub async fn counting_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Wire>>
         }
     });
     (addr, wire)
+}
+
+/// Meter `id` (`dlms = { dlms }`, `reads = { quarterly = reads }`) on a wrapper bus to
+/// `127.0.0.1:port`, its counter and object list under `data_dir`.
+pub fn meter(port: u16, id: &str, dlms: &str, reads: &str, data_dir: &Path) -> (Bus, Meter) {
+    let bus: BusConfig = toml::from_str(&format!(
+        "name = \"lan\"\ntcp = {{ host = \"127.0.0.1\", port = {port} }}\ntimeout = \"3s\""
+    ))
+    .unwrap();
+    let m: MeterConfig = toml::from_str(&format!(
+        "id = \"{id}\"\nbus = \"lan\"\ndlms = {{ {dlms} }}\nreads = {{ quarterly = {reads} }}"
+    ))
+    .unwrap();
+    let mut p = Problems::default();
+    let bus = bus.resolve("bus", &mut p).unwrap();
+    let profiles = Profiles::built_in();
+    let tz = TimeZone::UTC;
+    let mut r = Resolver::new(&profiles, &tz).with_gateway("gw-test", data_dir);
+    let m = m
+        .resolve("meter[0]", "lan", &bus.link, &mut r, &mut p)
+        .unwrap_or_else(|| panic!("{:?}", p.0));
+    (bus, m)
 }
