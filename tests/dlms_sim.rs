@@ -130,3 +130,34 @@ async fn polls_after_the_first_should_be_association_one_get_and_release() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_gone_from_the_meter_should_read_list_and_scalers_again() {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = wire::counting_proxy(sim).await;
+    let data = tempfile::tempdir().unwrap();
+    let section = "client = 16, logical = 1";
+    let (bus, m) = wire::meter(proxy.port(), "rt", section, "\"all\"", data.path());
+    poll(&bus, &m, &wire).await;
+    // The cached list names a register the meter no longer has (a firmware update).
+    let file = data.path().join("dlms/rt.objects");
+    let mut cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    cache["objects"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "class": 3, "version": 0, "obis": [1, 0, 3, 8, 0, 255],
+            "scaler": { "scaler": 0, "unit": 32 }
+        }));
+    std::fs::write(&file, serde_json::to_vec(&cache).unwrap()).unwrap();
+    let (bus, m) = wire::meter(proxy.port(), "rt", section, "\"all\"", data.path());
+    // The GET says undefined: the list, then the values with their scalers, no refusal.
+    assert_eq!(poll(&bus, &m, &wire).await, [AARQ, GET, GET, GET, RLRQ]);
+    assert_eq!(poll(&bus, &m, &wire).await, [AARQ, GET, RLRQ]);
+    let cache: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(
+        !cache.to_string().contains("[1,0,3,8,0,255]"),
+        "the file is rewritten without it: {cache}"
+    );
+}
