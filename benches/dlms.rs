@@ -8,115 +8,20 @@
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+#[path = "../tests/dlms/wire.rs"]
+mod wire;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use amr_edge::bus::BusConfig;
-use amr_edge::meter::dlms::wrapper;
+use amr_edge::meter::Request;
 use amr_edge::meter::link::Slot;
-use amr_edge::meter::modbus::profile::Profiles;
-use amr_edge::meter::{MeterConfig, Request, Resolver};
-use amr_edge::primitives::Problems;
 use amr_edge::reading::{Cadence, Obis};
 use amr_edge::sim::dlms::{Meter, MeterSpec, spawn_wrapper};
-use jiff::tz::TimeZone;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-#[derive(Default, Debug, Clone, Copy)]
-struct Wire {
-    /// APDUs the client sent: each one is answered, so one round trip each.
-    requests: u64,
-    to_meter: u64,
-    from_meter: u64,
-}
-
-/// A TCP proxy in front of `target` that counts wrapped APDUs and bytes each way.
-async fn counting_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<Mutex<Wire>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let wire = Arc::new(Mutex::new(Wire::default()));
-    let w = wire.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let meter = TcpStream::connect(target).await.unwrap();
-            let (mut cr, mut cw) = client.into_split();
-            let (mut mr, mut mw) = meter.into_split();
-            let up = w.clone();
-            tokio::spawn(async move {
-                let mut split = wrapper::Splitter::new(1 << 16);
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = cr.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    split.push(&buf[..n]);
-                    let mut apdus = 0;
-                    while let Some(Ok(_)) = split.next_apdu() {
-                        apdus += 1;
-                    }
-                    {
-                        let mut g = up.lock().unwrap();
-                        g.to_meter += n as u64;
-                        g.requests += apdus;
-                    }
-                    if mw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            let down = w.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = mr.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    down.lock().unwrap().from_meter += n as u64;
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, wire)
-}
-
-fn meter(
-    port: u16,
-    dlms: &str,
-    reads: &str,
-    dir: &Path,
-) -> (amr_edge::bus::Bus, amr_edge::meter::Meter) {
-    let bus: BusConfig = toml::from_str(&format!(
-        "name = \"lan\"\ntcp = {{ host = \"127.0.0.1\", port = {port} }}\ntimeout = \"3s\""
-    ))
-    .unwrap();
-    let m: MeterConfig = toml::from_str(&format!(
-        "id = \"bench\"\nbus = \"lan\"\ndlms = {{ {dlms} }}\nreads = {{ quarterly = {reads} }}"
-    ))
-    .unwrap();
-    let mut p = Problems::default();
-    let bus = bus.resolve("bus", &mut p).unwrap();
-    let profiles = Profiles::built_in();
-    let tz = TimeZone::UTC;
-    let mut r = Resolver::new(&profiles, &tz).with_gateway("gw-bench", dir);
-    let m = m
-        .resolve("meter[0]", "lan", &bus.link, &mut r, &mut p)
-        .unwrap_or_else(|| panic!("{:?}", p.0));
-    (bus, m)
-}
 
 async fn register_reads(rows: &mut Vec<(String, String)>) {
     let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
-    let (proxy, wire) = counting_proxy(sim).await;
+    let (proxy, wire) = wire::counting_proxy(sim).await;
     let dir = tempfile::tempdir().unwrap();
     let ek = dir.path().join("ek");
     std::fs::write(&ek, "000102030405060708090A0B0C0D0E0F\n").unwrap();
@@ -140,14 +45,18 @@ async fn register_reads(rows: &mut Vec<(String, String)>) {
                 9,
             ),
         ] {
-            let (bus, m) = meter(proxy.port(), section, reads, dir.path());
+            // The object list and scalers cached by the row before are forgotten; the
+            // invocation counter in the same data dir is kept (the meter wants it rising).
+            let _ = std::fs::remove_file(dir.path().join("dlms/bench.objects"));
+            let (bus, m) = wire::meter(proxy.port(), "bench", section, reads, dir.path());
             let req = Request {
                 cadence: Cadence::Quarterly,
                 series: None,
             };
-            // The first read of a meter also reads its object list (once per process).
+            // The first read of a meter also reads its object list and its registers'
+            // scalers (once: cached on disk).
             for first in [true, false] {
-                *wire.lock().unwrap() = Wire::default();
+                *wire.lock().unwrap() = wire::Wire::default();
                 let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
                 let out = m.read(&mut slot, &req, &bus.timing).await;
                 drop(slot);
@@ -157,11 +66,11 @@ async fn register_reads(rows: &mut Vec<(String, String)>) {
                 assert!(out.values.len() >= n, "{:?}", out.values);
                 // Let the proxy count the RLRE.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let w = *wire.lock().unwrap();
+                let w = wire.lock().unwrap().clone();
                 let label = format!(
                     "{level}, {what}{}",
                     if first {
-                        ", first read (object list)"
+                        ", first read (object list, scalers)"
                     } else {
                         ""
                     }
@@ -170,7 +79,7 @@ async fn register_reads(rows: &mut Vec<(String, String)>) {
                     format!("DLMS wrapper read: {label}"),
                     format!(
                         "{} round trips, {} B to meter, {} B from meter, {} B total",
-                        w.requests,
+                        w.round_trips(),
                         w.to_meter,
                         w.from_meter,
                         w.to_meter + w.from_meter

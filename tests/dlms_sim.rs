@@ -3,13 +3,23 @@
 //! the clock, the object list, get-with-list, and the load profile whole, by range and by
 //! entry, at each security level over the TCP wrapper, and the refusals. The simulator is
 //! what `amr-edge demo` reads; this keeps it from being checked only by our own client.
+//!
+//! And the round-trip budget of a register read (issue #13) against that simulator, counted
+//! on the wire: a poll after the first is association + one GET + release.
 
 mod common;
+#[path = "dlms/wire.rs"]
+mod wire;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use amr_edge::meter::Request;
+use amr_edge::meter::link::Slot;
+use amr_edge::reading::{Cadence, Obis};
 use amr_edge::sim::dlms::{Meter, MeterSpec, spawn_wrapper};
+use wire::{AARQ, GET, GLO_ACTION, GLO_GET, RLRQ};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gurux_client_should_read_the_rust_simulator_exactly() {
@@ -35,5 +45,119 @@ async fn gurux_client_should_read_the_rust_simulator_exactly() {
     assert!(
         summary.ends_with(" passed, 0 failed"),
         "check_sim.py ended with {summary:?}"
+    );
+}
+
+/// One `reads = "all"` poll through the proxy: the APDU tags the client sent.
+async fn poll(
+    bus: &amr_edge::bus::Bus,
+    m: &amr_edge::meter::Meter,
+    wire: &std::sync::Mutex<wire::Wire>,
+) -> Vec<u8> {
+    *wire.lock().unwrap() = wire::Wire::default();
+    let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
+    let req = Request {
+        cadence: Cadence::Quarterly,
+        series: None,
+    };
+    let out = m.read(&mut slot, &req, &bus.timing).await;
+    drop(slot);
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    assert!(out.refused.is_empty(), "{:?}", out.refused);
+    // The simulator's 9 registers and its numeric data object (the serial is text).
+    assert_eq!(out.values.len(), 10, "{:?}", out.values);
+    let energy: Obis = "1-0:1.8.0".parse().unwrap();
+    let e = out.values.iter().find(|v| v.series == energy).unwrap();
+    assert_eq!(e.unit, "Wh");
+    // Let the proxy count the RLRQ.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    wire.lock().unwrap().tags.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_after_the_first_should_be_association_one_get_and_release() {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = wire::counting_proxy(sim).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ek = dir.path().join("ek");
+    std::fs::write(&ek, "000102030405060708090A0B0C0D0E0F\n").unwrap();
+    let ak = dir.path().join("ak");
+    std::fs::write(&ak, "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\n").unwrap();
+    let hls = format!(
+        "client = 1, logical = 1, security = \"hls-gmac\", block_key_file = {ek:?}, auth_key_file = {ak:?}"
+    );
+    for (level, section, association, get) in [
+        (
+            "public",
+            "client = 16, logical = 1".to_owned(),
+            vec![AARQ],
+            GET,
+        ),
+        ("HLS-GMAC", hls, vec![AARQ, GLO_ACTION], GLO_GET),
+    ] {
+        let data = tempfile::tempdir().unwrap();
+        let (bus, m) = wire::meter(proxy.port(), "rt", &section, "\"all\"", data.path());
+        let once = |gets: usize| {
+            let mut v = association.clone();
+            v.extend(std::iter::repeat_n(get, gets));
+            v.push(RLRQ);
+            v
+        };
+        // The first poll reads the object list, then the values with their scalers.
+        assert_eq!(poll(&bus, &m, &wire).await, once(2), "{level}, first poll");
+        // Then only the values and the clock, in one GET-with-list.
+        assert_eq!(poll(&bus, &m, &wire).await, once(1), "{level}, second poll");
+        // A restart (a new meter on the same data dir) finds list and scalers on disk.
+        let (bus, m) = wire::meter(proxy.port(), "rt", &section, "\"all\"", data.path());
+        assert_eq!(
+            poll(&bus, &m, &wire).await,
+            once(1),
+            "{level}, after a restart"
+        );
+        // A cache file that does not decode is read again from the meter, with no error.
+        let file = data.path().join("dlms/rt.objects");
+        std::fs::write(&file, b"{ not the object list").unwrap();
+        let (bus, m) = wire::meter(proxy.port(), "rt", &section, "\"all\"", data.path());
+        assert_eq!(
+            poll(&bus, &m, &wire).await,
+            once(2),
+            "{level}, cache garbled"
+        );
+        assert_eq!(
+            poll(&bus, &m, &wire).await,
+            once(1),
+            "{level}, cache rewritten"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_gone_from_the_meter_should_read_list_and_scalers_again() {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = wire::counting_proxy(sim).await;
+    let data = tempfile::tempdir().unwrap();
+    let section = "client = 16, logical = 1";
+    let (bus, m) = wire::meter(proxy.port(), "rt", section, "\"all\"", data.path());
+    poll(&bus, &m, &wire).await;
+    // The cached list names a register the meter no longer has (a firmware update).
+    let file = data.path().join("dlms/rt.objects");
+    let mut cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    cache["objects"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "class": 3, "version": 0, "obis": [1, 0, 3, 8, 0, 255],
+            "scaler": { "scaler": 0, "unit": 32 }
+        }));
+    std::fs::write(&file, serde_json::to_vec(&cache).unwrap()).unwrap();
+    let (bus, m) = wire::meter(proxy.port(), "rt", section, "\"all\"", data.path());
+    // The GET says undefined: the list, then the values with their scalers, no refusal.
+    assert_eq!(poll(&bus, &m, &wire).await, [AARQ, GET, GET, GET, RLRQ]);
+    assert_eq!(poll(&bus, &m, &wire).await, [AARQ, GET, RLRQ]);
+    let cache: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(
+        !cache.to_string().contains("[1,0,3,8,0,255]"),
+        "the file is rewritten without it: {cache}"
     );
 }

@@ -84,7 +84,11 @@ pub struct AssociationConfig {
     pub answer_timeout: Duration,
     /// How often an HDLC frame is sent again when no answer comes.
     pub retries: u8,
-    /// The most attributes in one GET-Request-With-List.
+    /// The most attributes in one GET-Request-With-List. The standard sets no limit and
+    /// neither does the client by default (`usize::MAX`): a list is as long as the meter's
+    /// max receive PDU allows for the request, and an answer longer than the client's comes
+    /// in GET blocks. A meter with a lower limit of its own that answers a list with an
+    /// exception gets lists half as long, down to one GET per attribute.
     pub max_list: usize,
     /// The longest answer assembled from blocks and segments, to bound memory.
     pub max_answer: usize,
@@ -99,7 +103,7 @@ impl AssociationConfig {
             conformance: Conformance::CLIENT,
             answer_timeout: Duration::from_secs(3),
             retries: 2,
-            max_list: 10,
+            max_list: usize::MAX,
             max_answer: 1 << 20,
         }
     }
@@ -284,19 +288,8 @@ impl HdlcLink {
     }
 
     fn next_segment(&mut self) -> Vec<u8> {
-        let info = self.outgoing.pop_front().unwrap_or_default();
-        let more = !self.outgoing.is_empty();
-        let f = self.frame(
-            Control::I {
-                ns: self.vs,
-                nr: self.vr,
-                pf: true,
-            },
-            more,
-            info,
-        );
-        self.vs = (self.vs + 1) & 7;
-        f
+        let (control, more, info) = hdlc::next_segment(&mut self.outgoing, &mut self.vs, self.vr);
+        self.frame(control, more, info)
     }
 
     fn rr(&self) -> Vec<u8> {
@@ -407,7 +400,8 @@ pub struct Association<C: InvocationCounter> {
     invoke: u8,
     server_ic: Option<u32>,
     ignored_frames: usize,
-    list_refused: bool,
+    /// The longest list the meter took in this association (lowered when it refuses one).
+    list_max: usize,
 }
 
 impl<C: InvocationCounter> Association<C> {
@@ -445,6 +439,7 @@ impl<C: InvocationCounter> Association<C> {
             }
         };
         Association {
+            list_max: config.max_list.max(1),
             config,
             counter,
             link,
@@ -456,7 +451,6 @@ impl<C: InvocationCounter> Association<C> {
             invoke: 0,
             server_ic: None,
             ignored_frames: 0,
-            list_refused: false,
         }
     }
 
@@ -672,7 +666,7 @@ impl<C: InvocationCounter> Association<C> {
             return Output::Done(Event::Values(vec![]));
         }
         let with_list = requests.len() > 1
-            && !self.list_refused
+            && self.list_max > 1
             && self
                 .negotiated
                 .as_ref()
@@ -698,8 +692,8 @@ impl<C: InvocationCounter> Association<C> {
         op.invoke = self.next_invoke();
         op.blocks.clear();
         op.next_block = 1;
-        let apdu = if op.with_list && op.requests.len() - done > 1 {
-            let mut n = (op.requests.len() - done).min(self.config.max_list.max(1));
+        let rest = op.requests.len() - done;
+        let apdu = if op.with_list && rest > 1 && self.list_max > 1 {
             // The request must fit the meter's max PDU, with room for the ciphering header
             // and tag; a meter with a small one gets shorter lists (down to a normal GET).
             let limit = self
@@ -707,27 +701,29 @@ impl<C: InvocationCounter> Association<C> {
                 .as_ref()
                 .map_or(usize::MAX, |n| usize::from(n.server_max_receive_pdu))
                 .saturating_sub(if self.ciphered() { 24 } else { 0 });
-            loop {
-                let list: Vec<(AttributeRef, Option<Selector>)> = op.requests[done..done + n]
-                    .iter()
-                    .map(|r| (r.attribute, r.access.clone()))
-                    .collect();
-                let apdu = apdu::get_request_with_list(op.invoke, &list);
-                if apdu.len() <= limit || n == 1 {
-                    break;
-                }
-                n -= 1;
-            }
-            op.in_flight = n;
-            if n == 1 {
-                let r = &op.requests[done];
-                apdu::get_request_normal(op.invoke, &r.attribute, r.access.as_ref())
-            } else {
+            let encode = |n: usize| {
                 let list: Vec<(AttributeRef, Option<Selector>)> = op.requests[done..done + n]
                     .iter()
                     .map(|r| (r.attribute, r.access.clone()))
                     .collect();
                 apdu::get_request_with_list(op.invoke, &list)
+            };
+            // The longest list that fits: the request grows with every attribute.
+            let (mut lo, mut hi) = (1, rest.min(self.list_max));
+            while lo < hi {
+                let mid = lo + (hi - lo).div_ceil(2);
+                if encode(mid).len() <= limit {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            op.in_flight = lo;
+            if lo == 1 {
+                let r = &op.requests[done];
+                apdu::get_request_normal(op.invoke, &r.attribute, r.access.as_ref())
+            } else {
+                encode(lo)
             }
         } else {
             op.in_flight = 1;
@@ -913,12 +909,12 @@ impl<C: InvocationCounter> Association<C> {
         {
             if let Phase::Getting(op) = &self.phase {
                 if op.with_list && op.in_flight > 1 {
-                    // The meter agreed to multiple references but refuses them: read one
-                    // attribute at a time instead.
-                    if let Phase::Getting(mut op) = std::mem::replace(&mut self.phase, Phase::Ready)
-                    {
-                        self.list_refused = true;
-                        op.with_list = false;
+                    // The meter agreed to multiple references but refuses this list: a limit
+                    // of its own on the list's length, or none at all. Lists half as long,
+                    // for the rest of the association, down to one attribute at a time.
+                    let half = op.in_flight / 2;
+                    if let Phase::Getting(op) = std::mem::replace(&mut self.phase, Phase::Ready) {
+                        self.list_max = half;
                         return self.next_get(op);
                     }
                 }

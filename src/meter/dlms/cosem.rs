@@ -133,7 +133,7 @@ pub fn unit_name(code: u8) -> Option<&'static str> {
 }
 
 /// A register's scaler and unit (attribute 3 of classes 3 and 4, 4 of class 5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ScalerUnit {
     pub scaler: i8,
     pub unit: u8,
@@ -232,7 +232,16 @@ impl RegisterValue {
         scaler_unit: &Data,
         capture_time: Option<&Data>,
     ) -> Result<Self, CosemError> {
-        let su = ScalerUnit::from_data(scaler_unit)?;
+        Self::with_scaler(value, ScalerUnit::from_data(scaler_unit)?, capture_time)
+    }
+
+    /// From attribute 2 and, for an extended register, 5, with the scaler and unit known
+    /// from an earlier read (they are static per object).
+    pub fn with_scaler(
+        value: &Data,
+        su: ScalerUnit,
+        capture_time: Option<&Data>,
+    ) -> Result<Self, CosemError> {
         Ok(RegisterValue {
             quantity: scaled(value, su)?,
             capture_time: match capture_time {
@@ -334,7 +343,7 @@ impl ClockValue {
 }
 
 /// One entry of the association's object list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ObjectListEntry {
     pub class: u16,
     pub version: u8,

@@ -48,17 +48,7 @@ impl FileCounter {
 
     /// `{data_dir}/dlms/{meter}.ic`; the meter id is made safe for a file name.
     pub fn for_meter(data_dir: &Path, meter: &str) -> Self {
-        let name: String = meter
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        FileCounter::new(data_dir.join("dlms").join(format!("{name}.ic")))
+        FileCounter::new(meter_file(data_dir, meter, "ic"))
     }
 
     pub fn path(&self) -> &Path {
@@ -100,6 +90,22 @@ impl FileCounter {
         s.reserved = first;
         Ok(())
     }
+}
+
+/// `{data_dir}/dlms/{meter}.{ext}`, the meter id made safe for a file name: where a meter's
+/// durable DLMS state lives (its invocation counter, its object list).
+pub fn meter_file(data_dir: &Path, meter: &str, ext: &str) -> PathBuf {
+    let name: String = meter
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    data_dir.join("dlms").join(format!("{name}.{ext}"))
 }
 
 fn poisoned() -> CounterError {

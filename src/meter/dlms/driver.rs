@@ -2,9 +2,12 @@
 //! which runs one association per poll over the bus's link (wrapper on TCP, HDLC on serial,
 //! mode E on an optical probe), reads the selected registers and the clock, and releases.
 //!
-//! * `reads = "all"`: the registers (classes 1, 3, 4, 5) of the association's object list,
-//!   read once per meter and cached for the process; read again when a GET says an object is
-//!   undefined. A list of OBIS codes takes each one's class from the same list.
+//! * `reads = "all"`: the registers (classes 1, 3, 4, 5) of the association's object list.
+//!   The list and the registers' scalers and units are read once per meter and cached in
+//!   `{data_dir}/dlms/{meter}.objects` ([`ObjectCache`]); read again when a GET says an object
+//!   is undefined or a value does not fit its cached scaler. A poll is then association, one
+//!   GET (with list: every value and the clock) and release. A list of OBIS codes takes each
+//!   one's class from the same list.
 //! * The clock (0-0:1.0.0.255) is read on every poll. A deviation from the gateway clock
 //!   above `clock_limit` is reported as a [`Failure::ClockDeviation`] among the *refused*
 //!   requests of the [`Outcome`]: the bus turns every refusal into a system event
@@ -14,7 +17,6 @@
 //!   ciphering and counter errors → `security_error`; objects refused → refusals.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -25,7 +27,8 @@ use super::apdu::AccessError;
 use super::association::{AssociationConfig, Error, LinkConfig, SecurityConfig};
 use super::cosem::{self, ObjectListEntry, class};
 use super::counter::FileCounter;
-use super::reads::{Object, ValueError};
+use super::objects::{Known, ObjectCache};
+use super::reads::{Object, Target, ValueError};
 use super::security::{InvocationCounter, Keys};
 use super::transport::{Client, TransportError};
 use crate::meter::link::{Framing, Link, Parity, Slot};
@@ -71,8 +74,8 @@ pub struct DlmsMeter {
     pub tz: TimeZone,
     /// The client invocation counter (HLS-GMAC), durable under the data dir.
     pub counter: FileCounter,
-    /// The association's object list, read once per process.
-    objects: Arc<Mutex<Option<Vec<ObjectListEntry>>>>,
+    /// The association's object list and the registers' scalers, read once, kept on disk.
+    objects: ObjectCache,
 }
 
 const REGISTER_CLASSES: [u16; 4] = [
@@ -345,27 +348,6 @@ impl DlmsMeter {
         }
     }
 
-    async fn object_list<S, C>(
-        &self,
-        client: &mut Client<S, C>,
-        refresh: bool,
-    ) -> Result<Vec<ObjectListEntry>, Stop>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-        C: InvocationCounter,
-    {
-        if !refresh {
-            if let Some(l) = self.objects.lock().ok().and_then(|g| g.clone()) {
-                return Ok(l);
-            }
-        }
-        let list = client.object_list().await?;
-        if let Ok(mut g) = self.objects.lock() {
-            *g = Some(list.clone());
-        }
-        Ok(list)
-    }
-
     async fn read_in<S, C>(
         &self,
         client: &mut Client<S, C>,
@@ -378,25 +360,30 @@ impl DlmsMeter {
     {
         let mut refresh = false;
         loop {
-            let list = self.object_list(client, refresh).await?;
+            let cached = if refresh { None } else { self.objects.get() };
+            let (mut list, mut changed) = match cached {
+                Some(l) => (l, false),
+                None => {
+                    let l: Vec<Known> = client
+                        .object_list()
+                        .await?
+                        .into_iter()
+                        .map(Known::from)
+                        .collect();
+                    (l, true)
+                }
+            };
             let mut out = Outcome::default();
-            let mut objects = Vec::new();
+            // Indexes into `list`, one per target.
+            let mut chosen = Vec::new();
             match selection {
-                Selection::All => objects.extend(
-                    list.iter()
-                        .filter(|e| REGISTER_CLASSES.contains(&e.class))
-                        .map(|e| Object {
-                            class: e.class,
-                            obis: e.obis,
-                        }),
+                Selection::All => chosen.extend(
+                    (0..list.len()).filter(|i| REGISTER_CLASSES.contains(&list[*i].entry.class)),
                 ),
                 Selection::Series(wanted) => {
                     for w in wanted {
-                        match list.iter().find(|e| e.obis == *w) {
-                            Some(e) => objects.push(Object {
-                                class: e.class,
-                                obis: e.obis,
-                            }),
+                        match list.iter().position(|k| k.entry.obis == *w) {
+                            Some(i) => chosen.push(i),
                             None => out.refused.push(Failure::Refused(format!(
                                 "{w} is not in the meter's object list"
                             ))),
@@ -405,30 +392,57 @@ impl DlmsMeter {
                 }
             }
             let clock = Obis(cosem::CLOCK_OBIS);
-            let has_clock = list
+            if let Some(i) = list
                 .iter()
-                .any(|e| e.obis == clock && e.class == class::CLOCK);
-            if has_clock {
-                objects.push(Object {
-                    class: class::CLOCK,
-                    obis: clock,
-                });
+                .position(|k| k.entry.obis == clock && k.entry.class == class::CLOCK)
+            {
+                chosen.push(i);
             }
-            let results = client.read_values(&objects).await?;
-            let undefined = results.iter().any(|(_, r)| {
+            let targets: Vec<Target> = chosen
+                .iter()
+                .map(|&i| Target {
+                    object: Object {
+                        class: list[i].entry.class,
+                        obis: list[i].entry.obis,
+                    },
+                    scaler: list[i].scaler,
+                })
+                .collect();
+            let reads = client.read_targets(&targets).await?;
+            let undefined = reads.iter().any(|r| {
                 matches!(
-                    r,
+                    r.value,
                     Err(ValueError::Access(AccessError(
                         AccessError::OBJECT_UNDEFINED
                     )))
                 )
             });
-            if undefined && !refresh {
+            // A value its cached scaler cannot scale: the meter was reconfigured.
+            let stale = reads
+                .iter()
+                .zip(&targets)
+                .any(|(r, t)| t.scaler.is_some() && matches!(r.value, Err(ValueError::Shape(_))));
+            if (undefined || stale) && !refresh {
                 // The meter's object list changed (a firmware update, a reconfiguration).
-                tracing::info!(meter, "Object undefined, reading the object list again");
+                tracing::info!(
+                    meter,
+                    undefined,
+                    stale_scaler = stale,
+                    "Reading the object list and scalers again"
+                );
                 refresh = true;
                 continue;
             }
+            for (r, &i) in reads.iter().zip(&chosen) {
+                if r.scaler.is_some() && list[i].scaler != r.scaler {
+                    list[i].scaler = r.scaler;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.objects.set(list);
+            }
+            let results = reads.into_iter().map(|r| (r.obis, r.value));
             let now = Timestamp::now();
             for (obis, r) in results {
                 match r {

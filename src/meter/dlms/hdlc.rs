@@ -293,6 +293,25 @@ pub enum FrameError {
     Malformed(&'static str),
 }
 
+/// The next I-frame of an information field sent in segments, as `(control, segmented,
+/// info)`: the first segment of `outgoing`, segmented when more follow, numbered N(S) = `vs`,
+/// N(R) = `vr`, poll/final set; `vs` moves on (mod 8). Both ends of a link send this way
+/// (the client here, the simulated meter in `src/sim/dlms/`).
+pub fn next_segment(
+    outgoing: &mut std::collections::VecDeque<Vec<u8>>,
+    vs: &mut u8,
+    vr: u8,
+) -> (Control, bool, Vec<u8>) {
+    let info = outgoing.pop_front().unwrap_or_default();
+    let control = Control::I {
+        ns: *vs,
+        nr: vr,
+        pf: true,
+    };
+    *vs = (*vs + 1) & 7;
+    (control, !outgoing.is_empty(), info)
+}
+
 /// Splits a byte stream into frames by their length field.
 #[derive(Debug, Default)]
 pub struct Splitter {

@@ -15,6 +15,9 @@
 //!   bytes to send and results out.
 //! * [`transport`] — the thin async layer running an association on any byte stream, with a
 //!   per-frame timeout; [`mode_e`] — the IEC 62056-21 mode E opening of an optical probe.
+//! * [`reads`] — which attributes a read GETs and how the answers become values;
+//!   [`objects`] — a meter's object list and its registers' scalers and units, cached in
+//!   `{data_dir}/dlms/{meter}.objects` so that a poll reads only what changes.
 //!
 //! # How the driver uses it
 //!
@@ -37,7 +40,8 @@
 //!
 //! * `read_values` returns, per object, `Ok(Value { obis, value: Decimal, unit, time })` or
 //!   `Err(ValueError::Access(..))` when the meter refused or lacks that object; a failed link
-//!   or a broken answer is the outer `Err(TransportError)`.
+//!   or a broken answer is the outer `Err(TransportError)`. `read_targets` is the same
+//!   with scalers known from an earlier read ([`reads::Target`]): only the values are read.
 //! * `read_profile` returns the columns, their scalers and the rows; `Profile::values()`
 //!   flattens them into `(timestamp, obis, value, unit, clock status)`.
 //! * `Client::object_list` is the commissioning scan (class, version, OBIS).
@@ -63,6 +67,7 @@ pub mod counter;
 pub mod driver;
 pub mod hdlc;
 pub mod mode_e;
+pub mod objects;
 pub mod reads;
 pub mod security;
 pub mod transport;

@@ -42,36 +42,82 @@ pub enum ValueError {
     Class(u16),
 }
 
-/// The attributes read for `obj`, in the order [`value_of`] expects.
-pub fn attributes(obj: Object) -> Vec<AttributeRef> {
+/// An object to read, with its scaler and unit when an earlier read gave them: they are
+/// static per object, so a poll reads only what changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub object: Object,
+    pub scaler: Option<ScalerUnit>,
+}
+
+impl From<Object> for Target {
+    fn from(object: Object) -> Self {
+        Target {
+            object,
+            scaler: None,
+        }
+    }
+}
+
+/// One object's answer: its value or why not, and the scaler and unit in effect (`None` for
+/// classes without one, or when the meter did not give it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Read {
+    pub obis: Obis,
+    pub value: Result<Value, ValueError>,
+    pub scaler: Option<ScalerUnit>,
+}
+
+/// What changes of `obj`, read on every poll: a register's value; an extended register's
+/// value and capture time (5); a demand register's last average value (3, the completed
+/// period's demand) and its capture time (6); a data object's or clock's value.
+pub fn value_attributes(obj: Object) -> Vec<AttributeRef> {
     let a = |n| AttributeRef::new(obj.class, obj.obis.0, n);
     match obj.class {
-        class::REGISTER => vec![a(2), a(3)],
-        class::EXTENDED_REGISTER => vec![a(2), a(3), a(5)],
-        // Last average value: the completed period's demand.
-        class::DEMAND_REGISTER => vec![a(3), a(4), a(6)],
+        class::EXTENDED_REGISTER => vec![a(2), a(5)],
+        class::DEMAND_REGISTER => vec![a(3), a(6)],
         _ => vec![a(2)],
     }
 }
 
-/// The requests for `objects`, flattened.
-pub fn requests(objects: &[Object]) -> Vec<Request> {
-    objects
+/// The scaler_unit attribute of a register (3 of classes 3 and 4, 4 of class 5).
+pub fn scaler_unit_attribute(obj: Object) -> Option<AttributeRef> {
+    let a = |n| AttributeRef::new(obj.class, obj.obis.0, n);
+    match obj.class {
+        class::REGISTER | class::EXTENDED_REGISTER => Some(a(3)),
+        class::DEMAND_REGISTER => Some(a(4)),
+        _ => None,
+    }
+}
+
+/// The attributes read for `t`, in the order [`value_of`] expects: what changes, then the
+/// scaler_unit unless it is known.
+pub fn attributes(t: Target) -> Vec<AttributeRef> {
+    let mut v = value_attributes(t.object);
+    if t.scaler.is_none() {
+        v.extend(scaler_unit_attribute(t.object));
+    }
+    v
+}
+
+/// The requests for `targets`, flattened (one GET-with-list where the meter allows).
+pub fn requests(targets: &[Target]) -> Vec<Request> {
+    targets
         .iter()
-        .flat_map(|o| attributes(*o))
+        .flat_map(|t| attributes(*t))
         .map(Request::from)
         .collect()
 }
 
-/// Turns the results of [`requests`] back into one value (or error) per object.
-pub fn values(objects: &[Object], results: &[GetResult]) -> Vec<(Obis, Result<Value, ValueError>)> {
-    let mut out = Vec::with_capacity(objects.len());
+/// Turns the results of [`requests`] back into one [`Read`] per target.
+pub fn values(targets: &[Target], results: &[GetResult]) -> Vec<Read> {
+    let mut out = Vec::with_capacity(targets.len());
     let mut at = 0;
-    for o in objects {
-        let n = attributes(*o).len();
+    for t in targets {
+        let n = attributes(*t).len();
         let slice = results.get(at..at + n).unwrap_or(&[]);
         at += n;
-        out.push((o.obis, value_of(*o, slice)));
+        out.push(value_of(*t, slice));
     }
     out
 }
@@ -84,28 +130,54 @@ fn ok(r: Option<&GetResult>) -> Result<&Data, ValueError> {
     }
 }
 
-/// One object's value from its attributes' results.
-pub fn value_of(obj: Object, r: &[GetResult]) -> Result<Value, ValueError> {
+/// One object's value from its attributes' results ([`attributes`]).
+pub fn value_of(t: Target, r: &[GetResult]) -> Read {
+    let obj = t.object;
+    let n = value_attributes(obj).len();
+    let scaler = match (t.scaler, scaler_unit_attribute(obj)) {
+        (Some(su), _) => Some(Ok(su)),
+        (None, Some(_)) => {
+            Some(ok(r.get(n)).and_then(|d| ScalerUnit::from_data(d).map_err(ValueError::Shape)))
+        }
+        (None, None) => None,
+    };
+    let value = value_with(obj, scaler.clone(), r);
+    Read {
+        obis: obj.obis,
+        value,
+        scaler: scaler.and_then(Result::ok),
+    }
+}
+
+fn value_with(
+    obj: Object,
+    scaler: Option<Result<ScalerUnit, ValueError>>,
+    r: &[GetResult],
+) -> Result<Value, ValueError> {
     let v = |q: Quantity, time| Value {
         obis: obj.obis,
         value: q.value,
         unit: q.unit,
         time,
     };
+    // The value's refusal comes before the scaler's: it is what the centre hears about.
+    let su = || scaler.clone().unwrap_or(Ok(ScalerUnit::NONE));
     match obj.class {
         class::REGISTER => {
-            let reg = cosem::RegisterValue::new(ok(r.first())?, ok(r.get(1))?, None)?;
+            let d = ok(r.first())?;
+            let reg = cosem::RegisterValue::with_scaler(d, su()?, None)?;
             Ok(v(reg.quantity, None))
         }
         class::EXTENDED_REGISTER => {
-            let reg =
-                cosem::RegisterValue::new(ok(r.first())?, ok(r.get(1))?, Some(ok(r.get(2))?))?;
+            let d = ok(r.first())?;
+            let time = ok(r.get(1))?;
+            let reg = cosem::RegisterValue::with_scaler(d, su()?, Some(time))?;
             Ok(v(reg.quantity, reg.capture_time))
         }
         class::DEMAND_REGISTER => {
-            let su = ScalerUnit::from_data(ok(r.get(1))?)?;
-            let q = cosem::scaled(ok(r.first())?, su)?;
-            Ok(v(q, ok(r.get(2)).ok().and_then(Data::as_date_time)))
+            let d = ok(r.first())?;
+            let q = cosem::scaled(d, su()?)?;
+            Ok(v(q, ok(r.get(1)).ok().and_then(Data::as_date_time)))
         }
         class::CLOCK => {
             let c = cosem::ClockValue::new(ok(r.first())?, None, None)?;
@@ -279,18 +351,16 @@ pub fn status_invalid(status: Option<u8>) -> bool {
 mod tests {
     use super::*;
 
+    fn register(q: u8) -> Object {
+        Object {
+            class: 3,
+            obis: Obis([1, 0, q, 8, 0, 255]),
+        }
+    }
+
     #[test]
     fn register_reads_should_pair_values_with_scalers_and_keep_refusals_apart() {
-        let objs = [
-            Object {
-                class: 3,
-                obis: Obis([1, 0, 1, 8, 0, 255]),
-            },
-            Object {
-                class: 3,
-                obis: Obis([1, 0, 2, 8, 0, 255]),
-            },
-        ];
+        let objs = [register(1).into(), register(2).into()];
         assert_eq!(requests(&objs).len(), 4);
         let su = Data::Structure(vec![Data::Int8(-1), Data::Enum(30)]);
         let results = vec![
@@ -300,13 +370,63 @@ mod tests {
             Err(AccessError(AccessError::OBJECT_UNDEFINED)),
         ];
         let v = values(&objs, &results);
-        let first = v[0].1.as_ref().unwrap();
+        let first = v[0].value.as_ref().unwrap();
         assert_eq!((first.value.as_str(), first.unit), ("12345.6", Some("Wh")));
         assert_eq!(
-            v[1].1,
+            v[0].scaler,
+            Some(ScalerUnit {
+                scaler: -1,
+                unit: 30
+            })
+        );
+        assert_eq!(
+            v[1].value,
             Err(ValueError::Access(AccessError(
                 AccessError::OBJECT_UNDEFINED
             )))
         );
+        assert_eq!(v[1].scaler, None);
+    }
+
+    #[test]
+    fn known_scalers_should_leave_only_what_changes_to_read() {
+        let su = ScalerUnit {
+            scaler: 3,
+            unit: 30,
+        };
+        let known = |object| Target {
+            object,
+            scaler: Some(su),
+        };
+        let extended = Object {
+            class: class::EXTENDED_REGISTER,
+            obis: Obis([1, 0, 1, 6, 0, 255]),
+        };
+        let demand = Object {
+            class: class::DEMAND_REGISTER,
+            obis: Obis([1, 0, 1, 4, 0, 255]),
+        };
+        let targets = [known(register(1)), known(extended), known(demand)];
+        let attrs: Vec<i8> = requests(&targets)
+            .iter()
+            .map(|r| r.attribute.attribute)
+            .collect();
+        assert_eq!(attrs, [2, 2, 5, 3, 6]);
+        let time = Data::OctetString(vec![0x07, 0xEA, 12, 2, 3, 4, 30, 0, 0, 0x80, 0x00, 0x00]);
+        let results = vec![
+            Ok(Data::UInt32(7)),
+            Ok(Data::UInt32(8)),
+            Ok(time.clone()),
+            Ok(Data::UInt16(9)),
+            Ok(time),
+        ];
+        let v = values(&targets, &results);
+        let got: Vec<_> = v
+            .iter()
+            .map(|r| r.value.as_ref().unwrap().value.as_str().to_owned())
+            .collect();
+        assert_eq!(got, ["7000", "8000", "9000"]);
+        assert!(v[1].value.as_ref().unwrap().time.is_some());
+        assert!(v.iter().all(|r| r.scaler == Some(su)));
     }
 }

@@ -38,6 +38,8 @@ struct App {
     /// Largest raw-data block sent in a GET block transfer.
     block: usize,
     refuse_lists: bool,
+    /// Lists longer than this are answered with an exception (a limit of the meter's own).
+    longest_list: usize,
     wrong_ctos: bool,
     max_pdu: u16,
     // State.
@@ -67,6 +69,7 @@ impl App {
             hls: false,
             block: 200,
             refuse_lists: false,
+            longest_list: usize::MAX,
             wrong_ctos: false,
             max_pdu: 512,
             pending: vec![],
@@ -215,6 +218,9 @@ impl App {
                     return vec![0xD8, 0x01, 0x02];
                 }
                 let n = r.length().unwrap();
+                if n > self.longest_list {
+                    return vec![0xD8, 0x01, 0x02];
+                }
                 let mut body = vec![];
                 super::axdr::put_length(&mut body, n);
                 for _ in 0..n {
@@ -498,15 +504,15 @@ fn read_registers<C: InvocationCounter>(
     a: &mut Association<C>,
     m: &mut Meter,
 ) -> Vec<(String, Option<&'static str>)> {
-    let objs = energy_and_voltage();
+    let objs: Vec<reads::Target> = energy_and_voltage().into_iter().map(Into::into).collect();
     let first = a.get(reads::requests(&objs));
     let Event::Values(v) = run(a, m, first).unwrap() else {
         panic!()
     };
     reads::values(&objs, &v)
         .into_iter()
-        .map(|(_, r)| {
-            let r = r.unwrap();
+        .map(|r| {
+            let r = r.value.unwrap();
             (r.value.as_str().to_owned(), r.unit)
         })
         .collect()
@@ -581,7 +587,26 @@ fn refused_list_should_fall_back_to_normal_gets() {
     let first = a.connect();
     run(&mut a, &mut m, first).unwrap();
     assert_eq!(read_registers(&mut a, &mut m).len(), 2);
-    assert_eq!(m.app.requests, [3, 1, 1, 1, 1]);
+    // The list of 4, then of 2, then one at a time.
+    assert_eq!(m.app.requests, [3, 3, 1, 1, 1, 1]);
+}
+
+#[test]
+fn meter_limiting_list_length_should_get_lists_halved_until_it_takes_them() {
+    let mut app = App::new();
+    app.longest_list = 3;
+    let mut m = Meter::wrapper(app);
+    let mut a = Association::new(
+        wrapper_config(SecurityConfig::None),
+        MemoryCounter::default(),
+    );
+    let first = a.connect();
+    run(&mut a, &mut m, first).unwrap();
+    assert_eq!(read_registers(&mut a, &mut m).len(), 2);
+    // 4 attributes refused, then two lists of 2; the next read keeps the shorter lists.
+    assert_eq!(m.app.requests, [3, 3, 3]);
+    assert_eq!(read_registers(&mut a, &mut m).len(), 2);
+    assert_eq!(m.app.requests, [3, 3, 3, 3, 3]);
 }
 
 #[test]
@@ -945,7 +970,10 @@ mod garbage {
             for _ in 0..steps {
                 out = match out {
                     Output::Send { bytes, .. } => a.received(&m.handle(&bytes)).unwrap_or_else(|| a.timed_out()),
-                    Output::Done(Event::Connected(_)) => a.get(reads::requests(&energy_and_voltage())),
+                    Output::Done(Event::Connected(_)) => {
+                        let objs: Vec<reads::Target> = energy_and_voltage().into_iter().map(Into::into).collect();
+                        a.get(reads::requests(&objs))
+                    },
                     _ => break,
                 };
             }

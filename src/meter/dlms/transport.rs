@@ -15,7 +15,7 @@ use super::association::{
 };
 use super::axdr::Data;
 use super::cosem::{self, CosemError, ObjectListEntry, ScalerUnit};
-use super::reads::{self, Object, Profile, Value, ValueError};
+use super::reads::{self, Object, Profile, Read, Target, Value, ValueError};
 use super::security::InvocationCounter;
 use crate::reading::Obis;
 
@@ -139,13 +139,22 @@ where
             .map(|_| ())
     }
 
-    /// Reads registers, extended and demand registers, data objects and clocks.
+    /// Reads registers, extended and demand registers, data objects and clocks, each
+    /// register with its scaler and unit.
     pub async fn read_values(
         &mut self,
         objects: &[Object],
     ) -> Result<Vec<(Obis, Result<Value, ValueError>)>, TransportError> {
-        let results = self.get(reads::requests(objects)).await?;
-        Ok(reads::values(objects, &results))
+        let targets: Vec<Target> = objects.iter().map(|o| Target::from(*o)).collect();
+        let reads = self.read_targets(&targets).await?;
+        Ok(reads.into_iter().map(|r| (r.obis, r.value)).collect())
+    }
+
+    /// Reads `targets` in one GET (with list, where the meter allows and its PDU size
+    /// fits): what changes of each, and the scaler and unit of those not yet known.
+    pub async fn read_targets(&mut self, targets: &[Target]) -> Result<Vec<Read>, TransportError> {
+        let results = self.get(reads::requests(targets)).await?;
+        Ok(reads::values(targets, &results))
     }
 
     /// The association's object list (for commissioning).

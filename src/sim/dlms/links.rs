@@ -73,19 +73,8 @@ impl Station {
     }
 
     fn next_segment(&mut self) -> Vec<u8> {
-        let info = self.outgoing.pop_front().unwrap_or_default();
-        let more = !self.outgoing.is_empty();
-        let f = self.frame(
-            Control::I {
-                ns: self.vs,
-                nr: self.vr,
-                pf: true,
-            },
-            more,
-            info,
-        );
-        self.vs = (self.vs + 1) & 7;
-        f
+        let (control, more, info) = hdlc::next_segment(&mut self.outgoing, &mut self.vs, self.vr);
+        self.frame(control, more, info)
     }
 
     fn handle(&mut self, f: Frame) -> Option<Vec<u8>> {

@@ -253,7 +253,7 @@ impl DlmsMeterConfig {
             max_info: self.max_info,
             tz: cx.gateway_tz.clone(),
             counter: FileCounter::for_meter(cx.data_dir, cx.meter),
-            objects: Arc::default(),
+            objects: ObjectCache::for_meter(cx.data_dir, cx.meter),
         })
     }
 }
