@@ -245,7 +245,11 @@ pub async fn run_rows(
     if let Some(m) = &w.metrics {
         m.backfill_rows(tally.rows);
     }
-    tracing::info!(bus = %w.bus, meter = %meter.id, cadence = %req.cadence, %profile, rows = tally.rows, readings = n, from = %Stamp::in_zone(start.floor, &w.tz), to = %Stamp::in_zone(chunk_to, &w.tz), stored, "Profile rows buffered");
+    if tally.rows > 0 {
+        tracing::info!(bus = %w.bus, meter = %meter.id, cadence = %req.cadence, %profile, rows = tally.rows, readings = n, from = %Stamp::in_zone(start.floor, &w.tz), to = %Stamp::in_zone(chunk_to, &w.tz), stored, "Profile rows buffered");
+    } else {
+        tracing::debug!(bus = %w.bus, meter = %meter.id, cadence = %req.cadence, %profile, from = %Stamp::in_zone(start.floor, &w.tz), to = %Stamp::in_zone(chunk_to, &w.tz), "No new profile rows");
+    }
     if !stored || last_chunk {
         let result = if stored {
             Ok(())

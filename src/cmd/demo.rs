@@ -52,6 +52,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // A DLMS/COSEM meter on the IEC 62056-47 wrapper, read by the public client: registers,
     // its clock, and a 15-minute load profile.
     let dlms_addr = dlms::spawn_wrapper(dlms::Meter::new(dlms::MeterSpec::new(17))).await?;
+    let lp_addr = dlms::spawn_wrapper(dlms::Meter::new(dlms::MeterSpec::new(18))).await?;
 
     // An IEC 62056-21 meter behind a pseudo-terminal, as behind an optical probe: signed on
     // at 300 Bd, read at the 9600 Bd it offers.
@@ -140,6 +141,17 @@ dlms = {{ client = 16, logical = 1 }}
 reads = {{ quarterly = "all" }}
 
 [[bus]]
+name = "lan-dlms-lp"
+tcp = {{ host = "{dlms_host}", port = {lp_port} }}
+
+[[meter]]
+id = "demo-dlms-lp"
+bus = "lan-dlms-lp"
+dlms = {{ client = 16, logical = 1 }}
+reads = {{ quarterly = {{ profile = "1-0:99.1.0" }} }}
+history = "6h"
+
+[[bus]]
 name = "optical"
 serial = {{ device = "{pty}" }}
 timeout = "2s"
@@ -182,6 +194,7 @@ reads = {{ quarterly = "all" }}
         port = addr.port(),
         dlms_host = dlms_addr.ip(),
         dlms_port = dlms_addr.port(),
+        lp_port = lp_addr.port(),
         pty = pty.path().display(),
     );
     std::fs::create_dir_all(&data_dir)?;
@@ -195,6 +208,9 @@ reads = {{ quarterly = "all" }}
     );
     eprintln!(
         "          1 simulated DLMS/COSEM meter on {dlms_addr} (IEC 62056-47 wrapper, public client): energy, voltages, currents, power, clock"
+    );
+    eprintln!(
+        "          1 simulated DLMS/COSEM meter on {lp_addr} read from its 15-minute load profile: the last 6 h of rows, then each new row as the meter closes it"
     );
     eprintln!(
         "          1 simulated IEC 62056-21 meter on {} (optical probe, plain sign-on): {ident}, 300 → 9600 Bd, read `all`",
