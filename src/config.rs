@@ -437,4 +437,46 @@ url = "amqp://guest:guest@localhost"
         let s = load("[gateway\nid=1").unwrap_err().to_string();
         assert!(s.starts_with("test.toml:1:"), "{s}");
     }
+
+    #[test]
+    fn profile_reads_should_load_and_be_refused_where_no_profile_can_be_read() {
+        let lan = "\n[[bus]]\nname = \"lan\"\ntcp = { host = \"h\", port = 4059 }\n";
+        let ok = format!(
+            "{MINIMAL}{lan}\n[[meter]]\nid = \"e450\"\nbus = \"lan\"\ndlms = {{ client = 16, logical = 1 }}\nhistory = \"7d\"\nreads = {{ quarterly = {{ profile = \"1-0:99.1.0\" }}, daily = {{ profile = \"1-0:99.2.0\", history = \"62d\" }}, monthly = \"all\" }}\n"
+        );
+        let c = load(&ok).unwrap();
+        let m = &c.meters[0].reads;
+        assert_eq!(
+            m.profile(crate::reading::Cadence::Daily).unwrap().history,
+            Some(std::time::Duration::from_secs(62 * 86_400))
+        );
+        assert!(m.get(crate::reading::Cadence::Quarterly).is_none());
+        assert_eq!(m.cadences().count(), 3);
+        for (reads, why) in [
+            (
+                "modbus = { unit = 1, profile = \"eastron-sdm630\" }\nreads = { quarterly = { profile = \"1-0:99.1.0\" } }",
+                "meter[0].reads.quarterly: only DLMS/COSEM and IEC 62056-21 meters keep a load profile",
+            ),
+            (
+                "dlms = { client = 16, logical = 1 }\nreads = { quarterly = { profile = \"1-0:99.1.0\" }, hourly = { profile = \"1-0:99.1.0\" } }",
+                "meter[0].reads.hourly: profile 1-0-99-1-0-255 is already read by another cadence",
+            ),
+            (
+                "dlms = { client = 16, logical = 1 }\nreads = { quarterly = { profile = \"99.1\" } }",
+                "not an OBIS code",
+            ),
+            (
+                "dlms = { client = 16, logical = 1 }\nreads = { quarterly = { profil = \"1-0:99.1.0\" } }",
+                "or a load profile such as { profile = \"1-0:99.1.0\" }",
+            ),
+            (
+                "dlms = { client = 16, logical = 1 }\nhistory = \"900d\"\nreads = { quarterly = { profile = \"1-0:99.1.0\" } }",
+                "meter[0].history: must be at most 400d",
+            ),
+        ] {
+            let text = format!("{MINIMAL}{lan}\n[[meter]]\nid = \"m\"\nbus = \"lan\"\n{reads}\n");
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.contains(why), "{reads}: {e}");
+        }
+    }
 }
