@@ -183,10 +183,21 @@ fn the_demo_should_poll_and_buffer_without_a_broker() {
     ]);
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(j["buffer"]["readings"].as_u64().unwrap() >= 22, "{j}");
-    // Three Modbus meters, the DLMS/COSEM one, the IEC 62056-21 one and three M-Bus meters.
+    // Three Modbus meters, two DLMS/COSEM ones, the IEC 62056-21 one and three M-Bus meters.
     let meters = j["meters"].as_array().unwrap();
-    assert_eq!(meters.len(), 8, "{j}");
+    assert_eq!(meters.len(), 9, "{j}");
     assert!(meters.iter().any(|m| m["meter"] == "demo-dlms"), "{j}");
+    // The one read from its load profile: six hours of quarter-hour rows, and its mark.
+    assert!(err.contains("Profile rows buffered"), "{err}");
+    let lp = meters
+        .iter()
+        .find(|m| m["meter"] == "demo-dlms-lp")
+        .unwrap();
+    let profile = &lp["profiles"][0];
+    assert_eq!(profile["profile"], "1-0-99-1-0-255", "{j}");
+    // 24, or 25 if the run straddled a quarter hour (the next row, read by the next tick).
+    let rows = profile["rows"].as_u64().unwrap();
+    assert!((24..=25).contains(&rows), "{j}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
