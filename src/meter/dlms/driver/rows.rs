@@ -54,10 +54,25 @@ pub fn rows_of(profile: &Profile, tz: &jiff::tz::TimeZone) -> Rows {
             .then(|| Duration::from_secs(profile.capture_period_s.into())),
         ..Rows::default()
     };
+    let clock = Profile::clock_column(&profile.columns);
     for row in &profile.rows {
         let Some(ts) = row.timestamp else {
             out.unmapped += row.values.len();
             continue;
+        };
+        // The row's time as the meter's clock gave it: with its deviation where it sends one
+        // (UTC = local + deviation), else the meter's zone.
+        let deviation = clock
+            .and_then(|c| row.values.get(c))
+            .and_then(|d| d.as_date_time())
+            .map(|dt| dt.deviation)
+            .filter(|d| *d != crate::meter::dlms::axdr::DEVIATION_UNSPECIFIED && d.abs() <= 840);
+        let at = match deviation {
+            Some(d) => Stamp {
+                ms: ts.as_millisecond(),
+                offset: -i32::from(d) * 60,
+            },
+            None => Stamp::in_zone(ts, tz),
         };
         let mut flags = Flags::empty();
         if crate::meter::dlms::reads::status_invalid(row.clock_status) {
@@ -107,11 +122,123 @@ pub fn rows_of(profile: &Profile, tz: &jiff::tz::TimeZone) -> Rows {
                 Err(_) => out.unmapped += 1,
             }
         }
-        out.rows.push(Row {
-            at: Stamp::in_zone(ts, tz),
-            flags,
-            values,
-        });
+        out.rows.push(Row { at, flags, values });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::dlms::apdu::{AttributeRef, CaptureObject};
+    use crate::meter::dlms::axdr::{Data, Date, DateTime, Time};
+    use crate::meter::dlms::cosem::ProfileRow;
+
+    /// A local time with its deviation (minutes, UTC = local + deviation) and clock status.
+    fn local(y: u16, mo: u8, d: u8, h: u8, mi: u8, deviation: i16, status: u8) -> Data {
+        let dt = DateTime {
+            date: Date {
+                year: y,
+                month: mo,
+                day: d,
+                weekday: 0xFF,
+            },
+            time: Time {
+                hour: h,
+                minute: mi,
+                second: 0,
+                hundredths: 0,
+            },
+            deviation,
+            status,
+        };
+        Data::OctetString(dt.encode().to_vec())
+    }
+
+    fn profile(rows: Vec<(Data, u32, u8)>) -> Profile {
+        let tz = jiff::tz::TimeZone::get("Europe/Stockholm").unwrap();
+        let columns = vec![
+            CaptureObject::CLOCK,
+            CaptureObject {
+                attribute: AttributeRef::new(class::DATA, [0, 0, 96, 10, 1, 255], 2),
+                data_index: 0,
+            },
+            CaptureObject {
+                attribute: AttributeRef::new(class::REGISTER, [1, 0, 1, 8, 0, 255], 2),
+                data_index: 0,
+            },
+        ];
+        let rows = rows
+            .into_iter()
+            .map(|(clock, energy, status)| {
+                let dt = clock.as_date_time().unwrap();
+                ProfileRow {
+                    timestamp: dt.to_timestamp(&tz),
+                    clock_status: (dt.status != 0xFF).then_some(dt.status),
+                    values: vec![clock, Data::UInt8(status), Data::UInt32(energy)],
+                }
+            })
+            .collect();
+        Profile {
+            columns,
+            scalers: vec![
+                None,
+                None,
+                Some(ScalerUnit {
+                    scaler: -1,
+                    unit: 30,
+                }),
+            ],
+            capture_period_s: 900,
+            rows,
+        }
+    }
+
+    #[test]
+    fn at_the_autumn_change_two_rows_of_the_same_local_time_should_stay_two_instants() {
+        // Europe/Stockholm, 2026-10-25: 03:00 CEST becomes 02:00 CET; 02:30 happens twice.
+        let p = profile(vec![
+            (local(2026, 10, 25, 2, 30, -120, 0x80), 100, 0x08),
+            (local(2026, 10, 25, 2, 45, -120, 0x80), 101, 0x08),
+            (local(2026, 10, 25, 2, 0, -60, 0x00), 102, 0x20),
+            (local(2026, 10, 25, 2, 30, -60, 0x00), 103, 0x00),
+        ]);
+        let tz = jiff::tz::TimeZone::get("Europe/Stockholm").unwrap();
+        let rows = rows_of(&p, &tz);
+        let at: Vec<String> = rows.rows.iter().map(|r| r.at.rfc3339()).collect();
+        assert_eq!(
+            at,
+            [
+                "2026-10-25T02:30:00+02:00",
+                "2026-10-25T02:45:00+02:00",
+                "2026-10-25T02:00:00+01:00",
+                "2026-10-25T02:30:00+01:00",
+            ]
+        );
+        assert!(rows.rows[0].flags.contains(Flags::DST));
+        assert!(rows.rows[2].flags.contains(Flags::CLOCK_ADJUSTED));
+        assert!(!rows.rows[3].flags.contains(Flags::DST));
+        assert_eq!(rows.rows[3].values[0].value.as_str(), "10.3");
+        assert_eq!(
+            rows.rows[3].values.len(),
+            1,
+            "the status column is flags, not a value"
+        );
+    }
+
+    #[test]
+    fn on_the_spring_change_the_rows_should_follow_each_other_by_fifteen_minutes() {
+        // 2026-03-29: 02:00 CET becomes 03:00 CEST; there is no 02:30.
+        let p = profile(vec![
+            (local(2026, 3, 29, 1, 45, -60, 0x00), 1, 0),
+            (local(2026, 3, 29, 3, 0, -120, 0x80), 2, 0x80),
+            (local(2026, 3, 29, 3, 15, -120, 0x81), 3, 0x02),
+        ]);
+        let rows = rows_of(&p, &jiff::tz::TimeZone::UTC);
+        let ms: Vec<i64> = rows.rows.iter().map(|r| r.at.ms).collect();
+        assert_eq!(ms[1] - ms[0], 900_000);
+        assert_eq!(ms[2] - ms[1], 900_000);
+        assert!(rows.rows[1].flags.contains(Flags::POWER_DOWN));
+        assert!(rows.rows[2].flags.contains(Flags::CLOCK_INVALID));
+    }
 }
