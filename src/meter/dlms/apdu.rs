@@ -418,7 +418,7 @@ pub fn rlrq() -> Vec<u8> {
 }
 
 /// A COSEM attribute by logical name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct AttributeRef {
     pub class: u16,
     pub obis: [u8; 6],
@@ -453,7 +453,7 @@ impl std::fmt::Display for AttributeRef {
 }
 
 /// A capture object definition: a column of a profile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CaptureObject {
     pub attribute: AttributeRef,
     pub data_index: u16,

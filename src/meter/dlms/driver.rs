@@ -8,6 +8,10 @@
 //!   is undefined or a value does not fit its cached scaler. A poll is then association, one
 //!   GET (with list: every value and the clock) and release. A list of OBIS codes takes each
 //!   one's class from the same list.
+//! * Profile reads ([`DlmsMeter::read_profile`]): the profile's header (columns, capture
+//!   period, the columns' scalers) is cached in the same file, per profile, so a read is
+//!   association, the buffer GET by range (and its blocks) and release; read again, in the
+//!   same association, when the meter says the profile is undefined or the rows do not fit.
 //! * The clock (0-0:1.0.0.255) is read on every poll. A deviation from the gateway clock
 //!   above `clock_limit` is reported as a [`Failure::ClockDeviation`] among the *refused*
 //!   requests of the [`Outcome`]: the bus turns every refusal into a system event
@@ -274,7 +278,9 @@ impl DlmsMeter {
     }
 
     /// Rows of a load profile captured in `from ..= to` (the meter's selective access by
-    /// range on the clock column), for `amr-edge poll --profile`: one association, released.
+    /// range on the clock column), for `amr-edge poll --profile` and profile-based reads:
+    /// one association, released. The profile's header (columns, capture period, scalers)
+    /// is cached with the object list, so a read after the first is the buffer GET alone.
     pub async fn read_profile(
         &self,
         slot: &mut Slot,
@@ -287,32 +293,45 @@ impl DlmsMeter {
         let range = Some((from, to));
         match self.transport {
             Transport::Wrapper => {
-                profile_on(
-                    slot.tcp().await?,
-                    cfg,
-                    self.counter.clone(),
-                    profile,
-                    range,
-                    &self.tz,
-                )
-                .await
+                self.profile_on(slot.tcp().await?, cfg, profile, range)
+                    .await
             }
             Transport::Hdlc(framing) => {
-                profile_on(
-                    slot.port(framing)?,
-                    cfg,
-                    self.counter.clone(),
-                    profile,
-                    range,
-                    &self.tz,
-                )
-                .await
+                self.profile_on(slot.port(framing)?, cfg, profile, range)
+                    .await
             }
             Transport::ModeE { max_baud } => {
                 let port = mode_e_port(slot, max_baud, timing).await?;
-                profile_on(port, cfg, self.counter.clone(), profile, range, &self.tz).await
+                self.profile_on(port, cfg, profile, range).await
             }
         }
+    }
+
+    async fn profile_on<S>(
+        &self,
+        io: S,
+        cfg: AssociationConfig,
+        profile: Obis,
+        range: Option<(Timestamp, Timestamp)>,
+    ) -> Result<super::reads::Profile, Failure>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut client = Client::new(io, cfg, self.counter.clone());
+        client.connect().await.map_err(|e| failure(&e))?;
+        let cached = self.objects.profile(profile);
+        let mut header = cached.clone();
+        let p = client
+            .read_profile_cached(profile, range, &self.tz, &mut header)
+            .await;
+        if header != cached {
+            self.objects.set_profile(profile, header);
+        }
+        let p = p.map_err(|e| failure(&e))?;
+        if let Err(e) = client.release().await {
+            tracing::debug!(error = %e, "DLMS release failed");
+        }
+        Ok(p)
     }
 
     /// One association on `io`: connect, object list if needed, values and clock, release.
@@ -506,29 +525,6 @@ async fn mode_e_port<'a>(
         data_bits: 8,
         stop_bits: 1,
     })
-}
-
-async fn profile_on<S>(
-    io: S,
-    cfg: AssociationConfig,
-    counter: FileCounter,
-    profile: Obis,
-    range: Option<(Timestamp, Timestamp)>,
-    tz: &TimeZone,
-) -> Result<super::reads::Profile, Failure>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut client = Client::new(io, cfg, counter);
-    client.connect().await.map_err(|e| failure(&e))?;
-    let p = client
-        .read_profile(profile, range, tz)
-        .await
-        .map_err(|e| failure(&e))?;
-    if let Err(e) = client.release().await {
-        tracing::debug!(error = %e, "DLMS release failed");
-    }
-    Ok(p)
 }
 
 async fn scan_on<S>(

@@ -1,9 +1,11 @@
-//! A meter's object list with the scalers and units of its registers, read once and kept in
+//! A meter's object list with the scalers and units of its registers, and the header of each
+//! profile read (its columns, capture period and columns' scalers), read once and kept in
 //! `{data_dir}/dlms/{meter}.objects`, beside the invocation counter.
 //!
-//! Both are static per object (they change with a firmware update or a reconfiguration, and
-//! then a GET says an object is undefined, or a value no longer fits its scaler): a poll
-//! reads only what changes, and a restart reads no object list.
+//! All are static per object (they change with a firmware update or a reconfiguration, and
+//! then a GET says an object is undefined, or a value no longer fits its scaler, or a
+//! profile's rows no longer fit its columns): a poll reads only what changes, a profile read
+//! only the buffer, and a restart reads no object list.
 //!
 //! # Invariant
 //!
@@ -26,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use super::cosem::{ObjectListEntry, ScalerUnit};
 use super::counter::meter_file;
+use super::reads::ProfileHeader;
+use crate::reading::Obis;
 
 /// The version of the file's layout; a file of another is read again from the meter.
 const FORMAT: u32 = 1;
@@ -47,10 +51,23 @@ impl From<ObjectListEntry> for Known {
     }
 }
 
+/// A profile's header, by the profile's logical name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CachedProfile {
+    obis: Obis,
+    #[serde(flatten)]
+    header: ProfileHeader,
+}
+
+/// `objects` is absent when only profiles were read; `profiles` is absent in the files of
+/// agents before profile headers were cached, which stay readable (the same format).
 #[derive(Serialize, Deserialize)]
 struct File {
     format: u32,
-    objects: Vec<Known>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    objects: Option<Vec<Known>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    profiles: Vec<CachedProfile>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +75,7 @@ struct State {
     /// Whether the file was looked at (once per process).
     loaded: bool,
     objects: Option<Vec<Known>>,
+    profiles: Vec<CachedProfile>,
 }
 
 /// A meter's cached object list, shared by its polls (one association at a time uses it).
@@ -84,17 +102,32 @@ impl ObjectCache {
         &self.path
     }
 
-    /// The cached list: from memory, or from the file at the first use.
-    pub fn get(&self) -> Option<Vec<Known>> {
+    /// The state, loaded from the file at the first use.
+    fn state(&self) -> Option<std::sync::MutexGuard<'_, State>> {
         let mut s = self.state.lock().ok()?;
         if !s.loaded {
             s.loaded = true;
-            s.objects = self.load();
+            if let Some(f) = self.load() {
+                s.objects = f.objects;
+                s.profiles = f.profiles;
+            }
         }
-        s.objects.clone()
+        Some(s)
     }
 
-    fn load(&self) -> Option<Vec<Known>> {
+    /// The cached list: from memory, or from the file at the first use.
+    pub fn get(&self) -> Option<Vec<Known>> {
+        self.state()?.objects.clone()
+    }
+
+    /// The cached header of `profile`.
+    pub fn profile(&self, profile: Obis) -> Option<ProfileHeader> {
+        let s = self.state()?;
+        let p = s.profiles.iter().find(|p| p.obis == profile)?;
+        Some(p.header.clone())
+    }
+
+    fn load(&self) -> Option<File> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -104,7 +137,7 @@ impl ObjectCache {
             }
         };
         match serde_json::from_slice::<File>(&bytes) {
-            Ok(f) if f.format == FORMAT => Some(f.objects),
+            Ok(f) if f.format == FORMAT => Some(f),
             Ok(f) => {
                 tracing::warn!(path = %self.path.display(), format = f.format, "Cached DLMS object list of another format ignored, reading it from the meter");
                 None
@@ -119,23 +152,37 @@ impl ObjectCache {
     /// Replaces the list, in memory and on disk. A write that fails is logged: the list
     /// stays cached for the process and the next change tries again.
     pub fn set(&self, objects: Vec<Known>) {
+        let Some(mut s) = self.state() else { return };
+        s.objects = Some(objects);
+        self.write(&s);
+    }
+
+    /// Replaces the header of `profile` (`None`: forgets it), in memory and on disk, as
+    /// [`set`](Self::set).
+    pub fn set_profile(&self, profile: Obis, header: Option<ProfileHeader>) {
+        let Some(mut s) = self.state() else { return };
+        s.profiles.retain(|p| p.obis != profile);
+        if let Some(header) = header {
+            s.profiles.push(CachedProfile {
+                obis: profile,
+                header,
+            });
+        }
+        self.write(&s);
+    }
+
+    fn write(&self, s: &State) {
         let bytes = match serde_json::to_vec(&File {
             format: FORMAT,
-            objects: objects.clone(),
+            objects: s.objects.clone(),
+            profiles: s.profiles.clone(),
         }) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot encode the DLMS object list");
-                Vec::new()
+                return;
             }
         };
-        if let Ok(mut s) = self.state.lock() {
-            s.loaded = true;
-            s.objects = Some(objects);
-        }
-        if bytes.is_empty() {
-            return;
-        }
         let written = match self.path.parent() {
             Some(dir) => crate::store::disk::create_dir_durably(dir),
             None => Ok(()),
@@ -150,7 +197,7 @@ impl ObjectCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reading::Obis;
+    use crate::meter::dlms::apdu::CaptureObject;
 
     fn list() -> Vec<Known> {
         vec![
@@ -196,5 +243,33 @@ mod tests {
         }
         c.set(list());
         assert_eq!(ObjectCache::for_meter(dir.path(), "m").get(), Some(list()));
+    }
+
+    #[test]
+    fn profile_headers_should_be_kept_beside_the_list_and_survive_its_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ObjectCache::for_meter(dir.path(), "m");
+        let lp = Obis([1, 0, 99, 1, 0, 255]);
+        let header = ProfileHeader {
+            columns: vec![CaptureObject::CLOCK],
+            capture_period_s: 900,
+            scalers: vec![None],
+        };
+        c.set_profile(lp, Some(header.clone()));
+        // A profile read before any poll: a header and no list.
+        let again = ObjectCache::for_meter(dir.path(), "m");
+        assert_eq!(
+            (again.get(), again.profile(lp)),
+            (None, Some(header.clone()))
+        );
+        again.set(list());
+        let third = ObjectCache::for_meter(dir.path(), "m");
+        assert_eq!(third.get(), Some(list()));
+        assert_eq!(third.profile(lp), Some(header));
+        third.set_profile(lp, None);
+        assert_eq!(ObjectCache::for_meter(dir.path(), "m").profile(lp), None);
+        // The files of agents before profile headers were cached still decode.
+        std::fs::write(c.path(), br#"{"format":1,"objects":[]}"#).unwrap();
+        assert_eq!(ObjectCache::for_meter(dir.path(), "m").get(), Some(vec![]));
     }
 }

@@ -261,6 +261,46 @@ pub fn profile_entries_request(profile: Obis, from: u32, to: u32) -> Request {
     }
 }
 
+/// What a profile read needs before its buffer, and static per profile (it changes with a
+/// reconfiguration of the meter): the columns, the capture period, and each register
+/// column's scaler and unit. Cached with the object list ([`ObjectCache`]), so a profile
+/// read is the buffer GET alone.
+///
+/// [`ObjectCache`]: super::objects::ObjectCache
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProfileHeader {
+    pub columns: Vec<CaptureObject>,
+    pub capture_period_s: u32,
+    /// Per column: its scaler and unit, for register values.
+    pub scalers: Vec<Option<ScalerUnit>>,
+}
+
+impl ProfileHeader {
+    /// The header from the answers to [`profile_header_requests`] and the scalers read for
+    /// the columns' [`scaler_attribute`]s.
+    pub fn new(
+        capture_objects: &Data,
+        capture_period: &Data,
+        scalers: Vec<Option<ScalerUnit>>,
+    ) -> Result<ProfileHeader, CosemError> {
+        let columns = cosem::capture_objects(capture_objects)?;
+        let capture_period_s = match capture_period.as_integer() {
+            Some(p) => u32::try_from(p).unwrap_or(0),
+            None => 0,
+        };
+        Ok(ProfileHeader {
+            columns,
+            capture_period_s,
+            scalers,
+        })
+    }
+
+    /// The clock column, the one a range read restricts by.
+    pub fn clock(&self) -> Option<CaptureObject> {
+        Profile::clock_column(&self.columns).map(|i| self.columns[i])
+    }
+}
+
 /// A profile read: its columns with their scalers, and its rows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Profile {
@@ -298,11 +338,22 @@ impl Profile {
         buffer: &Data,
         tz: &TimeZone,
     ) -> Result<Profile, CosemError> {
-        let columns = cosem::capture_objects(capture_objects)?;
-        let capture_period_s = match capture_period.as_integer() {
-            Some(p) => u32::try_from(p).unwrap_or(0),
-            None => 0,
-        };
+        let header = ProfileHeader::new(capture_objects, capture_period, scalers)?;
+        Profile::with_header(header, buffer, tz)
+    }
+
+    /// Decodes the buffer with a header read before (or cached). Rows are not checked
+    /// against the columns here: see [`Profile::fits`].
+    pub fn with_header(
+        header: ProfileHeader,
+        buffer: &Data,
+        tz: &TimeZone,
+    ) -> Result<Profile, CosemError> {
+        let ProfileHeader {
+            columns,
+            capture_period_s,
+            scalers,
+        } = header;
         let rows = cosem::profile_rows(buffer, Self::clock_column(&columns), capture_period_s, tz)?;
         Ok(Profile {
             columns,
@@ -310,6 +361,14 @@ impl Profile {
             capture_period_s,
             rows,
         })
+    }
+
+    /// Whether every row has one value per column: a buffer decoded with a cached header that
+    /// does not fit was captured with other columns (the meter was reconfigured).
+    pub fn fits(&self) -> bool {
+        self.rows
+            .iter()
+            .all(|r| r.values.len() == self.columns.len())
     }
 
     /// Every numeric value of every row with a known time; other columns (the clock, status

@@ -9,13 +9,13 @@ use jiff::tz::TimeZone;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::apdu::GetResult;
+use super::apdu::{AccessError, GetResult};
 use super::association::{
     Association, AssociationConfig, Error, Event, Negotiated, Output, Request,
 };
 use super::axdr::Data;
 use super::cosem::{self, CosemError, ObjectListEntry, ScalerUnit};
-use super::reads::{self, Object, Profile, Read, Target, Value, ValueError};
+use super::reads::{self, Object, Profile, ProfileHeader, Read, Target, Value, ValueError};
 use super::security::InvocationCounter;
 use crate::reading::Obis;
 
@@ -182,6 +182,64 @@ where
         range: Option<(Timestamp, Timestamp)>,
         tz: &TimeZone,
     ) -> Result<Profile, TransportError> {
+        self.read_profile_cached(profile, range, tz, &mut None)
+            .await
+    }
+
+    /// [`read_profile`](Self::read_profile) with the profile's header known from an earlier
+    /// read (`header`): then only the buffer is read (the first GET and its blocks). The
+    /// header is read again, in the same association, when there is none, when the meter
+    /// says the profile or the range's column is undefined (the buffer is then read again),
+    /// or when the buffer's rows do not fit the cached columns (the same buffer is then
+    /// decoded with the new header). `header` is left as the meter has it now: the caller
+    /// keeps it when it changed, and an error leaves it `None` when it was found stale.
+    pub async fn read_profile_cached(
+        &mut self,
+        profile: Obis,
+        range: Option<(Timestamp, Timestamp)>,
+        tz: &TimeZone,
+        header: &mut Option<ProfileHeader>,
+    ) -> Result<Profile, TransportError> {
+        let mut buffer = None;
+        if let Some(h) = header.as_ref() {
+            let request = reads::profile_buffer_request(profile, h.clock(), range);
+            match self.get(vec![request]).await?.pop() {
+                Some(Ok(d)) => match Profile::with_header(h.clone(), &d, tz) {
+                    Ok(p) if p.fits() => return Ok(p),
+                    // Captured with other columns: the same rows, decoded with the header
+                    // the meter has now.
+                    _ => buffer = Some(d),
+                },
+                Some(Err(e)) if e.0 == AccessError::OBJECT_UNDEFINED => {}
+                Some(Err(error)) => {
+                    return Err(TransportError::Refused {
+                        what: "the profile buffer",
+                        error,
+                    });
+                }
+                None => return Err(TransportError::Unexpected),
+            }
+            tracing::info!(%profile, "Reading the profile's columns and scalers again");
+            *header = None;
+        }
+        let fresh = self.profile_header(profile).await?;
+        let buffer = match buffer {
+            Some(d) => d,
+            None => {
+                self.get_one(
+                    reads::profile_buffer_request(profile, fresh.clock(), range),
+                    "the profile buffer",
+                )
+                .await?
+            }
+        };
+        *header = Some(fresh.clone());
+        Ok(Profile::with_header(fresh, &buffer, tz)?)
+    }
+
+    /// A profile's columns and capture period (one GET with list), then each register
+    /// column's scaler and unit (one more).
+    pub async fn profile_header(&mut self, profile: Obis) -> Result<ProfileHeader, TransportError> {
         let header = self.get(reads::profile_header_requests(profile)).await?;
         let (capture_objects, period) = match (header.first(), header.get(1)) {
             (Some(Ok(c)), Some(p)) => (c.clone(), p.clone().unwrap_or(Data::Null)),
@@ -205,20 +263,7 @@ where
                     .and_then(|d| ScalerUnit::from_data(&d).ok())
             })
             .collect();
-        let clock = Profile::clock_column(&columns).map(|i| columns[i]);
-        let buffer = self
-            .get_one(
-                reads::profile_buffer_request(profile, clock, range),
-                "the profile buffer",
-            )
-            .await?;
-        Ok(Profile::new(
-            &capture_objects,
-            &period,
-            scalers,
-            &buffer,
-            tz,
-        )?)
+        Ok(ProfileHeader::new(&capture_objects, &period, scalers)?)
     }
 }
 
