@@ -4,8 +4,10 @@
 //! entry, at each security level over the TCP wrapper, and the refusals. The simulator is
 //! what `amr-edge demo` reads; this keeps it from being checked only by our own client.
 //!
-//! And the round-trip budget of a register read (issue #13) against that simulator, counted
-//! on the wire: a poll after the first is association + one GET + release.
+//! And the round-trip budgets against that simulator, counted on the wire: a register poll
+//! after the first is association + one GET + release (issue #13); a day of quarter-hour
+//! profile rows after the first read is association + the buffer GET and its two blocks +
+//! release (issue #14).
 
 mod common;
 #[path = "dlms/wire.rs"]
@@ -160,4 +162,84 @@ async fn object_gone_from_the_meter_should_read_list_and_scalers_again() {
         !cache.to_string().contains("[1,0,3,8,0,255]"),
         "the file is rewritten without it: {cache}"
     );
+}
+
+/// `[tag, kind]` of a plain get-request: normal, next block, with list.
+const NORMAL: [u8; 2] = [GET, 1];
+const NEXT: [u8; 2] = [GET, 2];
+const LIST: [u8; 2] = [GET, 3];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_reads_after_the_first_should_be_the_buffer_get_and_its_blocks() {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = wire::counting_proxy(sim).await;
+    let data = tempfile::tempdir().unwrap();
+    let section = "client = 16, logical = 1";
+    let (bus, m) = wire::meter(proxy.port(), "lp", section, "\"all\"", data.path());
+    // The first read: the header (capture objects and period), the register columns'
+    // scalers, then the buffer by range, ~2.5 KB in three blocks of the meter's 1024-byte PDU.
+    let (first, w) = wire::read_day(&bus, &m, &wire).await;
+    assert_eq!(
+        w.tags,
+        [AARQ, GET, GET, GET, GET, GET, RLRQ],
+        "{}",
+        w.apdus()
+    );
+    assert_eq!(w.heads[1..6], [LIST, LIST, NORMAL, NEXT, NEXT]);
+    // Then the buffer alone: association, one GET and its two blocks, release.
+    let (warm, w) = wire::read_day(&bus, &m, &wire).await;
+    assert_eq!(w.tags, [AARQ, GET, GET, GET, RLRQ], "{}", w.apdus());
+    assert_eq!(w.heads[1..4], [NORMAL, NEXT, NEXT]);
+    assert_eq!(warm, first, "the cached header decodes the same rows");
+    // A restart finds the header on disk, beside the object list.
+    let (bus, m) = wire::meter(proxy.port(), "lp", section, "\"all\"", data.path());
+    let (_, w) = wire::read_day(&bus, &m, &wire).await;
+    assert_eq!(
+        w.tags,
+        [AARQ, GET, GET, GET, RLRQ],
+        "after a restart: {}",
+        w.apdus()
+    );
+    // A register poll rewrites the file with the list; the profile's header stays in it.
+    poll(&bus, &m, &wire).await;
+    let (_, w) = wire::read_day(&bus, &m, &wire).await;
+    assert_eq!(
+        w.tags,
+        [AARQ, GET, GET, GET, RLRQ],
+        "after a poll: {}",
+        w.apdus()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_do_not_fit_the_cached_columns_should_read_the_header_again() {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = wire::counting_proxy(sim).await;
+    let data = tempfile::tempdir().unwrap();
+    let section = "client = 16, logical = 1";
+    let (bus, m) = wire::meter(proxy.port(), "lp", section, "\"all\"", data.path());
+    let (first, _) = wire::read_day(&bus, &m, &wire).await;
+    // The cached header lost a column (the meter was reconfigured since it was read).
+    let file = data.path().join("dlms/lp.objects");
+    let mut cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let p = &mut cache["profiles"][0];
+    p["columns"].as_array_mut().unwrap().pop();
+    p["scalers"].as_array_mut().unwrap().pop();
+    std::fs::write(&file, serde_json::to_vec(&cache).unwrap()).unwrap();
+    let (bus, m) = wire::meter(proxy.port(), "lp", section, "\"all\"", data.path());
+    // The buffer, then the header and scalers in the same association; the same buffer is
+    // decoded with them (not read again).
+    let (rows, w) = wire::read_day(&bus, &m, &wire).await;
+    assert_eq!(
+        w.heads[1..6],
+        [NORMAL, NEXT, NEXT, LIST, LIST],
+        "{}",
+        w.apdus()
+    );
+    assert_eq!(w.tags.last(), Some(&RLRQ));
+    assert_eq!(rows, first);
+    // The file has the meter's header again.
+    let (_, w) = wire::read_day(&bus, &m, &wire).await;
+    assert_eq!(w.tags, [AARQ, GET, GET, GET, RLRQ], "{}", w.apdus());
 }

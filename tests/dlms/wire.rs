@@ -33,6 +33,9 @@ pub const GLO_ACTION: u8 = 0xCB;
 pub struct Wire {
     /// The first byte of each APDU the client sent, in order.
     pub tags: Vec<u8>,
+    /// Its first two bytes: for a plain get-request (0xC0) the tag and the kind, 1 normal,
+    /// 2 next (a block of a long answer), 3 with list.
+    pub heads: Vec<[u8; 2]>,
     pub to_meter: u64,
     pub from_meter: u64,
 }
@@ -41,6 +44,41 @@ impl Wire {
     /// APDUs the client sent: each one is answered, so one round trip each.
     pub fn round_trips(&self) -> usize {
         self.tags.len()
+    }
+
+    /// The GETs among them (plain or ciphered, blocks included).
+    pub fn gets(&self) -> usize {
+        self.tags
+            .iter()
+            .filter(|t| [GET, GLO_GET].contains(t))
+            .count()
+    }
+
+    /// The APDUs by tag, runs counted: `AARQ, GET ×3, RLRQ`.
+    pub fn apdus(&self) -> String {
+        let name = |t: u8| match t {
+            AARQ => "AARQ".to_owned(),
+            RLRQ => "RLRQ".to_owned(),
+            GET => "GET".to_owned(),
+            GLO_GET => "glo-GET".to_owned(),
+            GLO_ACTION => "glo-ACTION".to_owned(),
+            t => format!("0x{t:02X}"),
+        };
+        let mut out: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < self.tags.len() {
+            let n = self.tags[i..]
+                .iter()
+                .take_while(|t| **t == self.tags[i])
+                .count();
+            out.push(if n > 1 {
+                format!("{} ×{n}", name(self.tags[i]))
+            } else {
+                name(self.tags[i])
+            });
+            i += n;
+        }
+        out.join(", ")
     }
 }
 
@@ -72,7 +110,12 @@ pub async fn counting_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Wire>>
                     {
                         let mut g = up.lock().unwrap();
                         while let Some(Ok(w)) = split.next_apdu() {
-                            g.tags.push(w.apdu.first().copied().unwrap_or(0));
+                            let head = [
+                                w.apdu.first().copied().unwrap_or(0),
+                                w.apdu.get(1).copied().unwrap_or(0),
+                            ];
+                            g.tags.push(head[0]);
+                            g.heads.push(head);
                         }
                         g.to_meter += n as u64;
                     }
@@ -119,4 +162,39 @@ pub fn meter(port: u16, id: &str, dlms: &str, reads: &str, data_dir: &Path) -> (
         .resolve("meter[0]", "lan", &bus.link, &mut r, &mut p)
         .unwrap_or_else(|| panic!("{:?}", p.0));
     (bus, m)
+}
+
+/// Yesterday's 96 quarter-hour rows (UTC, 00:00 to 23:45) of the simulator's load profile
+/// (1-0:99.1.0), read through the proxy as the bus reads rows: the rows, and what crossed.
+pub async fn read_day(
+    bus: &Bus,
+    m: &Meter,
+    wire: &Mutex<Wire>,
+) -> (amr_edge::meter::rows::Rows, Wire) {
+    use amr_edge::meter::link::Slot;
+    use amr_edge::meter::rows::RowsRequest;
+    use amr_edge::reading::Obis;
+    let day = 86_400;
+    let today = jiff::Timestamp::now().as_second().div_euclid(day) * day;
+    let request = RowsRequest {
+        profile: Obis(amr_edge::sim::dlms::PROFILE_OBIS),
+        from: jiff::Timestamp::from_second(today - day).unwrap(),
+        to: jiff::Timestamp::from_second(today - 900).unwrap(),
+    };
+    *wire.lock().unwrap() = Wire::default();
+    let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
+    let rows = m.read_rows(&mut slot, &request, &bus.timing).await;
+    drop(slot);
+    let rows = rows.unwrap_or_else(|f| panic!("profile read failed: {f:?}"));
+    assert_eq!(rows.rows.len(), 96, "one day of quarter hours");
+    assert!(
+        rows.rows.iter().all(|r| r.values.len() == 2),
+        "{:?}",
+        rows.rows[0]
+    );
+    assert_eq!(rows.unmapped, 0);
+    // Let the proxy count the RLRQ.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let w = wire.lock().unwrap().clone();
+    (rows, w)
 }
