@@ -5,6 +5,8 @@
 mod common;
 #[path = "dlms/peer.rs"]
 mod dlms_peer;
+#[path = "dlms/wire.rs"]
+mod wire;
 
 use std::path::Path;
 
@@ -438,4 +440,37 @@ async fn counter_behind_the_meters_should_resync_once_and_read() {
     let out = read(&bus, &m).await;
     assert!(out.failure.is_none(), "{:?}", out.failure);
     assert!(!out.values.is_empty());
+}
+
+/// Issue #14's budget against the Gurux peer: a day of quarter-hour rows (~2.5 KB) after
+/// the first read is the buffer GET and its blocks alone, as many as the meter's PDU size
+/// makes: 3 GETs at 1024 bytes, 5 at the peer's default of 512.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_day_should_take_as_many_gets_as_the_meters_pdu_makes() {
+    for (max_pdu, gets) in [("1024", 3), ("512", 5)] {
+        let peer = DlmsMeter::start(&["--wrapper", "--port", "0", "--max-pdu", max_pdu]);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], peer.port()));
+        let (proxy, wire) = wire::counting_proxy(addr).await;
+        let data = tempfile::tempdir().unwrap();
+        let (bus, m) = wire::meter(
+            proxy.port(),
+            "lp",
+            "client = 16, logical = 1",
+            "\"all\"",
+            data.path(),
+        );
+        let (first, cold) = wire::read_day(&bus, &m, &wire).await;
+        let (warm, w) = wire::read_day(&bus, &m, &wire).await;
+        eprintln!(
+            "Gurux peer, max PDU {max_pdu}: first read {} ({} B), cached header {} ({} B)",
+            cold.apdus(),
+            cold.to_meter + cold.from_meter,
+            w.apdus(),
+            w.to_meter + w.from_meter
+        );
+        assert_eq!(warm, first);
+        assert_eq!(cold.gets(), gets + 2, "max PDU {max_pdu}: {}", cold.apdus());
+        assert_eq!(w.gets(), gets, "max PDU {max_pdu}: {}", w.apdus());
+        assert_eq!(w.round_trips(), gets + 2, "{}", w.apdus());
+    }
 }
