@@ -1,5 +1,5 @@
-//! DLMS/COSEM figures: a register read over the IEC 62056-47 wrapper — request/answer round
-//! trips and bytes on the wire per read, counted by a proxy between the driver (as the agent
+//! DLMS/COSEM figures: a register read and a day of load profile rows over the IEC 62056-47
+//! wrapper — request/answer round trips and bytes on the wire per read, counted by a proxy between the driver (as the agent
 //! runs it) and the simulated meter (src/sim/dlms/) — and the resident memory of an idle
 //! agent (`amr-edge run`, the shipped binary) with 200 DLMS meters configured on one bus,
 //! idle as in `benches/backbone.rs`: the broker out of reach, nothing due to be read.
@@ -90,6 +90,55 @@ async fn register_reads(rows: &mut Vec<(String, String)>) {
     }
 }
 
+/// One day of 96 quarter-hour rows (clock and two energy registers) read as the bus reads
+/// rows, issue #14's budget of ≤ 3 GET round trips: the first read (no cached header: the
+/// capture objects and period, then the columns' scalers, then the buffer — what every read
+/// was before the header was cached) and the next.
+async fn profile_reads(rows: &mut Vec<(String, String)>) {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = wire::counting_proxy(sim).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ek = dir.path().join("ek");
+    std::fs::write(&ek, "000102030405060708090A0B0C0D0E0F\n").unwrap();
+    let ak = dir.path().join("ak");
+    std::fs::write(&ak, "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF\n").unwrap();
+    let levels = [
+        ("public", "client = 16, logical = 1".to_owned()),
+        (
+            "HLS-GMAC",
+            format!(
+                "client = 1, logical = 1, security = \"hls-gmac\", block_key_file = {ek:?}, auth_key_file = {ak:?}"
+            ),
+        ),
+    ];
+    for (level, section) in &levels {
+        let _ = std::fs::remove_file(dir.path().join("dlms/bench.objects"));
+        let (bus, m) = wire::meter(proxy.port(), "bench", section, "\"all\"", dir.path());
+        for first in [true, false] {
+            let (_, w) = wire::read_day(&bus, &m, &wire).await;
+            rows.push((
+                format!(
+                    "DLMS wrapper profile, 1 day (96 rows × 2 values): {level}, {}",
+                    if first {
+                        "first read (header, scalers)"
+                    } else {
+                        "cached header"
+                    }
+                ),
+                format!(
+                    "{} round trips ({}), {} GETs, {} B to meter, {} B from meter, {} B total",
+                    w.round_trips(),
+                    w.apdus(),
+                    w.gets(),
+                    w.to_meter,
+                    w.from_meter,
+                    w.to_meter + w.from_meter
+                ),
+            ));
+        }
+    }
+}
+
 async fn two_hundred_meters(rows: &mut Vec<(String, String)>) {
     let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -161,6 +210,7 @@ fn main() {
         .unwrap();
     let mut rows: Vec<(String, String)> = Vec::new();
     rt.block_on(register_reads(&mut rows));
+    rt.block_on(profile_reads(&mut rows));
     rt.block_on(two_hundred_meters(&mut rows));
     println!("\n{:<72} measured", "figure");
     for (what, figure) in rows {
