@@ -243,3 +243,41 @@ async fn rows_that_do_not_fit_the_cached_columns_should_read_the_header_again() 
     let (_, w) = wire::read_day(&bus, &m, &wire).await;
     assert_eq!(w.tags, [AARQ, GET, GET, GET, RLRQ], "{}", w.apdus());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_profile_the_meter_no_longer_has_should_read_its_header_and_be_forgotten() {
+    let sim = spawn_wrapper(Meter::new(MeterSpec::new(17))).await.unwrap();
+    let (proxy, wire) = wire::counting_proxy(sim).await;
+    let data = tempfile::tempdir().unwrap();
+    let section = "client = 16, logical = 1";
+    let (bus, m) = wire::meter(proxy.port(), "lp", section, "\"all\"", data.path());
+    wire::read_day(&bus, &m, &wire).await;
+    // The cached header is filed under a profile the meter does not have (gone with a
+    // firmware update).
+    let file = data.path().join("dlms/lp.objects");
+    let mut cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    cache["profiles"][0]["obis"] = serde_json::json!([1, 0, 99, 2, 0, 255]);
+    std::fs::write(&file, serde_json::to_vec(&cache).unwrap()).unwrap();
+    let (bus, m) = wire::meter(proxy.port(), "lp", section, "\"all\"", data.path());
+    *wire.lock().unwrap() = wire::Wire::default();
+    let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
+    let now = jiff::Timestamp::now();
+    let request = amr_edge::meter::rows::RowsRequest {
+        profile: "1-0:99.2.0".parse().unwrap(),
+        from: now - jiff::SignedDuration::from_hours(1),
+        to: now,
+    };
+    let r = m.read_rows(&mut slot, &request, &bus.timing).await;
+    drop(slot);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The buffer is undefined: the header is read again, and refused too.
+    assert!(
+        matches!(r, Err(amr_edge::meter::Failure::Refused(_))),
+        "{r:?}"
+    );
+    let w = wire.lock().unwrap().clone();
+    assert_eq!(w.heads[1..], [NORMAL, LIST], "{}", w.apdus());
+    let cache: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(cache.get("profiles").is_none(), "forgotten: {cache}");
+}
