@@ -422,8 +422,11 @@ impl Flags {
     pub const CLOCK_ADJUSTED: Flags = Flags(128);
     /// The row's status says its values are not valid (a meter error during the interval).
     pub const DATA_INVALID: Flags = Flags(256);
+    /// Read while the meter's clock was off from the gateway's by more than the meter's
+    /// `clock_limit` (a `clock_problem` event says by how much).
+    pub const CLOCK_OFF: Flags = Flags(512);
 
-    const NAMES: [(Flags, &'static str); 9] = [
+    const NAMES: [(Flags, &'static str); 10] = [
         (Flags::LATE, "late"),
         (Flags::CLOCK_UNSYNCED, "clock_unsynced"),
         (Flags::FROM_PROFILE, "from_profile"),
@@ -433,6 +436,7 @@ impl Flags {
         (Flags::POWER_DOWN, "power_down"),
         (Flags::CLOCK_ADJUSTED, "clock_adjusted"),
         (Flags::DATA_INVALID, "data_invalid"),
+        (Flags::CLOCK_OFF, "clock_off"),
     ];
 
     pub const fn empty() -> Self {

@@ -443,11 +443,12 @@ async fn counter_behind_the_meters_should_resync_once_and_read() {
 }
 
 /// Issue #14's budget against the Gurux peer: a day of quarter-hour rows (~2.5 KB) after
-/// the first read is the buffer GET and its blocks alone, as many as the meter's PDU size
-/// makes: 3 GETs at 1024 bytes, 5 at the peer's default of 512.
+/// the first read is the buffer GET (with the meter's clock in the same list, for the clock
+/// check) and its blocks alone, as many as the meter's PDU size makes: 3 GETs at 1024 bytes,
+/// 6 at the peer's default of 512.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profile_day_should_take_as_many_gets_as_the_meters_pdu_makes() {
-    for (max_pdu, gets) in [("1024", 3), ("512", 5)] {
+    for (max_pdu, gets) in [("1024", 3), ("512", 6)] {
         let peer = DlmsMeter::start(&["--wrapper", "--port", "0", "--max-pdu", max_pdu]);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], peer.port()));
         let (proxy, wire) = wire::counting_proxy(addr).await;
@@ -469,8 +470,15 @@ async fn profile_day_should_take_as_many_gets_as_the_meters_pdu_makes() {
             w.to_meter + w.from_meter
         );
         assert_eq!(warm, first);
-        assert_eq!(cold.gets(), gets + 2, "max PDU {max_pdu}: {}", cold.apdus());
         assert_eq!(w.gets(), gets, "max PDU {max_pdu}: {}", w.apdus());
         assert_eq!(w.round_trips(), gets + 2, "{}", w.apdus());
+        // The first read adds the header's two GETs (capture objects and period, scalers);
+        // its buffer answer may take one block more or less than the warm one, as the
+        // meter cuts its blocks.
+        assert!(
+            (gets + 1..=gets + 3).contains(&cold.gets()),
+            "max PDU {max_pdu}: {}",
+            cold.apdus()
+        );
     }
 }

@@ -164,8 +164,7 @@ async fn object_gone_from_the_meter_should_read_list_and_scalers_again() {
     );
 }
 
-/// `[tag, kind]` of a plain get-request: normal, next block, with list.
-const NORMAL: [u8; 2] = [GET, 1];
+/// `[tag, kind]` of a get-request: next block, with list.
 const NEXT: [u8; 2] = [GET, 2];
 const LIST: [u8; 2] = [GET, 3];
 
@@ -185,11 +184,12 @@ async fn profile_reads_after_the_first_should_be_the_buffer_get_and_its_blocks()
         "{}",
         w.apdus()
     );
-    assert_eq!(w.heads[1..6], [LIST, LIST, NORMAL, NEXT, NEXT]);
-    // Then the buffer alone: association, one GET and its two blocks, release.
+    assert_eq!(w.heads[1..6], [LIST, LIST, LIST, NEXT, NEXT]);
+    // Then the buffer alone (with the meter's clock in the same GET, a list, for the clock
+    // check): association, one GET and its two blocks, release.
     let (warm, w) = wire::read_day(&bus, &m, &wire).await;
     assert_eq!(w.tags, [AARQ, GET, GET, GET, RLRQ], "{}", w.apdus());
-    assert_eq!(w.heads[1..4], [NORMAL, NEXT, NEXT]);
+    assert_eq!(w.heads[1..4], [LIST, NEXT, NEXT]);
     assert_eq!(warm, first, "the cached header decodes the same rows");
     // A restart finds the header on disk, beside the object list.
     let (bus, m) = wire::meter(proxy.port(), "lp", section, "\"all\"", data.path());
@@ -233,7 +233,7 @@ async fn rows_that_do_not_fit_the_cached_columns_should_read_the_header_again() 
     let (rows, w) = wire::read_day(&bus, &m, &wire).await;
     assert_eq!(
         w.heads[1..6],
-        [NORMAL, NEXT, NEXT, LIST, LIST],
+        [LIST, NEXT, NEXT, LIST, LIST],
         "{}",
         w.apdus()
     );
@@ -277,7 +277,7 @@ async fn cached_profile_the_meter_no_longer_has_should_read_its_header_and_be_fo
         "{r:?}"
     );
     let w = wire.lock().unwrap().clone();
-    assert_eq!(w.heads[1..], [NORMAL, LIST], "{}", w.apdus());
+    assert_eq!(w.heads[1..], [LIST, LIST], "{}", w.apdus());
     let cache: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert!(cache.get("profiles").is_none(), "forgotten: {cache}");
 }

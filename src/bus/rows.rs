@@ -418,6 +418,11 @@ pub fn assemble_rows(
         }
         _ => {}
     }
+    let refused: Vec<SystemEvent> = rows
+        .refused
+        .iter()
+        .map(|f| failure_event(bus, meter, req, f, now, tz))
+        .collect();
     let events: Vec<SystemEvent> = gaps
         .iter()
         .map(|(from, to)| {
@@ -441,6 +446,7 @@ pub fn assemble_rows(
             }
             e
         })
+        .chain(refused)
         .collect();
     let profile_marks = match (job.backfill, fresh.last()) {
         (Some(_), _) => Vec::new(),

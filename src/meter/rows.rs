@@ -35,6 +35,9 @@ pub struct Rows {
     pub rows: Vec<Row>,
     /// Values of rows that could not be turned into readings (no time, not numeric).
     pub unmapped: usize,
+    /// What the meter reported beside the rows that the centre should hear of (its clock off
+    /// by more than `clock_limit`): each becomes a system event; the rows are still good.
+    pub refused: Vec<super::Failure>,
 }
 
 /// One row: the interval it closes, its status as flags, and its values.

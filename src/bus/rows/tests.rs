@@ -32,9 +32,14 @@ struct Bench {
 /// One simulated DLMS meter (public client, 3 days of profile) read quarterly from its load
 /// profile, with `history`; the agent's clock at `at`.
 async fn bench(history: &str, at: Timestamp) -> Bench {
-    let addr = sim::spawn_wrapper(sim::Meter::new(sim::MeterSpec::new(17)))
-        .await
-        .unwrap();
+    bench_with(history, at, 0).await
+}
+
+/// [`bench`] with the meter's clock `clock_offset_s` ahead of the system's.
+async fn bench_with(history: &str, at: Timestamp, clock_offset_s: i64) -> Bench {
+    let mut spec = sim::MeterSpec::new(17);
+    spec.clock_offset_s = clock_offset_s;
+    let addr = sim::spawn_wrapper(sim::Meter::new(spec)).await.unwrap();
     let bus: BusConfig = toml::from_str(&format!(
         "name = \"lan\"\ntimeout = \"2s\"\nretries = 0\ntcp = {{ host = \"{}\", port = {}, concurrency = 2 }}",
         addr.ip(),
@@ -239,6 +244,28 @@ async fn a_backfill_should_read_its_range_again_flagged_and_leave_the_mark_alone
     b.stop().await;
 }
 
+#[tokio::test]
+async fn rows_read_while_the_meters_clock_is_off_should_be_flagged_and_say_by_how_much() {
+    let now = Timestamp::now();
+    let b = bench_with("1h", now, -600).await;
+    b.read().await;
+    let readings = b.readings();
+    assert!(!readings.is_empty());
+    assert!(readings.iter().all(|r| r.flags.contains(Flags::CLOCK_OFF)));
+    let events = b.events();
+    let clock: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::ClockProblem)
+        .collect();
+    assert_eq!(clock.len(), 1, "{events:?}");
+    assert!(
+        clock[0].message.contains("off by 600 s") || clock[0].message.contains("off by 599 s"),
+        "{}",
+        clock[0].message
+    );
+    b.stop().await;
+}
+
 fn meter() -> crate::meter::Meter {
     let bus: BusConfig =
         toml::from_str("name = \"lan\"\ntcp = { host = \"127.0.0.1\", port = 4059 }").unwrap();
@@ -282,6 +309,10 @@ fn rows_at_or_before_the_mark_should_be_dropped_and_a_late_first_row_be_a_gap() 
             row("2026-03-01T11:15:00Z", Flags::empty()),
         ],
         unmapped: 0,
+        refused: vec![crate::meter::Failure::ClockDeviation {
+            offset_s: -300,
+            limit: std::time::Duration::from_secs(30),
+        }],
     };
     let chunk = Chunk {
         floor: ts("2026-03-01T10:00:00Z"),
@@ -316,9 +347,15 @@ fn rows_at_or_before_the_mark_should_be_dropped_and_a_late_first_row_be_a_gap() 
         ts("2026-03-01T11:15:00Z").as_millisecond()
     );
     assert_eq!(a.marks.len(), 1, "the boundary is marked with its rows");
-    // 10:15 .. 10:45 are missing: the meter was expected to hold them.
-    assert_eq!(a.events.len(), 1);
+    // 10:15 .. 10:45 are missing: the meter was expected to hold them. And its clock is off.
+    assert_eq!(a.events.len(), 2);
     assert_eq!(a.events[0].kind, EventKind::ProfileGap);
+    assert_eq!(a.events[1].kind, EventKind::ClockProblem);
+    assert!(
+        a.events[1].message.contains("-300 s"),
+        "{}",
+        a.events[1].message
+    );
     assert_eq!(
         tally.gaps[0].0.ms,
         ts("2026-03-01T10:15:00Z").as_millisecond()

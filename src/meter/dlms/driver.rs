@@ -289,20 +289,34 @@ impl DlmsMeter {
         to: Timestamp,
         timing: &Timing,
     ) -> Result<super::reads::Profile, Failure> {
+        self.read_profile_at(slot, profile, (from, to), timing, None)
+            .await
+    }
+
+    /// [`DlmsMeter::read_profile`], and with `clock` the meter's clock, read in the same GET
+    /// as the buffer (profile-based reads check it against `clock_limit`).
+    pub async fn read_profile_at(
+        &self,
+        slot: &mut Slot,
+        profile: Obis,
+        range: (Timestamp, Timestamp),
+        timing: &Timing,
+        clock: Option<&mut Option<Timestamp>>,
+    ) -> Result<super::reads::Profile, Failure> {
         let cfg = self.association(timing);
-        let range = Some((from, to));
+        let range = Some(range);
         match self.transport {
             Transport::Wrapper => {
-                self.profile_on(slot.tcp().await?, cfg, profile, range)
+                self.profile_on(slot.tcp().await?, cfg, profile, range, clock)
                     .await
             }
             Transport::Hdlc(framing) => {
-                self.profile_on(slot.port(framing)?, cfg, profile, range)
+                self.profile_on(slot.port(framing)?, cfg, profile, range, clock)
                     .await
             }
             Transport::ModeE { max_baud } => {
                 let port = mode_e_port(slot, max_baud, timing).await?;
-                self.profile_on(port, cfg, profile, range).await
+                self.profile_on(port, cfg, profile, range, clock).await
             }
         }
     }
@@ -313,6 +327,7 @@ impl DlmsMeter {
         cfg: AssociationConfig,
         profile: Obis,
         range: Option<(Timestamp, Timestamp)>,
+        clock: Option<&mut Option<Timestamp>>,
     ) -> Result<super::reads::Profile, Failure>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -322,7 +337,7 @@ impl DlmsMeter {
         let cached = self.objects.profile(profile);
         let mut header = cached.clone();
         let p = client
-            .read_profile_cached(profile, range, &self.tz, &mut header)
+            .read_profile_and_clock(profile, range, &self.tz, &mut header, clock)
             .await;
         if header != cached {
             self.objects.set_profile(profile, header);

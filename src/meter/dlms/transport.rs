@@ -200,10 +200,45 @@ where
         tz: &TimeZone,
         header: &mut Option<ProfileHeader>,
     ) -> Result<Profile, TransportError> {
+        self.read_profile_and_clock(profile, range, tz, header, None)
+            .await
+    }
+
+    /// [`Client::read_profile_cached`], and with `clock` the meter's clock (0-0:1.0.0.255,
+    /// attribute 2) in the same GET as the buffer (with list, where the meter allows): no
+    /// round trip of its own. `clock` is left `None` when the meter does not give it.
+    pub async fn read_profile_and_clock(
+        &mut self,
+        profile: Obis,
+        range: Option<(Timestamp, Timestamp)>,
+        tz: &TimeZone,
+        header: &mut Option<ProfileHeader>,
+        mut clock: Option<&mut Option<Timestamp>>,
+    ) -> Result<Profile, TransportError> {
+        let clock_request: Request =
+            super::apdu::AttributeRef::new(cosem::class::CLOCK, cosem::CLOCK_OBIS, 2).into();
+        let with_clock = clock.is_some();
+        let mut put_clock = |results: &mut Vec<GetResult>| {
+            if with_clock {
+                let t = results
+                    .pop()
+                    .and_then(|r| r.ok())
+                    .and_then(|d| d.as_date_time())
+                    .and_then(|dt| dt.to_timestamp(tz));
+                if let Some(c) = clock.as_deref_mut() {
+                    *c = t;
+                }
+            }
+        };
         let mut buffer = None;
         if let Some(h) = header.as_ref() {
-            let request = reads::profile_buffer_request(profile, h.clock(), range);
-            match self.get(vec![request]).await?.pop() {
+            let mut requests = vec![reads::profile_buffer_request(profile, h.clock(), range)];
+            if with_clock {
+                requests.push(clock_request.clone());
+            }
+            let mut results = self.get(requests).await?;
+            put_clock(&mut results);
+            match results.pop() {
                 Some(Ok(d)) => match Profile::with_header(h.clone(), &d, tz) {
                     Ok(p) if p.fits() => return Ok(p),
                     // Captured with other columns: the same rows, decoded with the header
@@ -226,11 +261,23 @@ where
         let buffer = match buffer {
             Some(d) => d,
             None => {
-                self.get_one(
-                    reads::profile_buffer_request(profile, fresh.clock(), range),
-                    "the profile buffer",
-                )
-                .await?
+                let mut requests =
+                    vec![reads::profile_buffer_request(profile, fresh.clock(), range)];
+                if with_clock {
+                    requests.push(clock_request);
+                }
+                let mut results = self.get(requests).await?;
+                put_clock(&mut results);
+                match results.pop() {
+                    Some(Ok(d)) => d,
+                    Some(Err(error)) => {
+                        return Err(TransportError::Refused {
+                            what: "the profile buffer",
+                            error,
+                        });
+                    }
+                    None => return Err(TransportError::Unexpected),
+                }
             }
         };
         *header = Some(fresh.clone());

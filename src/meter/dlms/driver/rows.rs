@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use jiff::Timestamp;
+
 use super::{DlmsMeter, Slot, Timing};
 use crate::meter::dlms::cosem::{self, ScalerUnit, class};
 use crate::meter::dlms::reads::Profile;
@@ -32,10 +34,25 @@ impl DlmsMeter {
         request: &RowsRequest,
         timing: &Timing,
     ) -> Result<Rows, Failure> {
+        let mut clock = None;
+        let range = (request.from, request.to);
         let profile = self
-            .read_profile(slot, request.profile, request.from, request.to, timing)
+            .read_profile_at(slot, request.profile, range, timing, Some(&mut clock))
             .await?;
-        let rows = rows_of(&profile, &self.tz);
+        let mut rows = rows_of(&profile, &self.tz);
+        // The meter's clock against the gateway's, as register reads check it.
+        if let Some(t) = clock {
+            let off = Timestamp::now().as_millisecond() - t.as_millisecond();
+            if off.unsigned_abs() > self.clock_limit.as_millis() as u64 {
+                rows.refused.push(Failure::ClockDeviation {
+                    offset_s: off / 1000,
+                    limit: self.clock_limit,
+                });
+                for row in &mut rows.rows {
+                    row.flags.insert(Flags::CLOCK_OFF);
+                }
+            }
+        }
         tracing::debug!(meter, profile = %request.profile, rows = rows.rows.len(), "DLMS profile rows read");
         Ok(rows)
     }
