@@ -168,7 +168,15 @@ pub fn parse(text: &str) -> Result<Profile, ProfileError> {
                     values,
                 },
             ] if is_profile_address(a) => {
-                let v: Vec<&str> = values.iter().map(|v| v.value.as_str()).collect();
+                // As written: a channel id may be `1-0:1.5.0*255`.
+                let raw: Vec<String> = values
+                    .iter()
+                    .map(|v| match &v.unit {
+                        Some(u) => format!("{}*{u}", v.value),
+                        None => v.value.clone(),
+                    })
+                    .collect();
+                let v: Vec<&str> = raw.iter().map(String::as_str).collect();
                 blocks.push(header(&v).map_err(err)?);
             }
             [
@@ -287,10 +295,15 @@ pub fn write(profile: &Profile) -> String {
     }
     let mut s = String::new();
     for b in &profile.blocks {
+        let time = if b.start.second() == 0 {
+            b.start.strftime("%y%m%d%H%M")
+        } else {
+            b.start.strftime("%y%m%d%H%M%S")
+        };
         s.push_str(&format!(
             "P.01({}{})({:04X})({})({})",
             b.season.digit(),
-            b.start.strftime("%y%m%d%H%M"),
+            time,
             b.status,
             b.period_min,
             b.channels.len()
@@ -357,6 +370,17 @@ mod tests {
         assert_eq!(p.blocks[0].start, date(2004, 2, 10).at(15, 0, 0, 0));
         assert_eq!(p.blocks[0].season, Season::Summer);
         assert_eq!(p.blocks[0].rows.len(), 1);
+        // Channel ids with a billing period keep it; seconds are written back.
+        let text = "P.01(02603011015)(00)(15)(1)(1-0:1.5.0*255)(kW)\r\n(0.1)\r\n";
+        let p = parse(text).unwrap();
+        assert_eq!(p.blocks[0].channels[0].id, "1-0:1.5.0*255");
+        let with_seconds = Profile {
+            blocks: vec![Block {
+                start: date(2026, 3, 1).at(10, 15, 30, 0),
+                ..p.blocks[0].clone()
+            }],
+        };
+        assert_eq!(parse(&write(&with_seconds)), Ok(with_seconds));
     }
 
     #[test]
