@@ -45,7 +45,8 @@
 //! # Layout
 //!
 //! The protocol is sans-IO: [`codec`] turns bytes into frames and back, [`dataset`] the
-//! readout's text into data sets, [`session`] is the exchange as a state machine that says what
+//! readout's text into data sets, [`profile`] a load profile answer's into blocks of rows,
+//! [`session`] is the exchange as a state machine that says what
 //! to send, when to switch the rate and what to wait for. [`transport`] is the thin I/O layer
 //! that runs a session on a serial port (or a fake [`transport::Line`]); [`mapping`] turns the
 //! data sets into values. [`read`], called by the bus worker, ties them together: retries,
