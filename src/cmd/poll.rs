@@ -108,6 +108,11 @@ async fn profile(
         }
     };
     let period_s = p.period.map(|d| d.as_secs());
+    // Times as the gateway's zone shows them, whatever offset the meter's clock wrote.
+    let shown = |r: &amr_edge::meter::rows::Row| {
+        Timestamp::from_millisecond(r.at.ms)
+            .map_or_else(|_| r.at.rfc3339(), |t| Stamp::in_zone(t, tz).rfc3339())
+    };
     if args.json {
         let out = serde_json::json!({
             "meter": meter.id,
@@ -117,7 +122,7 @@ async fn profile(
             "capture_period_s": period_s,
             "unmapped": p.unmapped,
             "rows": p.rows.iter().map(|r| serde_json::json!({
-                "timestamp": r.at.rfc3339(),
+                "timestamp": shown(r),
                 "flags": r.flags.names(),
                 "values": r.values.iter().map(|v| serde_json::json!({
                     "series": v.series.to_string(),
@@ -138,7 +143,7 @@ async fn profile(
         header.push_str(" flags");
         println!("{header}");
         for r in &p.rows {
-            let mut line = format!("{:<26}", r.at.rfc3339());
+            let mut line = format!("{:<26}", shown(r));
             for v in &r.values {
                 line.push_str(&format!(" {:>24}", v.value.as_str()));
             }
