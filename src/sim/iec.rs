@@ -50,6 +50,9 @@ pub enum Fault {
     Garbage,
     /// Sends its readout with a wrong block check character.
     BadBcc,
+    /// Sends its first answer to each load profile request with a wrong block check character,
+    /// and the block right when asked again (`NAK`).
+    BadBccOnce,
     /// Stops halfway through its readout.
     Truncated,
     /// Answers an option select that asks for another rate than 300 Bd with `NAK`.
@@ -426,6 +429,8 @@ where
     let mut baud = 300u32;
     let mut frame_start = Instant::now();
     let mut last_byte = Instant::now();
+    // The last answer in programming mode, sent again on a NAK.
+    let mut last_answer: Vec<u8> = Vec::new();
     loop {
         let n = match io.read(&mut buf).await {
             Ok(0) | Err(_) => {
@@ -497,6 +502,7 @@ where
                         (meter, authorized),
                         (command, kind, data.as_deref().unwrap_or("")),
                         baud,
+                        &mut last_answer,
                     )
                     .await;
                     match next {
@@ -506,6 +512,17 @@ where
                             Talk::Idle
                         }
                     }
+                }
+                (Talk::Programming { meter, authorized }, Frame::Nak) => {
+                    // The agent asks for the last block again (it arrived corrupted).
+                    let (reaction, wire) = {
+                        let st = bus.lock();
+                        let reaction = st.meters.get(meter).map_or(Duration::ZERO, |m| m.reaction);
+                        (reaction, st.wire_time)
+                    };
+                    tokio::time::sleep(reaction).await;
+                    let _ = send(&mut io, &peer_baud, &last_answer, baud, wire).await;
+                    Talk::Programming { meter, authorized }
                 }
                 (_, Frame::Command { command: b'B', .. }) => {
                     baud = 300;
@@ -649,6 +666,7 @@ async fn on_programming<S>(
     (meter, authorized): (usize, bool),
     (command, kind, data): (u8, u8, &str),
     rate: u32,
+    last_answer: &mut Vec<u8>,
 ) -> Option<bool>
 where
     S: AsyncWrite + Unpin + Send,
@@ -673,7 +691,16 @@ where
                 None => "(ERROR)\r\n".into(),
             };
             let message = faulted(codec::data_message(text.as_bytes()), m.fault);
-            let _ = send(io, peer_baud, &message, rate, wire).await;
+            if m.fault == Fault::BadBccOnce {
+                let mut bad = message.clone();
+                if let Some(b) = bad.last_mut() {
+                    *b ^= 0x01;
+                }
+                let _ = send(io, peer_baud, &bad, rate, wire).await;
+            } else {
+                let _ = send(io, peer_baud, &message, rate, wire).await;
+            }
+            *last_answer = message;
             bus.lock().profile_reads += 1;
             Some(authorized)
         }

@@ -106,6 +106,10 @@ pub struct ProfileJob {
 /// session's `max_block`.
 pub const MAX_PROFILE_BLOCKS: usize = 16;
 
+/// How often a profile block that arrived corrupted (block check) is asked for again with
+/// `NAK` before the read fails: a long answer at 300 Bd is not thrown away for one bad byte.
+pub const MAX_REPEATS: u8 = 3;
+
 /// What the transport should do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -309,8 +313,9 @@ enum Step {
     Operand,
     /// `ACK` to the password.
     PasswordAck,
-    /// The answer to `R5`; `text` holds the partial blocks (`EOT`) received so far.
-    Profile { text: String },
+    /// The answer to `R5`; `text` holds the partial blocks (`EOT`) received so far, `naks`
+    /// the repeats asked for the block now awaited.
+    Profile { text: String, naks: u8 },
 }
 
 impl Step {
@@ -662,7 +667,38 @@ impl Session {
     ) -> Option<Action> {
         let frame = match frame {
             Ok(f) => f,
-            Err(error) => return Some(self.close(Err(SessionError::Decode { phase, error }))),
+            Err(error) => {
+                // A corrupted profile block: NAK asks the meter to send it again.
+                if let (
+                    codec::DecodeError::Bcc { .. },
+                    State::AwaitData {
+                        step: Step::Profile { naks, .. },
+                        ..
+                    },
+                ) = (&error, &self.state)
+                {
+                    if *naks < MAX_REPEATS {
+                        if let State::AwaitData {
+                            id,
+                            step: Step::Profile { text, naks },
+                            ..
+                        } = std::mem::replace(&mut self.state, State::Done)
+                        {
+                            self.state = State::Replying {
+                                id,
+                                baud,
+                                message: vec![codec::NAK],
+                                next: Step::Profile {
+                                    text,
+                                    naks: naks + 1,
+                                },
+                            };
+                            return Some(Action::Sleep(self.reaction));
+                        }
+                    }
+                }
+                return Some(self.close(Err(SessionError::Decode { phase, error })));
+            }
         };
         // Echoes of our own messages (optical heads that hear themselves).
         match (&frame, phase) {
@@ -718,7 +754,10 @@ impl Session {
                         Step::PasswordAck,
                     )
                 }
-                None => reply(self, r5(), Step::Profile { text: String::new() }),
+                None => reply(self, r5(), Step::Profile {
+                    text: String::new(),
+                    naks: 0,
+                }),
             },
             (Step::Operand, Frame::Nak) if switched => {
                 Some(self.close(Err(SessionError::SwitchRefused {
@@ -727,7 +766,10 @@ impl Session {
                 })))
             }
             (Step::PasswordAck, Frame::Ack) => {
-                reply(self, r5(), Step::Profile { text: String::new() })
+                reply(self, r5(), Step::Profile {
+                    text: String::new(),
+                    naks: 0,
+                })
             }
             (Step::PasswordAck, Frame::Nak) => Some(self.close(Err(SessionError::Security(
                 "the meter refused the password (NAK)".into(),
@@ -744,7 +786,9 @@ impl Session {
                 )))))
             }
             (
-                Step::Profile { text: mut so_far },
+                Step::Profile {
+                    text: mut so_far, ..
+                },
                 Frame::Data { text, complete },
             ) => {
                 so_far.push_str(&text);
@@ -759,7 +803,14 @@ impl Session {
                 }
                 if !complete {
                     // A partial block (EOT): ACK asks for the next one.
-                    return reply(self, vec![ACK], Step::Profile { text: so_far });
+                    return reply(
+                        self,
+                        vec![ACK],
+                        Step::Profile {
+                            text: so_far,
+                            naks: 0,
+                        },
+                    );
                 }
                 let result = profile::parse(&so_far)
                     .map(|p| Readout {
@@ -1194,6 +1245,37 @@ mod tests {
         let a = s.received(&data_message(tail));
         let p = closed(&mut s, a).unwrap().profile.unwrap();
         assert_eq!(p.blocks[0].rows.len(), 2);
+    }
+
+    #[test]
+    fn corrupted_profile_block_should_be_asked_again_with_nak_up_to_the_limit() {
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        let mut bad = data_message(PROFILE);
+        if let Some(b) = bad.last_mut() {
+            *b ^= 1;
+        }
+        let a = s.received(&bad);
+        replies(&mut s, a, &[NAK]);
+        let a = s.received(&data_message(PROFILE));
+        assert_eq!(closed(&mut s, a).unwrap().profile.unwrap().blocks.len(), 1);
+        // Always corrupted: three repeats, then the block check error.
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        for _ in 0..MAX_REPEATS {
+            let a = s.received(&bad);
+            replies(&mut s, a, &[NAK]);
+        }
+        let a = s.received(&bad);
+        assert!(matches!(
+            closed(&mut s, a),
+            Err(SessionError::Decode {
+                phase: Phase::Profile,
+                error: codec::DecodeError::Bcc { .. }
+            })
+        ));
     }
 
     #[test]

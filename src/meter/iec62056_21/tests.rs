@@ -544,12 +544,26 @@ async fn profile_with_the_right_password_should_read_and_a_wrong_one_be_a_securi
 }
 
 #[tokio::test(start_paused = true)]
-async fn profile_with_a_bad_bcc_should_be_a_checksum_failure_after_the_retries() {
+async fn profile_with_a_bad_bcc_should_be_a_checksum_failure_after_the_repeats_and_retries() {
     let bus = profile_bus(None);
     bus.set_fault("61234567", Fault::BadBcc);
     let r = read_profile(&bus, None, "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z").await;
     assert!(matches!(r, Err(Failure::Checksum(_))), "{r:?}");
+    // One R5 answer per session (the repeats after each NAK are not counted), one retry.
     assert_eq!(bus.profile_reads(), 2);
+    assert_eq!(bus.requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_block_corrupted_once_should_be_read_again_after_a_nak() {
+    let bus = profile_bus(None);
+    bus.set_fault("61234567", Fault::BadBccOnce);
+    let rows = read_profile(&bus, None, "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z")
+        .await
+        .expect("rows after the repeat");
+    assert_eq!(rows.rows.len(), 3);
+    // In the same session: no second sign-on.
+    assert_eq!(bus.requests(), 1);
 }
 
 #[test]
