@@ -235,7 +235,12 @@ impl IecMeter {
         timing: &Timing,
     ) -> Result<Rows, Failure> {
         let port = slot.port(Framing::IEC_SIGN_ON)?;
-        read_rows_line(port, meter, self, request, timing).await
+        let rows = read_rows_line(port, meter, self, request, timing).await;
+        if let Err(Failure::Link(_)) = &rows {
+            // The port failed (a converter unplugged): the next read opens it again.
+            slot.reset();
+        }
+        rows
     }
 
     /// Reads the meter on `slot`: the bus's port, in IEC framing.
