@@ -1,7 +1,8 @@
 //! Arbitrary bytes, in arbitrary chunks, into the IEC 62056-21 decoder and the data-set parser.
 //! Checks: no panic; memory bounded by the frame limit; every identification, request and
 //! option select the decoder accepts encodes back to bytes that decode to the same frame; a
-//! data message that parses as a readout survives writing and parsing again.
+//! data message that parses as a readout, or as a load profile answer (`R5` `P.01`),
+//! survives writing and parsing again.
 
 #![no_main]
 
@@ -13,6 +14,9 @@ mod codec;
 #[allow(dead_code)]
 #[path = "../../src/meter/iec62056_21/dataset.rs"]
 mod dataset;
+#[allow(dead_code)]
+#[path = "../../src/meter/iec62056_21/profile.rs"]
+mod profile;
 
 use codec::{Decoder, Frame};
 
@@ -49,6 +53,10 @@ fn check(frame: Result<Frame, codec::DecodeError>) {
             if let Ok(sets) = dataset::parse_readout(text) {
                 let again = dataset::write_readout(&sets);
                 assert_eq!(dataset::parse_readout(&again).as_ref(), Ok(&sets));
+            }
+            if let Ok(p) = profile::parse(text) {
+                let again = profile::write(&p);
+                assert_eq!(profile::parse(&again), Ok(p));
             }
             codec::data_message(text.as_bytes())
         }

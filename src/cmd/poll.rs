@@ -1,6 +1,9 @@
 //! `amr-edge poll --config FILE [METER…]`: read meters once, print the values.
-//! `amr-edge poll --config FILE METER --profile OBIS --from T --to T`: a DLMS meter's load
-//! profile rows in that range, read from the meter's own buffer.
+//! `amr-edge poll --config FILE METER --profile OBIS --from T --to T`: a meter's load profile
+//! rows in that range, read from the meter's own buffer through [`Meter::read_rows`] (DLMS
+//! profile generics, IEC 62056-21 `P.01`).
+//!
+//! [`Meter::read_rows`]: amr_edge::meter::Meter::read_rows
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,8 +13,8 @@ use amr_edge::bus::{BusWorker, PollReport, PollRequest, Router};
 use amr_edge::clock::SystemClock;
 use amr_edge::lock::DirLock;
 use amr_edge::meter::Protocol;
-use amr_edge::meter::dlms::reads::ProfileValue;
 use amr_edge::meter::link::Slot;
+use amr_edge::meter::rows::RowsRequest;
 use amr_edge::reading::{Cadence, Obis, Stamp};
 use amr_edge::store::MemoryStore;
 use jiff::Timestamp;
@@ -27,8 +30,8 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Print the rows of this load profile (a DLMS profile generic, e.g. 1-0:99.1.0) of one
-    /// meter instead of its registers.
+    /// Print the rows of this load profile (a DLMS profile generic, an IEC 62056-21 `P.01`:
+    /// 1-0:99.1.0) of one meter instead of its registers.
     #[arg(long, requires_all = ["from", "to"])]
     profile: Option<String>,
     /// The first capture time of the range: RFC 3339 (`2026-12-01T00:00:00Z`,
@@ -78,72 +81,82 @@ async fn profile(
     let Some(meter) = config.meters.iter().find(|m| &m.id == name) else {
         anyhow::bail!("no meter `{name}` in {}", args.config.display());
     };
-    let Protocol::Dlms(d) = &meter.protocol else {
+    if !matches!(meter.protocol, Protocol::Dlms(_) | Protocol::Iec62056_21(_)) {
         anyhow::bail!(
-            "`{}` is a {} meter; --profile reads DLMS/COSEM load profiles",
+            "`{}` is a {} meter; --profile reads DLMS/COSEM load profiles and IEC 62056-21 ones (P.01)",
             meter.id,
             meter.protocol.name()
         );
-    };
+    }
     let Some(bus) = config.buses.iter().find(|b| b.name == meter.bus) else {
         anyhow::bail!("no bus `{}`", meter.bus);
     };
     let mut slot = Slot::for_link(&bus.link, bus.timing.timeout).remove(0);
-    let p = match d.read_profile(&mut slot, obis, from, to, &bus.timing).await {
+    let request = RowsRequest {
+        profile: obis,
+        from,
+        to,
+    };
+    let p = match meter
+        .read_rows(&mut slot, &request, &meter.timing_on(&bus.timing))
+        .await
+    {
         Ok(p) => p,
         Err(f) => {
             eprintln!("{}: {f}", meter.id);
             return Ok(ExitCode::FAILURE);
         }
     };
-    // One line per row: the values of a row share its capture time.
-    let mut rows: Vec<(Timestamp, Option<u8>, Vec<ProfileValue>)> = Vec::new();
-    for v in p.values() {
-        match rows.last_mut() {
-            Some((t, _, vs)) if *t == v.timestamp => vs.push(v),
-            _ => rows.push((v.timestamp, v.clock_status, vec![v])),
-        }
-    }
+    let period_s = p.period.map(|d| d.as_secs());
+    // Times as the gateway's zone shows them, whatever offset the meter's clock wrote.
+    let shown = |r: &amr_edge::meter::rows::Row| {
+        Timestamp::from_millisecond(r.at.ms)
+            .map_or_else(|_| r.at.rfc3339(), |t| Stamp::in_zone(t, tz).rfc3339())
+    };
     if args.json {
         let out = serde_json::json!({
             "meter": meter.id,
             "profile": obis.to_string(),
             "from": Stamp::in_zone(from, tz).rfc3339(),
             "to": Stamp::in_zone(to, tz).rfc3339(),
-            "capture_period_s": p.capture_period_s,
-            "rows": rows.iter().map(|(t, status, vs)| serde_json::json!({
-                "timestamp": Stamp::in_zone(*t, tz).rfc3339(),
-                "clock_status": status,
-                "values": vs.iter().map(|v| serde_json::json!({
-                    "series": v.obis.to_string(),
+            "capture_period_s": period_s,
+            "unmapped": p.unmapped,
+            "rows": p.rows.iter().map(|r| serde_json::json!({
+                "timestamp": shown(r),
+                "flags": r.flags.names(),
+                "values": r.values.iter().map(|v| serde_json::json!({
+                    "series": v.series.to_string(),
                     "value": v.value.as_str(),
-                    "unit": v.unit.unwrap_or(""),
+                    "unit": v.unit,
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let mut header = format!("{:<26}", "timestamp");
-        if let Some((_, _, vs)) = rows.first() {
-            for v in vs {
-                let col = format!("{} [{}]", v.obis, v.unit.unwrap_or(""));
+        if let Some(r) = p.rows.first() {
+            for v in &r.values {
+                let col = format!("{} [{}]", v.series, v.unit);
                 header.push_str(&format!(" {col:>24}"));
             }
         }
+        header.push_str(" flags");
         println!("{header}");
-        for (t, _, vs) in &rows {
-            let mut line = format!("{:<26}", Stamp::in_zone(*t, tz).rfc3339());
-            for v in vs {
+        for r in &p.rows {
+            let mut line = format!("{:<26}", shown(r));
+            for v in &r.values {
                 line.push_str(&format!(" {:>24}", v.value.as_str()));
             }
-            println!("{line}");
+            line.push(' ');
+            line.push_str(&r.flags.names().join(","));
+            println!("{}", line.trim_end());
         }
         eprintln!(
-            "{} row(s) of {} from {} (capture period {} s)",
-            rows.len(),
+            "{} row(s) of {} from {} (capture period {})",
+            p.rows.len(),
             obis,
             meter.id,
-            p.capture_period_s
+            period_s.map_or("not given".to_owned(), |s| format!("{s} s"))
         );
     }
     Ok(ExitCode::SUCCESS)

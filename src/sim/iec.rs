@@ -13,6 +13,10 @@
 //! but faithful picture, since a real UART never produces a frame start that way). So an agent
 //! that does not switch in time cannot pass.
 //!
+//! In programming mode (`ACK 0 Z 1`) a meter sends its `P0` operand, checks a `P1` password
+//! if it has one ([`SimMeter::password`]), answers `R5` `P.01(from;to)` from its load profile
+//! ([`SimProfile`]) and ends at the break.
+//!
 //! Faults ([`Fault`]) switch on misbehaviour per meter. With [`SimBus::set_wire_time`], the
 //! meter also takes the real time of the line: it considers a message received only when its
 //! last character would have arrived at the current rate, and sends at the pace of the rate
@@ -27,8 +31,10 @@ use jiff::tz::TimeZone;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::meter::iec62056_21::codec::{self, Decoder, Frame, Identification, NAK};
+use crate::meter::iec62056_21::codec::{self, ACK, Decoder, Frame, Identification, NAK};
 use crate::meter::iec62056_21::dataset::{self, DataSet, DataValue};
+use crate::meter::iec62056_21::mapping::profile_status;
+use crate::meter::iec62056_21::profile::{self, Block, Channel, Profile, Season};
 use crate::meter::iec62056_21::transport::escape;
 
 pub use super::pty::SimPty;
@@ -44,6 +50,9 @@ pub enum Fault {
     Garbage,
     /// Sends its readout with a wrong block check character.
     BadBcc,
+    /// Sends its first answer to each load profile request with a wrong block check character,
+    /// and the block right when asked again (`NAK`).
+    BadBccOnce,
     /// Stops halfway through its readout.
     Truncated,
     /// Answers an option select that asks for another rate than 300 Bd with `NAK`.
@@ -76,6 +85,130 @@ pub struct SimMeter {
     /// forward, for the demo.
     pub energy_rate: f64,
     pub fault: Fault,
+    /// The P1 password programming mode wants before `R5`; `None`: none.
+    pub password: Option<String>,
+    /// Its load profile (`P.01`); `None`: it answers `R5` with `(ERROR)`.
+    pub profile: Option<SimProfile>,
+}
+
+/// A simulated meter's load profile: rows every `period_min` minutes from `start` to `end`
+/// (the end of each interval), of two channels, import and export power (`1.5.0`, `2.5.0`,
+/// kW), made up from the row's number alone so tests can know them: row `k` (0 at `start`)
+/// imports `0.100 + (37 k mod 400) / 1000` kW and exports `(11 k mod 50) / 1000` kW.
+///
+/// Times are the meter's local time in `tz`, with the season digit of summer or normal time.
+/// A new block starts where the status or season changes or rows are missing: an `outage`
+/// (no rows close strictly inside it; the first one after has the power-failure status).
+#[derive(Clone, Debug)]
+pub struct SimProfile {
+    pub tz: TimeZone,
+    /// The first row's time; the profile holds nothing before it.
+    pub start: Timestamp,
+    /// The last row's time at the latest; `None`: up to now.
+    pub end: Option<Timestamp>,
+    pub period_min: u32,
+    /// `(from, to)`: the supply failed; no row closes in `from < t < to`.
+    pub outage: Option<(Timestamp, Timestamp)>,
+}
+
+impl SimProfile {
+    /// A quarter-hour profile in `tz` from `start` to `end`.
+    pub fn quarter_hours(tz: TimeZone, start: Timestamp, end: Option<Timestamp>) -> Self {
+        SimProfile {
+            tz,
+            start,
+            end,
+            period_min: 15,
+            outage: None,
+        }
+    }
+
+    /// The values of row `k`: import and export power, kW with three decimals.
+    pub fn values(k: i64) -> [String; 2] {
+        let import = 100 + (37 * k).rem_euclid(400);
+        let export = (11 * k).rem_euclid(50);
+        [
+            format!("{}.{:03}", import / 1000, import % 1000),
+            format!("{}.{:03}", export / 1000, export % 1000),
+        ]
+    }
+
+    /// The rows closed in `from ..= to`, in blocks.
+    pub fn rows(&self, from: Timestamp, to: Timestamp, now: Timestamp) -> Profile {
+        let period = i64::from(self.period_min.max(1)) * 60;
+        let end = self.end.unwrap_or(now).min(to);
+        let first = (from.as_second() - self.start.as_second())
+            .max(0)
+            .div_euclid(period);
+        let mut blocks: Vec<Block> = Vec::new();
+        let mut last: Option<(Timestamp, u32, Season)> = None;
+        let mut k = first;
+        loop {
+            let Ok(t) = Timestamp::from_second(self.start.as_second() + k * period) else {
+                break;
+            };
+            if t > end {
+                break;
+            }
+            k += 1;
+            if t < from {
+                continue;
+            }
+            let status = match self.outage {
+                Some((a, b)) if t > a && t < b => continue,
+                Some((_, b)) if t >= b && t.as_second() < b.as_second() + period => {
+                    profile_status::POWER_FAILED
+                }
+                _ => 0,
+            };
+            let season = if self.tz.to_offset_info(t).dst().is_dst() {
+                Season::Summer
+            } else {
+                Season::Normal
+            };
+            let follows = last.is_some_and(|(lt, ls, lz)| {
+                lt.as_second() + period == t.as_second() && ls == status && lz == season
+            });
+            if !follows {
+                blocks.push(Block {
+                    start: t.to_zoned(self.tz.clone()).datetime(),
+                    season,
+                    status,
+                    period_min: self.period_min,
+                    channels: vec![
+                        Channel {
+                            id: "1.5.0".into(),
+                            unit: "kW".into(),
+                        },
+                        Channel {
+                            id: "2.5.0".into(),
+                            unit: "kW".into(),
+                        },
+                    ],
+                    rows: Vec::new(),
+                });
+            }
+            if let Some(b) = blocks.last_mut() {
+                b.rows.push(SimProfile::values(k - 1).to_vec());
+            }
+            last = Some((t, status, season));
+        }
+        Profile { blocks }
+    }
+
+    /// The answer to `R5` with `data` (`P.01(from;to)`, local times): the rows from the first
+    /// instant `from` names to the last `to` names (both, in an autumn fold).
+    pub fn answer(&self, data: &str, now: Timestamp) -> String {
+        let range = profile::parse_request(data).and_then(|(number, from, to)| {
+            let from = self.tz.to_ambiguous_timestamp(from).earlier().ok()?;
+            let to = self.tz.to_ambiguous_timestamp(to).later().ok()?;
+            (number == 1).then_some((from, to))
+        });
+        match range {
+            Some((from, to)) => profile::write(&self.rows(from, to, now)),
+            None => "(ERROR)\r\n".into(),
+        }
+    }
 }
 
 impl SimMeter {
@@ -89,6 +222,8 @@ impl SimMeter {
             clock: None,
             energy_rate: 0.0,
             fault: Fault::None,
+            password: None,
+            profile: None,
         }
     }
 
@@ -190,6 +325,7 @@ struct BusState {
     wire_time: bool,
     readouts: u64,
     requests: u64,
+    profile_reads: u64,
 }
 
 /// The simulated meters on one line. Shared: tests change faults while it runs.
@@ -230,6 +366,20 @@ impl SimBus {
         self.lock().readouts
     }
 
+    /// Load profile answers (`R5`) sent so far.
+    pub fn profile_reads(&self) -> u64 {
+        self.lock().profile_reads
+    }
+
+    /// Sets the P1 password of the meter with `address` (`None`: it wants none).
+    pub fn set_password(&self, address: &str, password: Option<&str>) {
+        for m in &mut self.lock().meters {
+            if m.address.as_deref() == Some(address) {
+                m.password = password.map(str::to_owned);
+            }
+        }
+    }
+
     /// Sign-on requests heard so far.
     pub fn requests(&self) -> u64 {
         self.lock().requests
@@ -259,6 +409,11 @@ enum Talk {
     Idle,
     /// Identified; waiting for the option select.
     Identified(usize),
+    /// In programming mode; `authorized` once the password was given (or none is wanted).
+    Programming {
+        meter: usize,
+        authorized: bool,
+    },
 }
 
 /// Serves `bus` on `io` until it fails. `peer_baud` tells the rate of the agent's UART, if
@@ -274,6 +429,8 @@ where
     let mut baud = 300u32;
     let mut frame_start = Instant::now();
     let mut last_byte = Instant::now();
+    // The last answer in programming mode, sent again on a NAK.
+    let mut last_answer: Vec<u8> = Vec::new();
     loop {
         let n = match io.read(&mut buf).await {
             Ok(0) | Err(_) => {
@@ -308,9 +465,64 @@ where
                     baud = 300;
                     on_request(&mut io, &peer_baud, &bus, &address).await
                 }
-                (Talk::Identified(i), Frame::OptionSelect { baud: code, .. }) => {
-                    baud = on_option_select(&mut io, &peer_baud, &bus, i, code).await;
-                    Talk::Idle
+                (
+                    Talk::Identified(i),
+                    Frame::OptionSelect {
+                        baud: code, mode, ..
+                    },
+                ) => {
+                    baud = on_option_select(&mut io, &peer_baud, &bus, i, code, mode).await;
+                    if mode == b'1' {
+                        let authorized = bus
+                            .lock()
+                            .meters
+                            .get(i)
+                            .is_some_and(|m| m.password.is_none());
+                        Talk::Programming {
+                            meter: i,
+                            authorized,
+                        }
+                    } else {
+                        Talk::Idle
+                    }
+                }
+                (
+                    Talk::Programming { meter, authorized },
+                    Frame::Command {
+                        command,
+                        kind,
+                        data,
+                        ..
+                    },
+                ) if command != b'B' => {
+                    let next = on_programming(
+                        &mut io,
+                        &peer_baud,
+                        &bus,
+                        (meter, authorized),
+                        (command, kind, data.as_deref().unwrap_or("")),
+                        baud,
+                        &mut last_answer,
+                    )
+                    .await;
+                    match next {
+                        Some(authorized) => Talk::Programming { meter, authorized },
+                        None => {
+                            baud = 300;
+                            Talk::Idle
+                        }
+                    }
+                }
+                (Talk::Programming { meter, authorized }, Frame::Nak) => {
+                    // The agent asks for the last block again (it arrived corrupted).
+                    let (reaction, wire) = {
+                        let st = bus.lock();
+                        let reaction = st.meters.get(meter).map_or(Duration::ZERO, |m| m.reaction);
+                        (reaction, st.wire_time)
+                    };
+                    tokio::time::sleep(reaction).await;
+                    let _ = send(&mut io, &peer_baud, &last_answer, baud, wire).await;
+                    Talk::Programming { meter, authorized }
                 }
                 (_, Frame::Command { command: b'B', .. }) => {
                     baud = 300;
@@ -384,6 +596,7 @@ async fn on_option_select<S>(
     bus: &SimBus,
     meter: usize,
     code: u8,
+    mode: u8,
 ) -> u32
 where
     S: AsyncWrite + Unpin + Send,
@@ -414,9 +627,24 @@ where
         rate
     };
     tokio::time::sleep(m.reaction).await;
+    if mode == b'1' {
+        // Programming mode: the operand of the password command, then wait for commands.
+        let operand = format!("({})", m.address.as_deref().unwrap_or("00000000"));
+        let message = codec::command(b'P', b'0', Some(operand.as_bytes()));
+        let _ = send(io, peer_baud, &message, rate, wire).await;
+        return rate;
+    }
     let text = m.readout_text(Timestamp::now(), bus.elapsed());
-    let mut message = codec::data_message(text.as_bytes());
-    match m.fault {
+    let message = faulted(codec::data_message(text.as_bytes()), m.fault);
+    let _ = send(io, peer_baud, &message, rate, wire).await;
+    bus.lock().readouts += 1;
+    // It stays at the rate of its readout until the break (or the next sign-on).
+    rate
+}
+
+/// A data message as the fault makes it.
+fn faulted(mut message: Vec<u8>, fault: Fault) -> Vec<u8> {
+    match fault {
         Fault::BadBcc => {
             if let Some(b) = message.last_mut() {
                 *b ^= 0x01;
@@ -425,10 +653,62 @@ where
         Fault::Truncated => message.truncate(message.len() / 2),
         _ => {}
     }
-    let _ = send(io, peer_baud, &message, rate, wire).await;
-    bus.lock().readouts += 1;
-    // It stays at the rate of its readout until the break (or the next sign-on).
-    rate
+    message
+}
+
+/// Answers a command in programming mode at `rate`: `P1` (the password) and `R5` (the load
+/// profile). Returns whether the agent is authorized now, or `None` when the meter broke
+/// off the session (`R5` without the password it wants).
+async fn on_programming<S>(
+    io: &mut S,
+    peer_baud: &(impl Fn() -> Option<u32> + Send),
+    bus: &SimBus,
+    (meter, authorized): (usize, bool),
+    (command, kind, data): (u8, u8, &str),
+    rate: u32,
+    last_answer: &mut Vec<u8>,
+) -> Option<bool>
+where
+    S: AsyncWrite + Unpin + Send,
+{
+    let m = bus.lock().meters.get(meter).cloned()?;
+    let wire = bus.lock().wire_time;
+    tokio::time::sleep(m.reaction).await;
+    match (command, kind) {
+        (b'P', b'1') => {
+            let given = data.strip_prefix('(').and_then(|d| d.strip_suffix(')'));
+            let ok = m.password.is_none() || given == m.password.as_deref();
+            let _ = send(io, peer_baud, &[if ok { ACK } else { NAK }], rate, wire).await;
+            Some(ok || authorized)
+        }
+        (b'R', b'5') if !authorized => {
+            let _ = send(io, peer_baud, &codec::break_message(), rate, wire).await;
+            None
+        }
+        (b'R', b'5') => {
+            let text = match &m.profile {
+                Some(p) => p.answer(data, Timestamp::now()),
+                None => "(ERROR)\r\n".into(),
+            };
+            let message = faulted(codec::data_message(text.as_bytes()), m.fault);
+            if m.fault == Fault::BadBccOnce {
+                let mut bad = message.clone();
+                if let Some(b) = bad.last_mut() {
+                    *b ^= 0x01;
+                }
+                let _ = send(io, peer_baud, &bad, rate, wire).await;
+            } else {
+                let _ = send(io, peer_baud, &message, rate, wire).await;
+            }
+            *last_answer = message;
+            bus.lock().profile_reads += 1;
+            Some(authorized)
+        }
+        _ => {
+            let _ = send(io, peer_baud, &[NAK], rate, wire).await;
+            Some(authorized)
+        }
+    }
 }
 
 /// Sends `bytes` at `rate`, as the agent's UART at `peer_baud()` would receive them; at the

@@ -344,6 +344,19 @@ impl Decoder {
         self.buf.len()
     }
 
+    /// Takes a lone `ACK` that has not been reported yet because no byte followed it. An
+    /// answer that is only an acknowledgement (to a password) ends with it; the caller that
+    /// expects one asks here instead of waiting for a byte that will not come.
+    pub fn take_ack(&mut self) -> bool {
+        if self.state == State::AfterAck {
+            self.state = State::Hunt;
+            self.buf.clear();
+            true
+        } else {
+            false
+        }
+    }
+
     /// Forgets any frame in progress and the skipped count (a new session).
     pub fn reset(&mut self) {
         self.state = State::Hunt;
@@ -912,6 +925,22 @@ mod tests {
         let mut d = Decoder::default();
         assert!(d.feed(&[ACK]).is_empty());
         assert_eq!(d.feed(&[NAK]), vec![Ok(Frame::Ack), Ok(Frame::Nak)]);
+    }
+
+    #[test]
+    fn lone_ack_at_the_end_of_the_input_should_be_taken_on_request() {
+        let mut d = Decoder::default();
+        assert!(!d.take_ack());
+        assert!(d.feed(&[ACK]).is_empty());
+        assert!(d.in_frame());
+        assert!(d.take_ack());
+        assert!(!d.in_frame());
+        assert!(!d.take_ack());
+        // The option select is still one frame.
+        assert!(matches!(
+            d.feed(b"\x06051\r\n").as_slice(),
+            [Ok(Frame::OptionSelect { .. })]
+        ));
     }
 
     #[test]

@@ -22,11 +22,14 @@
 use std::collections::HashSet;
 
 use jiff::civil::DateTime;
-use jiff::tz::TimeZone;
+use jiff::tz::{AmbiguousOffset, Offset, TimeZone};
+use jiff::{SignedDuration, Timestamp};
 
 use super::dataset::{DataSet, write_set};
+use super::profile::{Profile, Season};
+use crate::meter::rows::{Row, Rows};
 use crate::meter::{Selection, Value};
-use crate::reading::{Decimal, Obis, ObisError, Stamp};
+use crate::reading::{Decimal, Flags, Obis, ObisError, Stamp};
 
 /// What became of a readout.
 #[derive(Debug, Default)]
@@ -209,6 +212,145 @@ fn stamp(tz: &TimeZone, y: i16, mo: i8, d: i8, h: i8, mi: i8, s: i8) -> Option<S
     let dt = DateTime::new(y, mo, d, h, mi, s, 0).ok()?;
     let ts = tz.to_ambiguous_timestamp(dt).compatible().ok()?;
     Some(Stamp::in_zone(ts, tz))
+}
+
+// --- Load profile rows -----------------------------------------------------------------------
+
+/// The bits of a load profile block's status word (`P.01(…)(SSSS)…`), in the EDIS/VDEW coding
+/// the IEC 62056-21 meters use for their profiles and logbooks (LEM EM4T II manual, "Status
+/// word bit coding" of `P.01` and `P.98`; the low byte is also the DLMS "AMR profile status"
+/// of the DLMS UA Blue Book, which the Landis+Gyr ZMD/ZxD "status code" follows):
+///
+/// | bit | hex | meaning | flag |
+/// |---|---|---|---|
+/// | 0 | `01` | fatal device error | `data_invalid` |
+/// | 1 | `02` | the clock's power reserve is exhausted: its time is invalid | `clock_invalid` |
+/// | 2 | `04` | the measurement period is incomplete / data not valid | `data_invalid` |
+/// | 3 | `08` | season change (EDIS) or DST active (AMR) | none: the season digit says it |
+/// | 5 | `20` | the clock was set | `clock_adjusted` |
+/// | 6 | `40` | supply voltage returned (EDIS) | `power_down` |
+/// | 7 | `80` | supply voltage failed / power down | `power_down` |
+///
+/// Bit 3 means "a season change happened" in one coding and "summer time" in the other, so it
+/// is not used: `dst` comes from the header's season digit (`1`), which all of them write.
+/// The other bits (configuration changed, profile or logbook cleared …) give no flag.
+pub mod profile_status {
+    pub const FATAL_ERROR: u32 = 1 << 0;
+    pub const CLOCK_INVALID: u32 = 1 << 1;
+    pub const DATA_INVALID: u32 = 1 << 2;
+    pub const CLOCK_SET: u32 = 1 << 5;
+    pub const POWER_RETURNED: u32 = 1 << 6;
+    pub const POWER_FAILED: u32 = 1 << 7;
+}
+
+/// The flags of a profile status word (see [`profile_status`]).
+pub fn status_flags(status: u32) -> Flags {
+    use profile_status as s;
+    let mut flags = Flags::empty();
+    for (bit, flag) in [
+        (s::FATAL_ERROR, Flags::DATA_INVALID),
+        (s::CLOCK_INVALID, Flags::CLOCK_INVALID),
+        (s::DATA_INVALID, Flags::DATA_INVALID),
+        (s::CLOCK_SET, Flags::CLOCK_ADJUSTED),
+        (s::POWER_RETURNED, Flags::POWER_DOWN),
+        (s::POWER_FAILED, Flags::POWER_DOWN),
+    ] {
+        if status & bit != 0 {
+            flags.insert(flag);
+        }
+    }
+    flags
+}
+
+/// The instant of the meter's local time `dt` in `tz`, its season digit choosing between the
+/// two offsets where the zone has two: in the autumn fold (02:30 happens twice) summer time is
+/// the first, normal time the second; in the spring gap (02:30 does not happen) the season
+/// says which side the meter's clock was on. Summer time is the larger of the two offsets.
+/// Returns the instant and the offset the meter's time was written in; `None`: not a time
+/// (out of range).
+pub fn instant(dt: DateTime, season: Season, tz: &TimeZone) -> Option<(Timestamp, Offset)> {
+    let offset = match season {
+        Season::Utc => Offset::UTC,
+        Season::Normal | Season::Summer => match tz.to_ambiguous_timestamp(dt).offset() {
+            AmbiguousOffset::Unambiguous { offset } => offset,
+            AmbiguousOffset::Gap { before, after } | AmbiguousOffset::Fold { before, after } => {
+                let (summer, normal) = if before > after {
+                    (before, after)
+                } else {
+                    (after, before)
+                };
+                if season == Season::Summer {
+                    summer
+                } else {
+                    normal
+                }
+            }
+        },
+    };
+    offset.to_timestamp(dt).ok().map(|t| (t, offset))
+}
+
+/// The rows of a profile answer captured in `from ..= to` (a meter may send a row more at
+/// either end): each row's time is its block's start plus a capture period per line before
+/// it, with the offset of the block's season (the spring's last normal-time row is 02:00
+/// +01:00, not the same instant's 03:00 +02:00; a UTC block's rows are +00:00), its flags the block's status and season, its values the channels' (OBIS as
+/// [`series`], exact decimals, the header's unit). A value that is not a number, or a
+/// channel whose id is no OBIS code, counts in [`Rows::unmapped`].
+pub fn rows(profile: &Profile, ab: [u8; 2], tz: &TimeZone, from: Timestamp, to: Timestamp) -> Rows {
+    let mut out = Rows {
+        period: profile
+            .blocks
+            .first()
+            .map(|b| std::time::Duration::from_secs(u64::from(b.period_min) * 60)),
+        ..Rows::default()
+    };
+    for block in &profile.blocks {
+        let cells = block.rows.len() * block.channels.len();
+        let Some((start, offset)) = instant(block.start, block.season, tz) else {
+            out.unmapped += cells;
+            continue;
+        };
+        let columns: Vec<Option<Obis>> = block
+            .channels
+            .iter()
+            .map(|c| series(&c.id, ab).ok())
+            .collect();
+        let mut flags = status_flags(block.status);
+        if block.season == Season::Summer {
+            flags.insert(Flags::DST);
+        }
+        for (k, row) in block.rows.iter().enumerate() {
+            let minutes = i64::from(block.period_min) * k as i64;
+            let Some(at) = start.checked_add(SignedDuration::from_mins(minutes)).ok() else {
+                out.unmapped += row.len();
+                continue;
+            };
+            if at < from || at > to {
+                continue;
+            }
+            let mut values = Vec::with_capacity(row.len());
+            for ((v, channel), column) in row.iter().zip(&block.channels).zip(&columns) {
+                match (column, Decimal::parse(v)) {
+                    (Some(series), Ok(value)) => values.push(Value {
+                        series: *series,
+                        value,
+                        unit: channel.unit.clone(),
+                        meter_time: None,
+                    }),
+                    _ => out.unmapped += 1,
+                }
+            }
+            out.rows.push(Row {
+                at: Stamp {
+                    ms: at.as_millisecond(),
+                    offset: offset.seconds(),
+                },
+                flags,
+                values,
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -439,5 +581,177 @@ mod tests {
         let m = values(&sets, [1, 0], &sel, &TimeZone::UTC);
         assert_eq!(m.values.len(), 1);
         assert!(m.left_out.is_empty());
+    }
+
+    mod profile_rows {
+        use super::super::*;
+        use crate::meter::iec62056_21::profile::{self, Block, Channel};
+
+        fn stockholm() -> TimeZone {
+            TimeZone::get("Europe/Stockholm").unwrap()
+        }
+
+        fn ts(s: &str) -> Timestamp {
+            s.parse().unwrap()
+        }
+
+        fn block(start: DateTime, season: Season, status: u32, rows: &[&str]) -> Block {
+            Block {
+                start,
+                season,
+                status,
+                period_min: 15,
+                channels: vec![Channel {
+                    id: "1.5.0".into(),
+                    unit: "kW".into(),
+                }],
+                rows: rows.iter().map(|r| vec![(*r).to_owned()]).collect(),
+            }
+        }
+
+        fn times(rows: &Rows) -> Vec<String> {
+            rows.rows.iter().map(|r| r.at.rfc3339()).collect()
+        }
+
+        const ALL: (&str, &str) = ("2000-01-01T00:00:00Z", "2099-01-01T00:00:00Z");
+
+        fn all(p: &Profile, tz: &TimeZone) -> Rows {
+            rows(p, [1, 0], tz, ts(ALL.0), ts(ALL.1))
+        }
+
+        #[test]
+        fn spring_forward_should_leave_no_0230_row_and_no_hole_in_instants() {
+            // 29 March 2026 in Stockholm: 02:00 CET is followed by 03:00 CEST.
+            let p = Profile {
+                blocks: vec![
+                    block(
+                        jiff::civil::date(2026, 3, 29).at(1, 30, 0, 0),
+                        Season::Normal,
+                        0,
+                        &["1", "2", "3"],
+                    ),
+                    block(
+                        jiff::civil::date(2026, 3, 29).at(3, 15, 0, 0),
+                        Season::Summer,
+                        0,
+                        &["4", "5"],
+                    ),
+                ],
+            };
+            let r = all(&p, &stockholm());
+            assert_eq!(
+                times(&r),
+                [
+                    "2026-03-29T01:30:00+01:00",
+                    "2026-03-29T01:45:00+01:00",
+                    "2026-03-29T02:00:00+01:00",
+                    "2026-03-29T03:15:00+02:00",
+                    "2026-03-29T03:30:00+02:00",
+                ]
+            );
+            // Every quarter hour once: the 02:00 CET row is 01:00Z, the next 01:15Z.
+            let ms: Vec<i64> = r.rows.iter().map(|x| x.at.ms).collect();
+            assert!(ms.windows(2).all(|w| w[1] - w[0] == 900_000), "{ms:?}");
+            assert_eq!(r.rows[2].flags, Flags::empty());
+            assert_eq!(r.rows[3].flags, Flags::DST);
+            assert_eq!(r.period, Some(std::time::Duration::from_secs(900)));
+        }
+
+        #[test]
+        fn autumn_fold_should_give_two_0230_rows_told_apart_by_the_season() {
+            // 25 October 2026: 03:00 CEST is followed by 02:00 CET; 02:30 happens twice.
+            let day = jiff::civil::date(2026, 10, 25);
+            let p = Profile {
+                blocks: vec![
+                    block(day.at(2, 15, 0, 0), Season::Summer, 0, &["1", "2", "3"]),
+                    block(day.at(2, 0, 0, 0), Season::Normal, 0, &["4", "5", "6"]),
+                ],
+            };
+            let r = all(&p, &stockholm());
+            assert_eq!(
+                times(&r),
+                [
+                    "2026-10-25T02:15:00+02:00",
+                    "2026-10-25T02:30:00+02:00",
+                    "2026-10-25T02:45:00+02:00",
+                    "2026-10-25T02:00:00+01:00",
+                    "2026-10-25T02:15:00+01:00",
+                    "2026-10-25T02:30:00+01:00",
+                ]
+            );
+            assert_eq!(r.rows[1].at.ms, ts("2026-10-25T00:30:00Z").as_millisecond());
+            assert_eq!(r.rows[5].at.ms, ts("2026-10-25T01:30:00Z").as_millisecond());
+            let ms: Vec<i64> = r.rows.iter().map(|x| x.at.ms).collect();
+            assert!(ms.windows(2).all(|w| w[1] - w[0] == 900_000), "{ms:?}");
+            assert!(r.rows[..3].iter().all(|x| x.flags == Flags::DST));
+            assert!(r.rows[3..].iter().all(|x| x.flags == Flags::empty()));
+        }
+
+        #[test]
+        fn a_time_in_the_spring_gap_should_take_the_side_its_season_says() {
+            let t = jiff::civil::date(2026, 3, 29).at(2, 30, 0, 0);
+            let tz = stockholm();
+            let at = |dt, season| instant(dt, season, &tz).map(|(t, _)| t);
+            assert_eq!(at(t, Season::Normal), Some(ts("2026-03-29T01:30:00Z")));
+            assert_eq!(at(t, Season::Summer), Some(ts("2026-03-29T00:30:00Z")));
+            // Outside the transitions the zone decides; season 2 is UTC.
+            let noon = jiff::civil::date(2026, 7, 1).at(12, 0, 0, 0);
+            assert_eq!(at(noon, Season::Normal), Some(ts("2026-07-01T10:00:00Z")));
+            assert_eq!(at(noon, Season::Utc), Some(ts("2026-07-01T12:00:00Z")));
+        }
+
+        #[test]
+        fn status_bits_should_become_flags() {
+            use profile_status as s;
+            assert_eq!(status_flags(0), Flags::empty());
+            assert_eq!(status_flags(s::POWER_FAILED), Flags::POWER_DOWN);
+            assert_eq!(status_flags(s::POWER_RETURNED), Flags::POWER_DOWN);
+            assert_eq!(status_flags(s::CLOCK_SET), Flags::CLOCK_ADJUSTED);
+            assert_eq!(status_flags(s::CLOCK_INVALID), Flags::CLOCK_INVALID);
+            assert_eq!(status_flags(s::DATA_INVALID), Flags::DATA_INVALID);
+            assert_eq!(status_flags(s::FATAL_ERROR), Flags::DATA_INVALID);
+            // Bit 3 (season change / DST) and the high bits give no flag.
+            assert_eq!(status_flags(0x0008 | 0x4000 | 0x0100), Flags::empty());
+            let mut both = Flags::POWER_DOWN;
+            both.insert(Flags::CLOCK_ADJUSTED);
+            assert_eq!(status_flags(0xA0), both);
+        }
+
+        #[test]
+        fn rows_should_carry_exact_values_units_series_and_stay_in_the_range() {
+            let p = profile::parse(
+                "P.01(02607011000)(0080)(15)(2)(1.5.0)(kW)(1-0:2.5.0)(kvar)\r\n\
+                 (000.125)(1.000)\r\n(0.130)(x)\r\n(0.140)(0.002)\r\n",
+            )
+            .unwrap();
+            // The meter's clock is in UTC here (the zone has no summer time).
+            let r = rows(
+                &p,
+                [1, 0],
+                &TimeZone::UTC,
+                ts("2026-07-01T10:10:00Z"),
+                ts("2026-07-01T10:30:00Z"),
+            );
+            assert_eq!(
+                times(&r),
+                ["2026-07-01T10:15:00+00:00", "2026-07-01T10:30:00+00:00"]
+            );
+            let row = &r.rows[0];
+            assert_eq!(row.flags, Flags::POWER_DOWN);
+            assert_eq!(
+                row.values
+                    .iter()
+                    .map(|v| (
+                        v.series.to_string(),
+                        v.value.as_str().to_owned(),
+                        v.unit.as_str()
+                    ))
+                    .collect::<Vec<_>>(),
+                [("1-0-1-5-0-255".to_owned(), "0.130".to_owned(), "kW"),]
+            );
+            // `x` is no number.
+            assert_eq!(r.unmapped, 1);
+            assert_eq!(r.rows[1].values.len(), 2);
+        }
     }
 }

@@ -19,10 +19,34 @@
 //!   `address(value*unit)` ([`dataset`]).
 //! * The agent ends the session with the break message `SOH B 0 ETX BCC`.
 //!
+//! # Load profiles (programming mode)
+//!
+//! [`IecMeter::read_rows`] reads the meter's load profile (`P.01`, OBIS `1-0:99.1.0`):
+//!
+//! ```text
+//! /?address! CR LF            ──►
+//!                             ◄──   /XXXZ\W ident CR LF
+//! ACK 0 Z 1 CR LF             ──►                                  (1: programming mode)
+//!                             ◄──   SOH P0 STX (operand) ETX BCC   (at Z Bd)
+//! SOH P1 STX (password) ETX BCC ──►                                (only with a password)
+//!                             ◄──   ACK                            (NAK, B0, an error: refused)
+//! SOH R5 STX P.01(YYMMDDhhmm;YYMMDDhhmm) ETX BCC ──►
+//!                             ◄──   STX P.01(…)(…)… CR LF (…)(…) CR LF … ETX BCC
+//!                                   (or partial blocks ending in EOT, each acknowledged)
+//! SOH B0 ETX BCC              ──►
+//! ```
+//!
+//! The range is asked in the meter's local time (its `timezone`), whole minutes, widened to
+//! cover the instants asked for; rows outside them are dropped. A meter with no rows there
+//! answers `(ERROR)`: no rows, not a failure. The answer's text is [`profile`]; its times,
+//! status flags and values are [`mapping::rows`]. A refused password is a security failure and
+//! is not retried (meters lock a port after a few wrong passwords).
+//!
 //! # Layout
 //!
 //! The protocol is sans-IO: [`codec`] turns bytes into frames and back, [`dataset`] the
-//! readout's text into data sets, [`session`] is the exchange as a state machine that says what
+//! readout's text into data sets, [`profile`] a load profile answer's into blocks of rows,
+//! [`session`] is the exchange as a state machine that says what
 //! to send, when to switch the rate and what to wait for. [`transport`] is the thin I/O layer
 //! that runs a session on a serial port (or a fake [`transport::Line`]); [`mapping`] turns the
 //! data sets into values. [`read`], called by the bus worker, ties them together: retries,
@@ -35,6 +59,7 @@
 pub mod codec;
 pub mod dataset;
 pub mod mapping;
+pub mod profile;
 pub mod session;
 pub mod transport;
 
@@ -44,9 +69,10 @@ use jiff::tz::TimeZone;
 use serde::Deserialize;
 
 use crate::meter::link::{Framing, Slot};
+use crate::meter::rows::{Rows, RowsRequest};
 use crate::meter::{Failure, Outcome, Selection, Timing};
-use crate::primitives::{HumanDuration, Problems};
-use session::{Session, SessionConfig, SessionError};
+use crate::primitives::{HumanDuration, Problems, Secret};
+use session::{Job, ProfileJob, Readout, Session, SessionConfig, SessionError};
 use transport::Line;
 
 /// `iec62056_21 = { address = "61234567", max_baud = 9600 }`.
@@ -69,6 +95,9 @@ pub struct IecMeterConfig {
     /// A readout of a few KiB takes seconds at 9600 Bd and minutes at 300 Bd.
     #[serde(default = "default_readout_timeout")]
     pub readout_timeout: HumanDuration,
+    /// A file holding the P1 password sent in programming mode (load profile reads), for a
+    /// meter that wants one. Read when the config is resolved; never logged.
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 fn default_max_baud() -> u32 {
@@ -133,12 +162,49 @@ impl IecMeterConfig {
                 }
             },
         };
+        let password = self
+            .password_file
+            .as_ref()
+            .and_then(|f| match crate::primitives::read_secret_file(f) {
+                Ok(s) if s.expose().is_empty() => {
+                    p.push(
+                        format!("{at}.password_file"),
+                        format!("{} is empty", f.display()),
+                    );
+                    None
+                }
+                Ok(s)
+                    if s.expose().len() > 32
+                        || !s
+                            .expose()
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && b != b'(' && b != b')') =>
+                {
+                    p.push(
+                        format!("{at}.password_file"),
+                        format!(
+                            "the password in {} must be 1-32 printable characters without `(` or `)`",
+                            f.display()
+                        ),
+                    );
+                    None
+                }
+                Ok(s) => Some(s),
+                Err(e) => {
+                    p.push(
+                        format!("{at}.password_file"),
+                        format!("cannot read {}: {e}", f.display()),
+                    );
+                    None
+                }
+            });
         (p.0.len() == before).then(|| IecMeter {
             address: self.address.clone(),
             max_baud: self.max_baud,
             ab,
             tz,
             readout_timeout: self.readout_timeout.0,
+            password,
         })
     }
 }
@@ -154,21 +220,27 @@ pub struct IecMeter {
     /// The zone of the meter's clock, for its time and date registers.
     pub tz: TimeZone,
     pub readout_timeout: Duration,
+    /// The P1 password for programming mode (`Secret`: Debug shows `***`).
+    pub password: Option<Secret>,
 }
 
 impl IecMeter {
-    /// Rows of the meter's load profile (`P.01`) in the request's range.
+    /// Rows of the meter's load profile (`P.01`) in the request's range (see the module
+    /// doc), on `slot`: the bus's port, in IEC framing.
     pub async fn read_rows(
         &self,
-        _slot: &mut Slot,
-        _meter: &str,
-        _request: &crate::meter::rows::RowsRequest,
-        _timing: &Timing,
-    ) -> Result<crate::meter::rows::Rows, crate::meter::Failure> {
-        // TODO(iec-profile): programming mode, R5 P.01(from;to) — being built.
-        Err(crate::meter::Failure::Refused(
-            "IEC 62056-21 load profile reads are not built yet".into(),
-        ))
+        slot: &mut Slot,
+        meter: &str,
+        request: &RowsRequest,
+        timing: &Timing,
+    ) -> Result<Rows, Failure> {
+        let port = slot.port(Framing::IEC_SIGN_ON)?;
+        let rows = read_rows_line(port, meter, self, request, timing).await;
+        if let Err(Failure::Link(_)) = &rows {
+            // The port failed (a converter unplugged): the next read opens it again.
+            slot.reset();
+        }
+        rows
     }
 
     /// Reads the meter on `slot`: the bus's port, in IEC framing.
@@ -197,55 +269,21 @@ pub async fn read_line<L: Line>(
     selection: &Selection,
     timing: &Timing,
 ) -> Outcome {
-    let mut session = SessionConfig {
-        address: config.address.clone(),
-        max_baud: config.max_baud,
-        switch_baud: config.max_baud > 300,
-        answer_timeout: transport::answer_timeout(timing.timeout),
-        gap_timeout: session::TR_MAX,
-        readout_timeout: config.readout_timeout,
-        max_block: codec::DEFAULT_MAX_BLOCK,
-    };
-    let mut refused: Option<(SessionError, Failure)> = None;
-    let mut failed = 0;
-    let readout = loop {
-        let error = match transport::run(line, Session::new(session.clone())).await {
-            Err(e) => {
+    let Exchanged { readout, refused } =
+        match exchange(line, meter, config, Job::Readout, timing).await {
+            Ok(x) => x,
+            Err(Failed {
+                failure,
+                reopen,
+                refused,
+            }) => {
                 return Outcome {
-                    reopen: true,
-                    ..Outcome::failed(Failure::Link(format!("serial line: {e}")))
+                    reopen,
+                    refused,
+                    ..Outcome::failed(failure)
                 };
             }
-            Ok(Ok(readout)) => break readout,
-            Ok(Err(e)) => e,
         };
-        if let SessionError::SwitchRefused { baud, how } = &error {
-            if session.switch_baud {
-                // Sign on again and stay at 300 Bd. This does not count as a retry: the meter
-                // answers, just not at the rate it offered.
-                tracing::warn!(meter, baud, how = %how, "Meter did not follow the baud switch, reading at 300 Bd");
-                let f = Failure::Refused(format!(
-                    "{error}; read at 300 Bd instead (set max_baud = 300 to skip the attempt)"
-                ));
-                refused = Some((error, f));
-                session.switch_baud = false;
-                continue;
-            }
-        }
-        failed += 1;
-        if failed > timing.retries {
-            let mut out = Outcome::failed(failure(&error));
-            // Only a refusal the meter made plain is worth reporting beside the failure;
-            // silence after the switch may as well have been a meter that went away.
-            if let Some((SessionError::SwitchRefused { how, .. }, f)) = refused {
-                if how != session::Refusal::Silence {
-                    out.refused.push(f);
-                }
-            }
-            return out;
-        }
-        tracing::debug!(meter, failed, error = %error, "IEC readout failed, retrying");
-    };
     let mapped = mapping::values(&readout.sets, config.ab, selection, &config.tz);
     if let Selection::Series(wanted) = selection {
         let missing: Vec<String> = wanted
@@ -271,9 +309,152 @@ pub async fn read_line<L: Line>(
     Outcome {
         values: mapped.values,
         failure: None,
-        refused: refused.map(|(_, f)| f).into_iter().collect(),
+        refused: refused.into_iter().collect(),
         reopen: false,
         unmapped: mapped.left_out.len(),
+    }
+}
+
+/// Reads rows of the load profile on any [`Line`]: programming mode, `R5`, mapping.
+pub async fn read_rows_line<L: Line>(
+    line: &mut L,
+    meter: &str,
+    config: &IecMeter,
+    request: &RowsRequest,
+    timing: &Timing,
+) -> Result<Rows, Failure> {
+    // `1-0:99.1.0` is P.01, `1-0:99.2.0` P.02: group C 99 ("P") and the profile's number.
+    let [_, _, c, number, _, _] = request.profile.0;
+    if c != 99 || !(1..=99).contains(&number) {
+        return Err(Failure::Refused(format!(
+            "{} is not an IEC 62056-21 load profile (those are 1-0:99.D.0, read as P.0D)",
+            request.profile
+        )));
+    }
+    // Whole minutes in the meter's clock, widened to cover the instants asked for (the rows
+    // outside them are dropped after). In the autumn fold the meter answers the 02:xx rows
+    // of both seasons; their season digits tell them apart.
+    let local = |t: jiff::Timestamp| t.to_zoned(config.tz.clone()).datetime();
+    let floor = |dt: jiff::civil::DateTime| dt.with().second(0).subsec_nanosecond(0).build().ok();
+    let ceil = |dt: jiff::civil::DateTime| {
+        let f = floor(dt)?;
+        if f == dt {
+            Some(f)
+        } else {
+            f.checked_add(jiff::SignedDuration::from_mins(1)).ok()
+        }
+    };
+    let (Some(from), Some(to)) = (floor(local(request.from)), ceil(local(request.to))) else {
+        return Err(Failure::Refused(
+            "the range is out of the meter's calendar".into(),
+        ));
+    };
+    let job = Job::Profile(ProfileJob {
+        password: config.password.clone(),
+        request: profile::request(number, from, to),
+    });
+    let Exchanged { readout, refused } = exchange(line, meter, config, job, timing)
+        .await
+        .map_err(|f| f.failure)?;
+    if let Some(f) = refused {
+        tracing::warn!(meter, refusal = %f, "Load profile read at 300 Bd");
+    }
+    let profile = readout.profile.unwrap_or_default();
+    let rows = mapping::rows(&profile, config.ab, &config.tz, request.from, request.to);
+    tracing::debug!(
+        meter,
+        profile = %request.profile,
+        baud = readout.baud,
+        blocks = profile.blocks.len(),
+        rows = rows.rows.len(),
+        unmapped = rows.unmapped,
+        "IEC load profile rows read"
+    );
+    Ok(rows)
+}
+
+/// A session that ended well, and a refused baud switch worth reporting beside it.
+struct Exchanged {
+    readout: Readout,
+    refused: Option<Failure>,
+}
+
+/// A session that failed for good: the failure, whether the port must be reopened, and a
+/// refused baud switch worth reporting beside it.
+struct Failed {
+    failure: Failure,
+    reopen: bool,
+    refused: Vec<Failure>,
+}
+
+/// Runs sessions for `job` until one succeeds: the bus's retries, and a second sign-on at
+/// 300 Bd when a meter does not follow the baud switch. A refused password is not retried.
+async fn exchange<L: Line>(
+    line: &mut L,
+    meter: &str,
+    config: &IecMeter,
+    job: Job,
+    timing: &Timing,
+) -> Result<Exchanged, Failed> {
+    let mut session = SessionConfig {
+        address: config.address.clone(),
+        max_baud: config.max_baud,
+        switch_baud: config.max_baud > 300,
+        answer_timeout: transport::answer_timeout(timing.timeout),
+        gap_timeout: session::TR_MAX,
+        readout_timeout: config.readout_timeout,
+        max_block: codec::DEFAULT_MAX_BLOCK,
+        job,
+    };
+    let mut refused: Option<(SessionError, Failure)> = None;
+    let mut failed = 0;
+    loop {
+        let error = match transport::run(line, Session::new(session.clone())).await {
+            Err(e) => {
+                return Err(Failed {
+                    failure: Failure::Link(format!("serial line: {e}")),
+                    reopen: true,
+                    refused: Vec::new(),
+                });
+            }
+            Ok(Ok(readout)) => {
+                return Ok(Exchanged {
+                    readout,
+                    refused: refused.map(|(_, f)| f),
+                });
+            }
+            Ok(Err(e)) => e,
+        };
+        if let SessionError::SwitchRefused { baud, how } = &error {
+            if session.switch_baud {
+                // Sign on again and stay at 300 Bd. This does not count as a retry: the meter
+                // answers, just not at the rate it offered.
+                tracing::warn!(meter, baud, how = %how, "Meter did not follow the baud switch, reading at 300 Bd");
+                let f = Failure::Refused(format!(
+                    "{error}; read at 300 Bd instead (set max_baud = 300 to skip the attempt)"
+                ));
+                refused = Some((error, f));
+                session.switch_baud = false;
+                continue;
+            }
+        }
+        failed += 1;
+        if failed > timing.retries || matches!(error, SessionError::Security(_)) {
+            let mut out = Failed {
+                failure: failure(&error),
+                reopen: false,
+                refused: Vec::new(),
+            };
+            // Only a refusal the meter made plain is worth reporting beside the failure;
+            // silence after the switch may as well have been a meter that went away.
+            if let Some((SessionError::SwitchRefused { how, .. }, f)) = refused {
+                if how != session::Refusal::Silence {
+                    out.refused.push(f);
+                }
+            }
+            return Err(out);
+        }
+        tracing::debug!(meter, failed, error = %error, "IEC session failed, retrying");
     }
 }
 
@@ -285,13 +466,17 @@ pub fn failure(error: &SessionError) -> Failure {
             error: codec::DecodeError::Bcc { .. },
             ..
         } => Failure::Checksum(error.to_string()),
-        SessionError::SwitchRefused { .. } => Failure::Refused(error.to_string()),
+        SessionError::SwitchRefused { .. } | SessionError::NoProgrammingMode(_) => {
+            Failure::Refused(error.to_string())
+        }
+        SessionError::Security(_) => Failure::Security(error.to_string()),
         SessionError::OutOfOrder(_) => Failure::Link(error.to_string()),
         SessionError::Stalled { .. }
         | SessionError::Overdue { .. }
         | SessionError::Noise { .. }
         | SessionError::Decode { .. }
         | SessionError::Data(_)
+        | SessionError::Profile(_)
         | SessionError::Unexpected { .. }
         | SessionError::ReservedBaud(_) => Failure::Malformed(error.to_string()),
     }

@@ -51,8 +51,10 @@
 
 use std::time::Duration;
 
-use super::codec::{self, Decoder, Frame, Identification, Mode};
+use super::codec::{self, ACK, Decoder, Frame, Identification, Mode};
 use super::dataset::{self, DataError, DataSet};
+use super::profile::{self, Profile, ProfileError};
+use crate::primitives::Secret;
 
 /// The longest reaction time a meter may take (tr max) and the longest pause between two
 /// characters of a message (ta).
@@ -77,7 +79,36 @@ pub struct SessionConfig {
     pub readout_timeout: Duration,
     /// Longest data message accepted.
     pub max_block: usize,
+    /// What the session is for: the readout, or a load profile in programming mode.
+    pub job: Job,
 }
+
+/// What a session does once signed on.
+#[derive(Clone, Debug, Default)]
+pub enum Job {
+    /// The data readout (`ACK 0 Z 0`).
+    #[default]
+    Readout,
+    /// Programming mode (`ACK 0 Z 1`), then a load profile read (`R5`).
+    Profile(ProfileJob),
+}
+
+/// A load profile read: the P1 password, if the meter wants one, and the `R5` data.
+#[derive(Clone, Debug)]
+pub struct ProfileJob {
+    /// Sent as `P1 (password)`; never logged (`Secret`'s Debug hides it).
+    pub password: Option<Secret>,
+    /// `P.01(YYMMDDhhmm;YYMMDDhhmm)` ([`profile::request`]).
+    pub request: String,
+}
+
+/// The most text a profile answer sent in partial blocks may add up to, in blocks of the
+/// session's `max_block`.
+pub const MAX_PROFILE_BLOCKS: usize = 16;
+
+/// How often a profile block that arrived corrupted (block check) is asked for again with
+/// `NAK` before the read fails: a long answer at 300 Bd is not thrown away for one bad byte.
+pub const MAX_REPEATS: u8 = 3;
 
 /// What the transport should do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,13 +146,16 @@ pub enum Silence {
     Total,
 }
 
-/// A successful readout.
+/// A successful readout or profile read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Readout {
     pub identification: Identification,
     /// The rate the data message came at.
     pub baud: u32,
+    /// The readout's data sets ([`Job::Readout`]; empty for a profile read).
     pub sets: Vec<DataSet>,
+    /// The load profile's answer ([`Job::Profile`] only).
+    pub profile: Option<Profile>,
 }
 
 /// The message a session was waiting for.
@@ -129,6 +163,12 @@ pub struct Readout {
 pub enum Phase {
     Identification,
     Readout,
+    /// The meter's `P0` operand after the option select for programming mode.
+    Operand,
+    /// The meter's answer to the `P1` password.
+    Password,
+    /// The answer to `R5` `P.01(…)`.
+    Profile,
 }
 
 impl std::fmt::Display for Phase {
@@ -136,6 +176,9 @@ impl std::fmt::Display for Phase {
         f.write_str(match self {
             Phase::Identification => "identification",
             Phase::Readout => "readout",
+            Phase::Operand => "password operand (P0)",
+            Phase::Password => "password acknowledgement",
+            Phase::Profile => "load profile",
         })
     }
 }
@@ -188,6 +231,15 @@ pub enum SessionError {
     /// The readout's text is not a list of data sets.
     #[error("readout: {0}")]
     Data(#[from] DataError),
+    /// The profile answer's text is not a load profile.
+    #[error("load profile: {0}")]
+    Profile(#[from] ProfileError),
+    /// The meter refused the password, or access without one.
+    #[error("{0}")]
+    Security(String),
+    /// A mode A or B meter: it has no programming mode, hence no load profile to read.
+    #[error("the meter speaks mode {0} only: no programming mode, no load profile")]
+    NoProgrammingMode(char),
     /// A valid frame, but not the one the exchange calls for.
     #[error("expected the {phase}, got a {got}")]
     Unexpected { phase: Phase, got: &'static str },
@@ -230,6 +282,20 @@ enum State {
         baud: u32,
         switched: bool,
         skipped_before: usize,
+        step: Step,
+    },
+    /// Waiting tr before sending `message` in programming mode; then receive `next`.
+    Replying {
+        id: Identification,
+        baud: u32,
+        message: Vec<u8>,
+        next: Step,
+    },
+    /// `message` is out; receive `next`.
+    Sent {
+        id: Identification,
+        baud: u32,
+        next: Step,
     },
     /// Waiting tr before the break.
     Closing(Result<Readout, SessionError>),
@@ -238,7 +304,32 @@ enum State {
     Done,
 }
 
-/// One readout.
+/// What a message from the meter is awaited for.
+#[derive(Debug)]
+enum Step {
+    /// The readout.
+    Readout,
+    /// The `P0` operand after `ACK 0 Z 1`.
+    Operand,
+    /// `ACK` to the password.
+    PasswordAck,
+    /// The answer to `R5`; `text` holds the partial blocks (`EOT`) received so far, `naks`
+    /// the repeats asked for the block now awaited.
+    Profile { text: String, naks: u8 },
+}
+
+impl Step {
+    fn phase(&self) -> Phase {
+        match self {
+            Step::Readout => Phase::Readout,
+            Step::Operand => Phase::Operand,
+            Step::PasswordAck => Phase::Password,
+            Step::Profile { .. } => Phase::Profile,
+        }
+    }
+}
+
+/// One readout or profile read.
 #[derive(Debug)]
 pub struct Session {
     config: SessionConfig,
@@ -300,8 +391,12 @@ impl Session {
             State::Reacting { id, baud } => {
                 let code = codec::baud_code(baud).unwrap_or(b'0');
                 self.state = State::Acked { id, baud };
-                // V = 0: normal protocol procedure; Y = 0: data readout.
-                Action::Send(codec::option_select(b'0', code, b'0'))
+                // V = 0: normal protocol procedure; Y = 0: data readout, 1: programming mode.
+                let mode = match self.config.job {
+                    Job::Readout => b'0',
+                    Job::Profile(_) => b'1',
+                };
+                Action::Send(codec::option_select(b'0', code, mode))
             }
             State::Acked { id, baud } if baud != 300 => {
                 // The option select has left the UART (the transport drained it): switch now,
@@ -313,6 +408,16 @@ impl Session {
                 }
             }
             State::Acked { id, baud } | State::Switched { id, baud } => self.await_data(id, baud),
+            State::Replying {
+                id,
+                baud,
+                message,
+                next,
+            } => {
+                self.state = State::Sent { id, baud, next };
+                Action::Send(message)
+            }
+            State::Sent { id, baud, next } => self.await_step(id, baud, next, false),
             State::Closing(result) => {
                 self.state = State::Breaking(result);
                 Action::Send(codec::break_message())
@@ -337,6 +442,18 @@ impl Session {
                 // Anything after the awaited frame in the same chunk is noise to this session.
                 return action;
             }
+        }
+        // The answer to a password is a lone ACK: nothing follows it to tell it from the start
+        // of an option select, which a meter never sends.
+        if matches!(
+            self.state,
+            State::AwaitData {
+                step: Step::PasswordAck,
+                ..
+            }
+        ) && self.decoder.take_ack()
+        {
+            return self.on_data_frame(Ok(Frame::Ack));
         }
         None
     }
@@ -367,9 +484,10 @@ impl Session {
                 baud,
                 switched,
                 skipped_before,
+                step,
                 ..
             } => {
-                let phase = Phase::Readout;
+                let phase = step.phase();
                 let noise = self.decoder.skipped() - skipped_before;
                 let error = if self.decoder.in_frame() {
                     stalled(phase, bytes, silence, self.limits.total)
@@ -418,7 +536,12 @@ impl Session {
 
     fn on_identification(&mut self, id: Identification) -> Action {
         self.reaction = id.reaction_time();
-        match id.mode() {
+        let mode = id.mode();
+        if let (Job::Profile(_), Mode::A | Mode::B(_)) = (&self.config.job, mode) {
+            let letter = if mode == Mode::A { 'A' } else { 'B' };
+            return self.close(Err(SessionError::NoProgrammingMode(letter)));
+        }
+        match mode {
             Mode::C(offered) => {
                 let cap = if self.config.switch_baud {
                     offered.unwrap_or(300).min(self.config.max_baud)
@@ -448,12 +571,23 @@ impl Session {
         }
     }
 
+    /// The first message after the option select (or the identification, modes A and B).
     fn await_data(&mut self, id: Identification, baud: u32) -> Action {
+        let step = match self.config.job {
+            Job::Readout => Step::Readout,
+            Job::Profile(_) => Step::Operand,
+        };
+        self.await_step(id, baud, step, baud != 300)
+    }
+
+    /// Receives the meter's next message; `switched`: the first one at a new rate.
+    fn await_step(&mut self, id: Identification, baud: u32, step: Step, switched: bool) -> Action {
         self.state = State::AwaitData {
             id,
             baud,
-            switched: baud != 300,
+            switched,
             skipped_before: self.decoder.skipped(),
+            step,
         };
         self.receive(Limits {
             first: self.config.answer_timeout,
@@ -468,6 +602,18 @@ impl Session {
     }
 
     fn on_data_frame(&mut self, frame: Result<Frame, codec::DecodeError>) -> Option<Action> {
+        if let State::AwaitData {
+            baud,
+            switched,
+            step,
+            ..
+        } = &self.state
+        {
+            if !matches!(step, Step::Readout) {
+                let (phase, baud, switched) = (step.phase(), *baud, *switched);
+                return self.on_programming_frame(frame, phase, baud, switched);
+            }
+        }
         let phase = Phase::Readout;
         let State::AwaitData {
             id, baud, switched, ..
@@ -486,6 +632,7 @@ impl Session {
                         identification: id.clone(),
                         baud,
                         sets,
+                        profile: None,
                     })
                     .map_err(SessionError::from);
                 Some(self.close(result))
@@ -507,6 +654,183 @@ impl Session {
                 got: other.name(),
             }))),
             Err(error) => Some(self.close(Err(SessionError::Decode { phase, error }))),
+        }
+    }
+
+    /// A frame in programming mode: the operand, the password's acknowledgement, the profile.
+    fn on_programming_frame(
+        &mut self,
+        frame: Result<Frame, codec::DecodeError>,
+        phase: Phase,
+        baud: u32,
+        switched: bool,
+    ) -> Option<Action> {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(error) => {
+                // A corrupted profile block: NAK asks the meter to send it again.
+                if let (
+                    codec::DecodeError::Bcc { .. },
+                    State::AwaitData {
+                        step: Step::Profile { naks, .. },
+                        ..
+                    },
+                ) = (&error, &self.state)
+                {
+                    if *naks < MAX_REPEATS {
+                        if let State::AwaitData {
+                            id,
+                            step: Step::Profile { text, naks },
+                            ..
+                        } = std::mem::replace(&mut self.state, State::Done)
+                        {
+                            self.state = State::Replying {
+                                id,
+                                baud,
+                                message: vec![codec::NAK],
+                                next: Step::Profile {
+                                    text,
+                                    naks: naks + 1,
+                                },
+                            };
+                            return Some(Action::Sleep(self.reaction));
+                        }
+                    }
+                }
+                return Some(self.close(Err(SessionError::Decode { phase, error })));
+            }
+        };
+        // Echoes of our own messages (optical heads that hear themselves).
+        match (&frame, phase) {
+            (Frame::OptionSelect { .. } | Frame::Request { .. }, _)
+            | (
+                Frame::Command {
+                    command: b'P',
+                    kind: b'1',
+                    ..
+                },
+                Phase::Password,
+            )
+            | (Frame::Command { command: b'R', .. }, Phase::Profile)
+            | (Frame::Ack, Phase::Operand | Phase::Profile) => return None,
+            _ => {}
+        }
+        let State::AwaitData { id, step, .. } = std::mem::replace(&mut self.state, State::Done)
+        else {
+            return Some(self.out_of_order("programming frame"));
+        };
+        let job = match &self.config.job {
+            Job::Profile(job) => job.clone(),
+            Job::Readout => return Some(self.out_of_order("programming frame in a readout")),
+        };
+        let r5 = || codec::command(b'R', b'5', Some(job.request.as_bytes()));
+        let reply = |this: &mut Self, message: Vec<u8>, next: Step| {
+            this.state = State::Replying {
+                id: id.clone(),
+                baud,
+                message,
+                next,
+            };
+            Some(Action::Sleep(this.reaction))
+        };
+        match (step, frame) {
+            (
+                Step::Operand,
+                Frame::Command {
+                    command: b'P',
+                    kind: b'0',
+                    complete: true,
+                    ..
+                },
+            ) => match &job.password {
+                Some(pw) => {
+                    let mut data = Vec::with_capacity(pw.expose().len() + 2);
+                    data.push(b'(');
+                    data.extend_from_slice(pw.expose().as_bytes());
+                    data.push(b')');
+                    reply(
+                        self,
+                        codec::command(b'P', b'1', Some(&data)),
+                        Step::PasswordAck,
+                    )
+                }
+                None => reply(self, r5(), Step::Profile {
+                    text: String::new(),
+                    naks: 0,
+                }),
+            },
+            (Step::Operand, Frame::Nak) if switched => {
+                Some(self.close(Err(SessionError::SwitchRefused {
+                    baud,
+                    how: Refusal::Nak,
+                })))
+            }
+            (Step::PasswordAck, Frame::Ack) => {
+                reply(self, r5(), Step::Profile {
+                    text: String::new(),
+                    naks: 0,
+                })
+            }
+            (Step::PasswordAck, Frame::Nak) => Some(self.close(Err(SessionError::Security(
+                "the meter refused the password (NAK)".into(),
+            )))),
+            (Step::PasswordAck, Frame::Command { command: b'B', .. }) => {
+                Some(self.close(Err(SessionError::Security(
+                    "the meter answered the password with a break (B0)".into(),
+                ))))
+            }
+            (Step::PasswordAck, Frame::Data { text, .. }) => {
+                Some(self.close(Err(SessionError::Security(format!(
+                    "the meter answered the password with `{}`",
+                    text.trim_end()
+                )))))
+            }
+            (
+                Step::Profile {
+                    text: mut so_far, ..
+                },
+                Frame::Data { text, complete },
+            ) => {
+                so_far.push_str(&text);
+                if so_far.len() > self.config.max_block.saturating_mul(MAX_PROFILE_BLOCKS) {
+                    return Some(self.close(Err(SessionError::Decode {
+                        phase,
+                        error: codec::DecodeError::TooLong {
+                            frame: "load profile",
+                            limit: self.config.max_block.saturating_mul(MAX_PROFILE_BLOCKS),
+                        },
+                    })));
+                }
+                if !complete {
+                    // A partial block (EOT): ACK asks for the next one.
+                    return reply(
+                        self,
+                        vec![ACK],
+                        Step::Profile {
+                            text: so_far,
+                            naks: 0,
+                        },
+                    );
+                }
+                let result = profile::parse(&so_far)
+                    .map(|p| Readout {
+                        identification: id.clone(),
+                        baud,
+                        sets: Vec::new(),
+                        profile: Some(p),
+                    })
+                    .map_err(SessionError::from);
+                Some(self.close(result))
+            }
+            (Step::Profile { .. }, Frame::Command { command: b'B', .. }) => {
+                Some(self.close(Err(SessionError::Security(
+                    "the meter broke off the session instead of answering the profile request (does it want a password?)".into(),
+                ))))
+            }
+            (_, other) => Some(self.close(Err(SessionError::Unexpected {
+                phase,
+                got: other.name(),
+            }))),
         }
     }
 
@@ -533,6 +857,7 @@ fn stalled(phase: Phase, bytes: usize, silence: Silence, limit: Duration) -> Ses
 mod tests {
     use super::*;
     use crate::meter::iec62056_21::codec::{NAK, break_message, data_message};
+    use crate::primitives::Secret;
 
     fn config() -> SessionConfig {
         SessionConfig {
@@ -543,6 +868,7 @@ mod tests {
             gap_timeout: TR_MAX,
             readout_timeout: Duration::from_secs(60),
             max_block: codec::DEFAULT_MAX_BLOCK,
+            job: Job::Readout,
         }
     }
 
@@ -811,6 +1137,192 @@ mod tests {
             closed(&mut s, a),
             Err(SessionError::Data(DataError::NoEnd { sets: 1 }))
         ));
+    }
+
+    fn profile_config(password: Option<&str>) -> SessionConfig {
+        SessionConfig {
+            job: Job::Profile(ProfileJob {
+                password: password.map(Secret::new),
+                request: "P.01(2603011000;2603020000)".into(),
+            }),
+            ..config()
+        }
+    }
+
+    /// Drives a profile session through the identification, `ACK 0 5 1` and the switch, to
+    /// the receive of the operand.
+    fn programming(password: Option<&str>) -> Session {
+        let mut s = signed_on(profile_config(password));
+        assert!(s.received(b"/LGZ5\\2ZMD3104407.B24\r\n").is_some());
+        assert_eq!(s.completed(), Action::Send(b"\x06051\r\n".to_vec()));
+        assert_eq!(
+            s.completed(),
+            Action::SetBaud {
+                baud: 9600,
+                discard_input: false
+            }
+        );
+        assert!(matches!(s.completed(), Action::Receive(_)));
+        s
+    }
+
+    /// After a meter's message: tr, then `sent` goes out and the next receive starts.
+    fn replies(s: &mut Session, action: Option<Action>, sent: &[u8]) {
+        assert_eq!(action, Some(Action::Sleep(Duration::from_millis(200))));
+        assert_eq!(s.completed(), Action::Send(sent.to_vec()));
+        assert!(matches!(s.completed(), Action::Receive(_)));
+    }
+
+    const PROFILE: &[u8] = b"P.01(02603011015)(0000)(15)(1)(1.5.0)(kW)\r\n(0.123)\r\n(0.130)\r\n";
+
+    fn r5() -> Vec<u8> {
+        codec::command(b'R', b'5', Some(b"P.01(2603011000;2603020000)"))
+    }
+
+    #[test]
+    fn profile_without_password_should_go_from_operand_to_r5_to_break() {
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(61234567)")));
+        replies(&mut s, a, &r5());
+        // Our own R5, heard back, is not the answer.
+        assert_eq!(s.received(&r5()), None);
+        let a = s.received(&data_message(PROFILE));
+        let r = closed(&mut s, a).unwrap();
+        let p = r.profile.expect("profile");
+        assert_eq!(p.blocks.len(), 1);
+        assert_eq!(p.blocks[0].rows, vec![vec!["0.123"], vec!["0.130"]]);
+        assert!(r.sets.is_empty());
+        assert_eq!(r.baud, 9600);
+    }
+
+    #[test]
+    fn profile_with_password_should_send_p1_and_wait_for_its_ack() {
+        let mut s = programming(Some("secret"));
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(61234567)")));
+        replies(&mut s, a, &codec::command(b'P', b'1', Some(b"(secret)")));
+        // A lone ACK, with nothing after it.
+        let a = s.received(&[ACK]);
+        replies(&mut s, a, &r5());
+        let a = s.received(&data_message(PROFILE));
+        assert!(closed(&mut s, a).unwrap().profile.is_some());
+    }
+
+    #[test]
+    fn refused_password_should_be_a_security_error_however_the_meter_says_it() {
+        for answer in [vec![NAK], break_message(), data_message(b"(ERROR)\r\n")] {
+            let mut s = programming(Some("wrong"));
+            let a = s.received(&codec::command(b'P', b'0', Some(b"(61234567)")));
+            replies(&mut s, a, &codec::command(b'P', b'1', Some(b"(wrong)")));
+            let a = s.received(&answer);
+            assert!(
+                matches!(closed(&mut s, a), Err(SessionError::Security(_))),
+                "{answer:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn break_instead_of_the_profile_should_be_a_security_error() {
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        let a = s.received(&break_message());
+        assert!(matches!(closed(&mut s, a), Err(SessionError::Security(_))));
+    }
+
+    #[test]
+    fn partial_blocks_should_be_acknowledged_and_joined() {
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        let (head, tail) = PROFILE.split_at(20);
+        let mut partial = vec![codec::STX];
+        partial.extend_from_slice(head);
+        partial.push(codec::EOT);
+        partial.push(codec::bcc(&partial[1..]));
+        let a = s.received(&partial);
+        replies(&mut s, a, &[ACK]);
+        let a = s.received(&data_message(tail));
+        let p = closed(&mut s, a).unwrap().profile.unwrap();
+        assert_eq!(p.blocks[0].rows.len(), 2);
+    }
+
+    #[test]
+    fn corrupted_profile_block_should_be_asked_again_with_nak_up_to_the_limit() {
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        let mut bad = data_message(PROFILE);
+        if let Some(b) = bad.last_mut() {
+            *b ^= 1;
+        }
+        let a = s.received(&bad);
+        replies(&mut s, a, &[NAK]);
+        let a = s.received(&data_message(PROFILE));
+        assert_eq!(closed(&mut s, a).unwrap().profile.unwrap().blocks.len(), 1);
+        // Always corrupted: three repeats, then the block check error.
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        for _ in 0..MAX_REPEATS {
+            let a = s.received(&bad);
+            replies(&mut s, a, &[NAK]);
+        }
+        let a = s.received(&bad);
+        assert!(matches!(
+            closed(&mut s, a),
+            Err(SessionError::Decode {
+                phase: Phase::Profile,
+                error: codec::DecodeError::Bcc { .. }
+            })
+        ));
+    }
+
+    #[test]
+    fn error_answer_should_be_an_empty_profile_and_garbage_a_profile_error() {
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        let a = s.received(&data_message(b"P.01(ERROR)\r\n"));
+        assert_eq!(closed(&mut s, a).unwrap().profile, Some(Profile::default()));
+        let mut s = programming(None);
+        let a = s.received(&codec::command(b'P', b'0', Some(b"(1)")));
+        replies(&mut s, a, &r5());
+        let a = s.received(&data_message(b"(0.1)(0.2)\r\n"));
+        assert!(matches!(closed(&mut s, a), Err(SessionError::Profile(_))));
+    }
+
+    #[test]
+    fn silence_instead_of_the_operand_should_be_a_refused_switch() {
+        let mut s = programming(None);
+        let a = Some(s.silence(Silence::First));
+        assert_eq!(
+            closed(&mut s, a),
+            Err(SessionError::SwitchRefused {
+                baud: 9600,
+                how: Refusal::Silence
+            })
+        );
+    }
+
+    #[test]
+    fn readout_instead_of_the_operand_should_be_unexpected() {
+        let mut s = programming(None);
+        let a = s.received(&data_message(READOUT));
+        assert!(matches!(
+            closed(&mut s, a),
+            Err(SessionError::Unexpected {
+                phase: Phase::Operand,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn mode_a_meter_should_have_no_programming_mode() {
+        let mut s = signed_on(profile_config(None));
+        let a = s.received(b"/ABC:X\r\n");
+        assert_eq!(closed(&mut s, a), Err(SessionError::NoProgrammingMode('A')));
     }
 
     #[test]

@@ -98,6 +98,7 @@ fn meter_config(address: &str) -> IecMeter {
         ab: [1, 0],
         tz: TimeZone::get("Europe/Stockholm").unwrap(),
         readout_timeout: Duration::from_secs(60),
+        password: None,
     }
 }
 
@@ -376,4 +377,233 @@ readout_timeout = "10h""#,
     assert!(p.0.is_empty(), "{:?}", p.0);
     assert_eq!(good.ab, [6, 1]);
     assert_eq!(good.readout_timeout, Duration::from_secs(60));
+}
+
+// --- Load profile reads against the simulated meter ------------------------------------------
+
+fn ts(s: &str) -> jiff::Timestamp {
+    s.parse().unwrap()
+}
+
+/// The LGZ meter with a quarter-hour profile from 00:00 local on 25 October 2026 (the autumn
+/// change in Stockholm) to 06:00Z, and a power failure from 04:00Z to 04:50Z.
+fn profile_bus(password: Option<&str>) -> SimBus {
+    let mut m = meter_with("61234567", Fault::None);
+    let mut p = crate::sim::iec::SimProfile::quarter_hours(
+        TimeZone::get("Europe/Stockholm").unwrap(),
+        ts("2026-10-24T22:00:00Z"),
+        Some(ts("2026-10-25T06:00:00Z")),
+    );
+    p.outage = Some((ts("2026-10-25T04:00:00Z"), ts("2026-10-25T04:50:00Z")));
+    m.profile = Some(p);
+    m.password = password.map(str::to_owned);
+    let bus = SimBus::new();
+    bus.add(m);
+    bus
+}
+
+fn request(from: &str, to: &str) -> crate::meter::rows::RowsRequest {
+    crate::meter::rows::RowsRequest {
+        profile: "1-0:99.1.0".parse().unwrap(),
+        from: ts(from),
+        to: ts(to),
+    }
+}
+
+async fn read_profile(
+    bus: &SimBus,
+    password: Option<&str>,
+    from: &str,
+    to: &str,
+) -> Result<crate::meter::rows::Rows, Failure> {
+    let mut line = line_to(bus, Duration::ZERO);
+    let config = IecMeter {
+        password: password.map(crate::primitives::Secret::new),
+        ..meter_config("61234567")
+    };
+    read_rows_line(&mut line, "m1", &config, &request(from, to), &timing(1)).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_across_the_autumn_fold_should_give_every_quarter_hour_once() {
+    let bus = profile_bus(None);
+    let rows = read_profile(&bus, None, "2026-10-25T00:00:00Z", "2026-10-25T01:45:00Z")
+        .await
+        .expect("rows");
+    let times: Vec<String> = rows.rows.iter().map(|r| r.at.rfc3339()).collect();
+    assert_eq!(
+        times,
+        [
+            "2026-10-25T02:00:00+02:00",
+            "2026-10-25T02:15:00+02:00",
+            "2026-10-25T02:30:00+02:00",
+            "2026-10-25T02:45:00+02:00",
+            "2026-10-25T02:00:00+01:00",
+            "2026-10-25T02:15:00+01:00",
+            "2026-10-25T02:30:00+01:00",
+            "2026-10-25T02:45:00+01:00",
+        ]
+    );
+    assert!(
+        rows.rows[..4]
+            .iter()
+            .all(|r| r.flags == crate::reading::Flags::DST)
+    );
+    assert!(
+        rows.rows[4..]
+            .iter()
+            .all(|r| r.flags == crate::reading::Flags::empty())
+    );
+    // Row 8 (00:00Z, 8 quarter hours after the start): 0.100 + 296/1000, 88 mod 50 = 38.
+    let first: Vec<(String, String, String)> = rows.rows[0]
+        .values
+        .iter()
+        .map(|v| {
+            (
+                v.series.to_string(),
+                v.value.as_str().to_owned(),
+                v.unit.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        first,
+        [
+            ("1-0-1-5-0-255".into(), "0.396".into(), "kW".into()),
+            ("1-0-2-5-0-255".into(), "0.038".into(), "kW".into()),
+        ]
+    );
+    assert_eq!(rows.period, Some(Duration::from_secs(900)));
+    assert_eq!(rows.unmapped, 0);
+    assert_eq!(bus.profile_reads(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_after_a_power_failure_should_start_a_block_with_power_down() {
+    let bus = profile_bus(None);
+    let rows = read_profile(&bus, None, "2026-10-25T03:45:00Z", "2026-10-25T05:15:00Z")
+        .await
+        .expect("rows");
+    let got: Vec<(String, bool)> = rows
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r.at.rfc3339(),
+                r.flags.contains(crate::reading::Flags::POWER_DOWN),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("2026-10-25T04:45:00+01:00".to_owned(), false),
+            ("2026-10-25T05:00:00+01:00".to_owned(), false),
+            ("2026-10-25T06:00:00+01:00".to_owned(), true),
+            ("2026-10-25T06:15:00+01:00".to_owned(), false),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_range_before_the_first_row_should_be_no_rows_not_a_failure() {
+    let bus = profile_bus(None);
+    let rows = read_profile(&bus, None, "2026-10-20T00:00:00Z", "2026-10-21T00:00:00Z")
+        .await
+        .expect("no rows is an answer");
+    assert!(rows.rows.is_empty());
+    assert_eq!(bus.profile_reads(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_with_the_right_password_should_read_and_a_wrong_one_be_a_security_failure() {
+    let bus = profile_bus(Some("s3cret"));
+    let rows = read_profile(
+        &bus,
+        Some("s3cret"),
+        "2026-10-25T00:00:00Z",
+        "2026-10-25T00:30:00Z",
+    )
+    .await
+    .expect("rows");
+    assert_eq!(rows.rows.len(), 3);
+    let wrong = read_profile(
+        &bus,
+        Some("guess"),
+        "2026-10-25T00:00:00Z",
+        "2026-10-25T00:30:00Z",
+    )
+    .await;
+    assert!(matches!(wrong, Err(Failure::Security(_))), "{wrong:?}");
+    // Without one, the meter breaks off at R5.
+    let none = read_profile(&bus, None, "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z").await;
+    assert!(matches!(none, Err(Failure::Security(_))), "{none:?}");
+    // Neither was retried (timing allows one retry): one sign-on each.
+    assert_eq!(bus.requests(), 3);
+    assert_eq!(bus.profile_reads(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_with_a_bad_bcc_should_be_a_checksum_failure_after_the_repeats_and_retries() {
+    let bus = profile_bus(None);
+    bus.set_fault("61234567", Fault::BadBcc);
+    let r = read_profile(&bus, None, "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z").await;
+    assert!(matches!(r, Err(Failure::Checksum(_))), "{r:?}");
+    // One R5 answer per session (the repeats after each NAK are not counted), one retry.
+    assert_eq!(bus.profile_reads(), 2);
+    assert_eq!(bus.requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn profile_block_corrupted_once_should_be_read_again_after_a_nak() {
+    let bus = profile_bus(None);
+    bus.set_fault("61234567", Fault::BadBccOnce);
+    let rows = read_profile(&bus, None, "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z")
+        .await
+        .expect("rows after the repeat");
+    assert_eq!(rows.rows.len(), 3);
+    // In the same session: no second sign-on.
+    assert_eq!(bus.requests(), 1);
+}
+
+#[test]
+fn profile_that_is_not_p_should_be_refused_before_any_byte() {
+    let bus = profile_bus(None);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut line = line_to(&bus, Duration::ZERO);
+        let mut req = request("2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z");
+        req.profile = "1-0:1.8.0".parse().unwrap();
+        let r = read_rows_line(&mut line, "m1", &meter_config("61234567"), &req, &timing(0)).await;
+        assert!(matches!(r, Err(Failure::Refused(_))), "{r:?}");
+    });
+    assert_eq!(bus.requests(), 0);
+}
+
+#[test]
+fn password_file_should_be_read_at_resolve_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.pw");
+    std::fs::write(&good, "s3cret\n").unwrap();
+    let bad = dir.path().join("bad.pw");
+    std::fs::write(&bad, "a(b)\n").unwrap();
+    let parse = |path: &std::path::Path| -> IecMeterConfig {
+        toml::from_str(&format!("password_file = \"{}\"", path.display())).expect("parses")
+    };
+    let mut p = Problems::default();
+    let m = parse(&good)
+        .resolve("m", &TimeZone::UTC, &mut p)
+        .expect("resolves");
+    assert_eq!(m.password.as_ref().map(|s| s.expose()), Some("s3cret"));
+    // Never shown.
+    assert!(!format!("{m:?}").contains("s3cret"));
+    for path in [bad, dir.path().join("missing.pw")] {
+        let mut p = Problems::default();
+        assert!(parse(&path).resolve("m", &TimeZone::UTC, &mut p).is_none());
+        assert_eq!(p.0[0].key, "m.password_file");
+    }
 }

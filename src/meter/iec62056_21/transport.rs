@@ -90,7 +90,7 @@ pub async fn run<L: Line>(
                 session.completed()
             }
             Action::Send(bytes) => {
-                tracing::trace!(bytes = %escape(&bytes), "IEC send");
+                tracing::trace!(bytes = %escape_sent(&bytes), "IEC send");
                 line.send(&bytes).await?;
                 session.completed()
             }
@@ -162,8 +162,36 @@ pub fn escape(bytes: &[u8]) -> String {
     s
 }
 
+/// What the agent sends, for a log line: [`escape`], but the password of a `P1` command is
+/// never written out.
+pub fn escape_sent(bytes: &[u8]) -> String {
+    use super::codec::{ETX, SOH, STX};
+    match bytes {
+        [SOH, b'P', b'1', ..] => escape(&[SOH, b'P', b'1', STX, b'(', b'*', b'*', b'*', b')', ETX]),
+        _ => escape(bytes),
+    }
+}
+
 /// The answer timeout to use: the bus's, but never below what the standard lets a meter take
 /// (tr max), plus one character at 300 Bd for the first byte to arrive.
 pub fn answer_timeout(bus_timeout: Duration) -> Duration {
     bus_timeout.max(super::session::TR_MAX) + super::codec::wire_time(1, 300)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::iec62056_21::codec;
+
+    #[test]
+    fn a_password_sent_should_never_reach_the_log() {
+        let p1 = codec::command(b'P', b'1', Some(b"(s3cret)"));
+        let logged = escape_sent(&p1);
+        assert!(!logged.contains("s3cret"), "{logged}");
+        assert_eq!(logged, "<01>P1<02>(***)<03>");
+        assert_eq!(
+            escape_sent(&codec::break_message()),
+            escape(&codec::break_message())
+        );
+    }
 }
