@@ -24,8 +24,9 @@ pub struct Writer {
     pub wake: Arc<Notify>,
     pub clock: SharedClock,
     pub tz: TimeZone,
-    /// What the store could not take yet. The lock also serialises this bus's writes, so
-    /// they reach the store in order.
+    /// What the store could not take yet. Held while it is written back, so that nothing of
+    /// this bus overtakes what waits in it; not held while a poll's own batch is appended,
+    /// so that the bus's polls that end together share the store's group commit.
     pub spill: tokio::sync::Mutex<Spill>,
     /// The bus's counters, when metrics are on.
     pub metrics: Option<Arc<crate::metrics::BusMetrics>>,
@@ -54,20 +55,29 @@ impl Writer {
 /// Writes a poll's batch to the store, behind anything the store could not take before.
 /// If the store cannot write now (a full or failing disk), the batch waits in the bus's
 /// spill and `false` is returned: not durable yet, but not lost either.
+///
+/// The spill's lock is let go before the append itself, so the bus's polls that end at the
+/// same time are appended together (the store's group commit: one batch, one fsync), not one
+/// after the other. A meter's readings still reach the store in the order they were read:
+/// its next poll starts only after this one returned, and a batch that fails goes into the
+/// spill, which every later append writes back first.
 pub async fn store_append(ctx: &Writer, batch: Append) -> bool {
     if batch.is_empty() {
         return true;
     }
-    let mut spill = ctx.spill.lock().await;
-    if !flush_spill(ctx, &mut spill).await {
-        keep(ctx, &mut spill, batch);
-        return false;
+    {
+        let mut spill = ctx.spill.lock().await;
+        if !flush_spill(ctx, &mut spill).await {
+            keep(ctx, &mut spill, batch);
+            return false;
+        }
     }
+    let readings = batch.readings.len();
     match append(ctx, batch.clone()).await {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!(bus = %ctx.bus, error = %e, readings = batch.readings.len(), "Store cannot write: keeping the readings in memory until it can");
-            keep(ctx, &mut spill, batch);
+            tracing::warn!(bus = %ctx.bus, error = %e, readings, "Store cannot write: keeping the readings in memory until it can");
+            keep(ctx, &mut *ctx.spill.lock().await, batch);
             false
         }
     }

@@ -34,6 +34,18 @@
 //!   caller keeps it, as for a full disk); the store's own small values (counters, a meter's
 //!   last failure) are encoded by a function that cannot fail, so no batch ever carries an
 //!   empty value in their place.
+//! * **Group commit** (`store.group_commit`, 5 ms by default, at most [`MAX_GROUP_COMMIT`],
+//!   0 = off): appends that arrive within the window of each other, from any bus, are merged
+//!   ([`Append::extend`]) into that one atomic batch, written, and covered by one fsync. What
+//!   changed is only who shares the batch: every append still returns only after the fsync
+//!   that covers it, so a poll still counts as read only once its readings are on disk; a
+//!   cut before that fsync loses the whole group, none of whose callers was told it was
+//!   stored, and one after it loses none of it. Each caller gets the sequence numbers of its
+//!   own records ([`Appended::split`]). A merged batch that fails is written again caller by
+//!   caller, so a batch that cannot be encoded fails its own caller only. Groups hold at most
+//!   a couple of thousand records (chunks stay small values). An append waits the window
+//!   only when there is company (others waiting, or the last group had several): a quiet
+//!   gateway's lone poll, or a caller appending in a loop, is written at once, as before.
 //! * [`Store::take`] hands out only records whose append has returned (its fsync done), so
 //!   nothing reaches the broker that a crash could make the store forget.
 //! * Taking changes nothing on disk. After a crash or a reopen, everything taken but not
@@ -116,7 +128,16 @@ pub struct StoreConfig {
     /// acknowledged records are sent again (same ids), never that they are lost.
     #[serde(default = "default_ack_flush")]
     pub ack_flush: HumanDuration,
+    /// Group commit: how long an append waits for others (from any bus) to share its batch
+    /// and its fsync. Each still returns only once the fsync that covers it is done. 0 = off
+    /// (one fsync per append); at most [`MAX_GROUP_COMMIT`].
+    #[serde(default = "default_group_commit")]
+    pub group_commit: HumanDuration,
 }
+
+/// The longest `store.group_commit` allowed: every poll waits up to this long for its fsync
+/// to begin, on top of the fsync itself.
+pub const MAX_GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn default_max_bytes() -> ByteSize {
     ByteSize(256 << 20)
@@ -130,6 +151,9 @@ fn default_cache() -> ByteSize {
 fn default_ack_flush() -> HumanDuration {
     HumanDuration(std::time::Duration::from_millis(500))
 }
+fn default_group_commit() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(5))
+}
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -138,6 +162,7 @@ impl Default for StoreConfig {
             max_age: default_max_age(),
             cache: default_cache(),
             ack_flush: default_ack_flush(),
+            group_commit: default_group_commit(),
         }
     }
 }
@@ -152,6 +177,12 @@ impl StoreConfig {
         }
         if self.cache.0 < 256 << 10 {
             p.push(format!("{at}.cache"), "must be at least 256KiB");
+        }
+        if self.group_commit.0 > MAX_GROUP_COMMIT {
+            p.push(
+                format!("{at}.group_commit"),
+                "must be at most 100ms (0 turns group commit off)",
+            );
         }
     }
 }
@@ -279,6 +310,55 @@ impl Append {
             && self.marks.is_empty()
             && self.profile_marks.is_empty()
     }
+
+    /// The records it holds (readings and events): what gets sequence numbers.
+    pub fn records(&self) -> usize {
+        self.readings.len() + self.events.len()
+    }
+
+    /// Adds `other` after this one: group commit writes several callers' appends as one
+    /// batch. Every field is merged here (and only here), so a new field needs one line.
+    /// Later values win where two set the same key (a mark, a last failure), as they would
+    /// have in two appends one after the other.
+    pub fn extend(&mut self, other: Append) {
+        let Append {
+            readings,
+            events,
+            marks,
+            profile_marks,
+        } = other;
+        self.readings.extend(readings);
+        self.events.extend(events);
+        self.marks.extend(marks);
+        self.profile_marks.extend(profile_marks);
+    }
+}
+
+impl Appended {
+    /// Splits what the append of a merged batch did into what each caller's append would
+    /// have: `shapes` are the callers' (readings, events), in the order they were merged
+    /// with [`Append::extend`]. The merged sequence numbers are all the readings, then all
+    /// the events, so each caller gets its readings' run and its events' run. Evictions are
+    /// reported once, with the first caller.
+    pub fn split(self, shapes: &[(usize, usize)]) -> Vec<Appended> {
+        let readings: usize = shapes.iter().map(|s| s.0).sum();
+        let (mut r, mut e) = (0, readings);
+        let mut evicted = self.evicted;
+        shapes
+            .iter()
+            .map(|&(nr, ne)| {
+                let mut seqs = Vec::with_capacity(nr + ne);
+                seqs.extend_from_slice(&self.seqs[r..r + nr]);
+                seqs.extend_from_slice(&self.seqs[e..e + ne]);
+                r += nr;
+                e += ne;
+                Appended {
+                    seqs,
+                    evicted: std::mem::take(&mut evicted),
+                }
+            })
+            .collect()
+    }
 }
 
 /// What an append did.
@@ -357,7 +437,7 @@ impl LastFailure {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The write did not happen (disk full, I/O error). Keep the data and try again later.
     #[error("the store could not write: {0}")]

@@ -568,3 +568,148 @@ fn both_stores_should_keep_a_profiles_high_water_mark_and_row_count_with_its_row
         );
     }
 }
+
+#[test]
+fn concurrent_appends_should_share_fsyncs_and_each_get_its_own_sequence_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig {
+        group_commit: HumanDuration::from_millis(20),
+        ..StoreConfig::default()
+    };
+    let s = Arc::new(open(dir.path(), &config, c.clone()));
+    let now = c.now_ms();
+    // Eight buses, each appending one poll's batch at the same moment, several times.
+    let threads: Vec<_> = (0..8)
+        .map(|bus| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let meter = format!("m{bus}");
+                let mut mine = Vec::new();
+                for round in 0..5 {
+                    let batch = Append {
+                        readings: (0..=bus)
+                            .map(|i| reading(&meter, Cadence::Quarterly, round * 10 + i, now))
+                            .collect(),
+                        events: vec![
+                            SystemEvent::new(
+                                EventKind::Overrun,
+                                Stamp { ms: now, offset: 0 },
+                                format!("{meter} {round}"),
+                            )
+                            .meter(meter.clone()),
+                        ],
+                        marks: vec![Mark {
+                            meter: meter.clone(),
+                            cadence: Cadence::Quarterly,
+                            boundary_ms: now + round,
+                        }],
+                        profile_marks: vec![ProfileMark {
+                            meter: meter.clone(),
+                            profile: Obis([1, 0, 99, 1, 0, 255]),
+                            last_ms: now + round,
+                            rows: 2,
+                        }],
+                    };
+                    let a = s.append(batch).unwrap();
+                    assert_eq!(a.seqs.len(), bus as usize + 2);
+                    mine.push(a.seqs);
+                }
+                (meter, mine)
+            })
+        })
+        .collect();
+    let mut owner: BTreeMap<u64, (String, bool)> = BTreeMap::new();
+    for t in threads {
+        let (meter, mine) = t.join().unwrap();
+        for seqs in mine {
+            let (events, readings) = seqs.split_last().unwrap();
+            for seq in readings {
+                assert!(owner.insert(*seq, (meter.clone(), true)).is_none());
+            }
+            assert!(owner.insert(*events, (meter.clone(), false)).is_none());
+        }
+    }
+    // Every record is where its caller was told, with its caller's data.
+    let readings = s.take(Stream::Readings, 1000).unwrap();
+    let events = s.take(Stream::Events, 1000).unwrap();
+    assert_eq!(readings.len() + events.len(), owner.len());
+    for e in readings.iter().chain(&events) {
+        let (meter, is_reading) = &owner[&e.id.seq];
+        match &e.record {
+            Record::Reading(r) => assert!(*is_reading && &r.meter == meter),
+            Record::Event(ev) => assert!(!is_reading && ev.meter.as_ref() == Some(meter)),
+        }
+    }
+    for bus in 0..8 {
+        assert_eq!(
+            s.boundary(&format!("m{bus}"), Cadence::Quarterly).unwrap(),
+            Some(now + 4)
+        );
+    }
+    for p in s.profiles().unwrap() {
+        assert_eq!((p.last_ms, p.rows), (now + 4, 10), "{}", p.meter);
+    }
+    let (appends, batches) = s.group_commits();
+    assert_eq!(appends, 40);
+    assert!(batches < 40, "40 concurrent appends took {batches} batches");
+}
+
+#[test]
+fn group_commit_should_be_bounded_in_the_config() {
+    let mut p = Problems::default();
+    let config = StoreConfig {
+        group_commit: HumanDuration::from_millis(101),
+        ..StoreConfig::default()
+    };
+    config.validate("store", &mut p);
+    assert!(format!("{p:?}").contains("group_commit"), "{p:?}");
+    let mut p = Problems::default();
+    StoreConfig {
+        group_commit: HumanDuration::from_millis(0),
+        ..StoreConfig::default()
+    }
+    .validate("store", &mut p);
+    assert!(p.0.is_empty(), "{p:?}");
+}
+
+#[test]
+fn appended_should_split_into_each_callers_own_records() {
+    // Three callers: (2 readings, 1 event), (0, 2), (1, 0); the merged seqs are the three
+    // readings, then the three events.
+    let merged = Appended {
+        seqs: vec![10, 11, 12, 13, 14, 15],
+        evicted: 4,
+    };
+    let parts = merged.split(&[(2, 1), (0, 2), (1, 0)]);
+    assert_eq!(parts[0].seqs, vec![10, 11, 13]);
+    assert_eq!(parts[1].seqs, vec![14, 15]);
+    assert_eq!(parts[2].seqs, vec![12]);
+    assert_eq!(
+        parts.iter().map(|p| p.evicted).collect::<Vec<_>>(),
+        vec![4, 0, 0]
+    );
+}
+
+#[test]
+fn a_merged_batch_should_count_a_profiles_rows_from_both_parts_and_keep_the_later_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), &StoreConfig::default(), clock());
+    let profile = Obis([1, 0, 99, 1, 0, 255]);
+    let mark = |last_ms, rows| Append {
+        profile_marks: vec![ProfileMark {
+            meter: "m1".into(),
+            profile,
+            last_ms,
+            rows,
+        }],
+        ..Append::default()
+    };
+    s.append(mark(1_000, 3)).unwrap();
+    // What group commit does with two appends of the same profile: one batch.
+    let mut merged = mark(2_000, 4);
+    merged.extend(mark(3_000, 5));
+    s.append(merged).unwrap();
+    assert_eq!(s.profile_mark("m1", &profile).unwrap(), Some(3_000));
+    assert_eq!(s.profiles().unwrap()[0].rows, 12);
+}

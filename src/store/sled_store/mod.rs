@@ -29,12 +29,14 @@
 //! * [`aside`]: setting undecodable chunks aside.
 //! * [`state`]: what is kept in memory only — the cursor, records to hand out again, partial
 //!   acknowledgements, the chunk decoded last.
+//! * [`group`]: group commit, several appends in one batch and one fsync.
 //! * [`ops`]: the [`Store`](super::Store) operations.
 //! * here: opening, reopening after a write error, the cap the filesystem allows.
 
 mod aside;
 mod commands;
 mod evict;
+mod group;
 mod keys;
 mod meta;
 mod ops;
@@ -49,6 +51,7 @@ use sled::{IVec, Tree};
 use super::disk::DiskSync;
 use super::{Range, StoreConfig, StoreError};
 use crate::clock::SharedClock;
+use group::GroupCommit;
 use keys::{decode_chunk, parse_key, rkey};
 use meta::load_meta;
 use state::State;
@@ -67,6 +70,8 @@ pub struct SledStore {
     clock: SharedClock,
     state: Mutex<State>,
     path: PathBuf,
+    /// Appends waiting to share a batch and an fsync (`store.group_commit`).
+    group: GroupCommit,
 }
 
 #[derive(Clone)]
@@ -116,6 +121,7 @@ impl SledStore {
             clock,
             state: Mutex::new(State::new(meta)),
             path,
+            group: GroupCommit::new(config.group_commit.0),
         };
         store.effective_cap();
         store.check_high_water(recovered);
@@ -217,6 +223,13 @@ impl SledStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Appends written since the store was opened, and the batches (each one fsync) they
+    /// were written in: with group commit, fewer batches than appends.
+    pub fn group_commits(&self) -> (u64, u64) {
+        let (groups, appends) = self.group.counts();
+        (appends, groups)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -321,5 +334,7 @@ impl Drop for SledStore {
         if let Ok(h) = self.h() {
             let _ = h.flush();
         }
+        let (appends, batches) = self.group_commits();
+        tracing::debug!(appends, batches, "Store closed");
     }
 }

@@ -111,16 +111,25 @@ impl SledStore {
                 &m.boundary_ms.to_be_bytes()[..],
             );
         }
+        // One profile may be marked twice in a batch that group commit merged: its rows add
+        // up, and the later mark wins, as in two appends one after the other.
+        let mut profiles: BTreeMap<_, (i64, u64)> = BTreeMap::new();
         for m in &profile_marks {
             let key = profile_key(&m.meter, &m.profile);
-            let before = self.tree()?.get(&key).map_err(io)?;
-            let rows = before
-                .and_then(|v| decode_profile_mark(&v))
-                .map_or(0, |(_, n)| n);
-            batch.insert(
-                key,
-                &encode_profile_mark(m.last_ms, rows.saturating_add(m.rows))[..],
-            );
+            let entry = match profiles.entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let before = self.tree()?.get(e.key()).map_err(io)?;
+                    let rows = before
+                        .and_then(|v| decode_profile_mark(&v))
+                        .map_or(0, |(_, n)| n);
+                    e.insert((m.last_ms, rows))
+                }
+            };
+            *entry = (m.last_ms, entry.1.saturating_add(m.rows));
+        }
+        for (key, (last_ms, rows)) in profiles {
+            batch.insert(key, &encode_profile_mark(last_ms, rows)[..]);
         }
         drop(last_read);
         let records: Vec<Record> = readings
@@ -470,7 +479,8 @@ impl SledStore {
 
 impl Store for SledStore {
     fn append(&self, batch: Append) -> Result<Appended, StoreError> {
-        self.guard(|| self.append_inner(batch))
+        self.group
+            .append(batch, |b| self.guard(|| self.append_inner(b)))
     }
     fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
         self.guard(|| self.take_inner(stream, max))
