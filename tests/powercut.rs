@@ -3,8 +3,8 @@
 //!
 //! First the model is proved on a program known to be right: SQLite in WAL mode keeps every
 //! committed transaction across cuts with `synchronous=FULL`, and loses some with
-//! `synchronous=OFF`. Then the agent polls simulated meters with its data directory on the
-//! mount, with the broker away and with it up, and the power is cut at random moments and
+//! `synchronous=OFF`. Then the agent polls simulated meters, each on its own bus (their
+//! appends share group commits), with its data directory on the mount, with the broker away and with it up, and the power is cut at random moments and
 //! right after the agent reports an append. Every reading the agent reported as buffered (its
 //! structured `Buffered` event) must reach a stock Celery worker.
 //!
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use amr_edge::clock::SystemClock;
 use amr_edge::reading::Cadence;
 use amr_edge::store::{SledStore, Store, StoreConfig};
-use common::agent::{AgentProc, Buffered, buffered_events, cli, config, polling, sdm630s};
+use common::agent::{AgentProc, Buffered, buffered_events, cli, config, sdm630s};
 use common::celery::Celery;
 use common::mqtt::Centre;
 use common::proxy::{Mode, Proxy};
@@ -190,6 +190,22 @@ fn the_model_should_keep_sqlite_full_sync_commits_and_lose_unsynced_ones() {
 const METERS: u8 = 3;
 const PREFIX: &str = "amr-test/gateways";
 
+/// Reads every meter every second, each on its own TCP bus (to the same simulator): the
+/// three polls of a boundary end together and are appended concurrently, from three buses,
+/// so the store's group commit merges them into one batch and one fsync, and the cuts land
+/// on groups.
+fn polling_on_buses(sim: std::net::SocketAddr, units: u8) -> String {
+    let mut s = "\n[beat]\nevery = \"1s\"\n".to_owned();
+    for u in 1..=units {
+        s.push_str(&format!(
+            "\n[[bus]]\nname = \"lan{u}\"\ntimeout = \"2s\"\ntcp = {{ host = \"{}\", port = {} }}\n\n[[meter]]\nid = \"m{u}\"\nbus = \"lan{u}\"\nmodbus = {{ unit = {u}, profile = \"eastron-sdm630\" }}\n",
+            sim.ip(),
+            sim.port()
+        ));
+    }
+    s
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum When {
     /// At a random moment.
@@ -324,14 +340,17 @@ async fn power_cuts_should_lose_nothing_the_agent_reported_buffered() {
     let home = tempfile::tempdir().unwrap();
     let gw = unique("gw");
     let amqp = "readings_per_message = 20\nmax_unconfirmed = 8\ndeclare_queues = true";
-    let store = "\n[store]\ncache = \"256KiB\"\n";
+    // A window wider than the default, so the concurrent appends of a boundary share one.
+    let store = "\n[store]\ncache = \"256KiB\"\ngroup_commit = \"20ms\"\n";
     let mqtt = format!(
         "\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\ntopic_prefix = \"{PREFIX}\"\nmax_backoff = \"1s\"\nkeep_alive = \"5s\"\n"
     );
     let cfg = config(&data, &gw, &proxy.amqp_url(), &queue, amqp) + store + &mqtt;
     let centre = Centre::connect(1883, PREFIX, &gw).await;
-    let mut agent =
-        AgentProc::start_json(home.path(), &(cfg.clone() + &polling(meters, METERS, 1)));
+    let mut agent = AgentProc::start_json(
+        home.path(),
+        &(cfg.clone() + &polling_on_buses(meters, METERS)),
+    );
     let mut failed_starts = Vec::new();
     let mut starts = 1;
     if let Err(e) = agent.try_wait_running(Duration::from_secs(30)).await {
