@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Every benchmark in one go, each printing its table: the store and the drain, Modbus
 # (coalescing, 1,000 meters, mbpoll), IEC 62056-21, M-Bus, DLMS/COSEM, the agent against the
-# Celery way, what metrics cost with 1,000 meters, and the
+# Celery way, what metrics cost with 1,000 meters, flash wear per reading, instructions per reading (callgrind), and the
 # ARM binary (size; memory of the demo under qemu). Needs what the tests need (./tests/run.sh
 # installs it) plus mbpoll; builds the ARM binary with cross/build.sh if it is not there.
 #
 #   benches/run.sh            everything
-#   benches/run.sh backbone   one of: backbone modbus iec62056_21 mbus dlms compare metrics arm
+#   benches/run.sh backbone   one of: backbone modbus iec62056_21 mbus dlms compare metrics flash cpu arm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=${1:-all}
 run() { [ "$want" = all ] || [ "$want" = "$1" ]; }
 section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-command -v mbpoll >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq mbpoll >/dev/null; }
+sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+command -v mbpoll >/dev/null || $sudo apt-get install -y -qq mbpoll >/dev/null
+# The instruction count per reading (the cpu bench) runs the workload under callgrind.
+if run cpu; then command -v valgrind >/dev/null || $sudo apt-get install -y -qq valgrind >/dev/null; fi
 # The binary that ships is the release profile; `cargo bench` rebuilds target/release/amr-edge
 # with the bench profile (optimised differently, see Cargo.toml), so the benchmarks that run
 # the agent as a process measure a copy of the real one.
@@ -22,7 +25,7 @@ mkdir -p target/shipped
 cp target/release/amr-edge target/shipped/amr-edge
 export AMR_EDGE_BIN=$PWD/target/shipped/amr-edge
 
-for b in backbone modbus iec62056_21 mbus dlms compare metrics; do
+for b in backbone modbus iec62056_21 mbus dlms compare metrics flash cpu; do
   if run "$b"; then
     section "$b"
     cargo bench --quiet --bench "$b" 2>/dev/null | sed -n '/^$/,$p'
