@@ -11,7 +11,7 @@
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::reading::{Reading, SystemEvent};
+use crate::reading::{Reading, Stamp, SystemEvent};
 
 /// The namespace of amr-edge's task ids: a fixed random UUID, never to change (task ids of
 /// re-sent messages must stay the same across versions).
@@ -54,29 +54,74 @@ pub struct Envelope {
     pub origin: String,
 }
 
+// The fields in alphabetical order: serialized straight from these structs, the body is
+// byte for byte what it was when it went through a `serde_json::Value` (whose maps sort their
+// keys), without building one.
+// Text fields that are written by their `Display` straight into the body, with no string
+// of their own in between.
 #[derive(Serialize)]
 struct ReadingJson<'a> {
-    reading_id: String,
-    meter: &'a str,
-    id_type: &'a str,
-    series: String,
-    value: &'a str,
-    unit: &'a str,
-    timestamp: String,
-    read_at: String,
     cadence: &'static str,
     flags: Vec<&'static str>,
+    id_type: &'a str,
+    meter: &'a str,
+    read_at: Shown<&'a Stamp>,
+    reading_id: Shown<RecordId<'a>>,
+    series: Shown<&'a crate::reading::Obis>,
+    timestamp: Shown<&'a Stamp>,
+    unit: &'a str,
+    value: &'a str,
+}
+
+/// Serializes as the string its `Display` writes.
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// [`record_id`], written where it goes.
+struct RecordId<'a>(&'a str, u64);
+
+impl std::fmt::Display for RecordId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
 }
 
 #[derive(Serialize)]
 struct EventJson<'a> {
+    at: String,
+    bus: Option<&'a str>,
+    details: serde_json::Map<String, serde_json::Value>,
     event_id: String,
     kind: &'static str,
-    meter: Option<&'a str>,
-    bus: Option<&'a str>,
-    at: String,
     message: &'a str,
-    details: serde_json::Map<String, serde_json::Value>,
+    meter: Option<&'a str>,
+}
+
+/// A task's kwargs: `{"gateway": …, kind: items}`, its two keys in sorted order.
+struct Kwargs<'a, T> {
+    gateway: &'a str,
+    kind: &'a str,
+    items: &'a T,
+}
+
+impl<T: Serialize> Serialize for Kwargs<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(2))?;
+        if self.kind < "gateway" {
+            m.serialize_entry(self.kind, self.items)?;
+            m.serialize_entry("gateway", self.gateway)?;
+        } else {
+            m.serialize_entry("gateway", self.gateway)?;
+            m.serialize_entry(self.kind, self.items)?;
+        }
+        m.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -104,20 +149,20 @@ pub fn readings_task(env: &Envelope, task: &str, readings: &[(u64, &Reading)]) -
     let items: Vec<ReadingJson> = readings
         .iter()
         .map(|(seq, r)| ReadingJson {
-            reading_id: record_id(&env.gateway, *seq),
+            reading_id: Shown(RecordId(&env.gateway, *seq)),
             meter: &r.meter,
             id_type: &r.id_type,
-            series: r.series.to_string(),
+            series: Shown(&r.series),
             value: r.value.as_str(),
             unit: &r.unit,
-            timestamp: r.timestamp.rfc3339(),
-            read_at: r.read_at.rfc3339(),
+            timestamp: Shown(&r.timestamp),
+            read_at: Shown(&r.read_at),
             cadence: r.cadence.as_str(),
             flags: r.flags.names(),
         })
         .collect();
     let seqs: Vec<u64> = readings.iter().map(|(s, _)| *s).collect();
-    build(env, task, "readings", &seqs, serde_json::json!(items))
+    build(env, task, "readings", &seqs, &items)
 }
 
 /// One task carrying system `events`, oldest first.
@@ -139,7 +184,7 @@ pub fn events_task(env: &Envelope, task: &str, events: &[(u64, &SystemEvent)]) -
         })
         .collect();
     let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
-    build(env, task, "events", &seqs, serde_json::json!(items))
+    build(env, task, "events", &seqs, &items)
 }
 
 /// The deterministic task id: same gateway and sequence numbers, same id.
@@ -154,20 +199,19 @@ pub fn task_id(gateway: &str, kind: &str, seqs: &[u64]) -> Uuid {
     Uuid::new_v5(&NAMESPACE, name.as_bytes())
 }
 
-fn build(
+fn build<T: Serialize>(
     env: &Envelope,
     task: &str,
     kind: &str,
     seqs: &[u64],
-    items: serde_json::Value,
+    items: &T,
 ) -> TaskMessage {
     let id = task_id(&env.gateway, kind, seqs).to_string();
-    let mut kwargs = serde_json::Map::new();
-    kwargs.insert(
-        "gateway".into(),
-        serde_json::Value::String(env.gateway.clone()),
-    );
-    kwargs.insert(kind.into(), items);
+    let kwargs = Kwargs {
+        gateway: &env.gateway,
+        kind,
+        items,
+    };
     let body = serde_json::to_vec(&(Vec::<()>::new(), &kwargs, &EMBED)).unwrap_or_default();
     let kwargsrepr = format!(
         "{{'gateway': '{}', '{kind}': <{} {kind}>}}",
@@ -203,7 +247,7 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reading::{Cadence, Decimal, EventKind, Flags, Obis, Stamp};
+    use crate::reading::{Cadence, Decimal, EventKind, Flags, Obis};
 
     fn env() -> Envelope {
         Envelope {
@@ -256,6 +300,27 @@ mod tests {
                 {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
             ])
         );
+    }
+
+    #[test]
+    fn the_body_should_be_the_bytes_a_json_value_would_give() {
+        // Serialized straight from structs, the kwargs must still be byte for byte what going
+        // through `serde_json::Value` gave (sorted keys), for readings and for events.
+        let r = reading();
+        let e = SystemEvent::new(EventKind::Overrun, Stamp { ms: 0, offset: 0 }, "late")
+            .meter("m1")
+            .detail("b", 2)
+            .detail("a", 1);
+        for m in [
+            readings_task(&env(), "t", &[(7, &r), (8, &r)]),
+            events_task(&env(), "t", &[(9, &e)]),
+        ] {
+            // The kwargs, that is: the embed was always serialized from its struct.
+            let value: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+            let kwargs = serde_json::to_string(&value[1]).unwrap();
+            let body = String::from_utf8(m.body).unwrap();
+            assert!(body.starts_with(&format!("[[],{kwargs},")), "{body}");
+        }
     }
 
     #[test]

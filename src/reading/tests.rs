@@ -171,3 +171,49 @@ fn flags_written_as_the_old_single_byte_should_read_back_the_same() {
         vec!["from_profile", "data_invalid"]
     );
 }
+
+#[test]
+fn the_fast_rfc3339_should_write_what_jiff_writes() {
+    use proptest::prelude::*;
+    let mut runner = proptest::test_runner::TestRunner::default();
+    // 1900 to 2200, every quarter-hour offset from -14h to +14h, milliseconds or none.
+    let stamps = (
+        -2_208_988_800_000i64..7_258_118_400_000,
+        -56i32..=56,
+        any::<bool>(),
+    )
+        .prop_map(|(ms, q, whole)| Stamp {
+            ms: if whole { ms - ms.rem_euclid(1000) } else { ms },
+            offset: q * 900,
+        });
+    runner
+        .run(&stamps, |s| {
+            let (fast, jiff) = rfc3339_both(s);
+            prop_assert_eq!(fast, jiff);
+            Ok(())
+        })
+        .unwrap();
+    for s in [
+        Stamp { ms: 0, offset: 0 },
+        Stamp { ms: -1, offset: 0 },
+        Stamp {
+            ms: 951_782_400_000,
+            offset: 3600,
+        },
+        Stamp {
+            ms: 1_763_680_501_250,
+            offset: 3600,
+        },
+        Stamp {
+            ms: 1_763_680_501_005,
+            offset: -34_200,
+        },
+        Stamp {
+            ms: 1_000,
+            offset: 37,
+        },
+    ] {
+        let (fast, jiff) = rfc3339_both(s);
+        assert_eq!(fast, jiff, "{s:?}");
+    }
+}
