@@ -1,7 +1,9 @@
 //! The agent against the central system's way of doing the same work — Celery beat and a
 //! Celery worker (Python, celery and pymodbus from PyPI) — polling the same simulated Modbus
 //! meters every second and sending the same readings to the same kind of queue. One run, side
-//! by side: CPU time per reading, resident memory, readings per second reaching the queue.
+//! by side: CPU time per reading, resident memory, readings per second reaching the queue;
+//! then the drain at one reading per message against Celery's own `send_task` publishing
+//! with confirms to the same RabbitMQ.
 //!
 //! `benches/run.sh compare` (RabbitMQ on 127.0.0.1:5672; the run script points
 //! `AMR_EDGE_BIN` at the release build, the binary that ships).
@@ -192,6 +194,8 @@ fn main() {
     rt.block_on(rabbit.delete(&pollq));
     stop(sim);
 
+    let (agent_drain, celery_drain) = drain_side_by_side(&rt, &rabbit, &bin, &venv);
+
     let per = |r: &Run| r.cpu_s / r.readings.max(1) as f64 * 1e6;
     let rate = |r: &Run| r.readings as f64 / r.seconds;
     println!(
@@ -223,4 +227,82 @@ fn main() {
         rate(&celery_run),
         rate(&agent_run) / rate(&celery_run).max(1e-9)
     );
+    println!(
+        "\nDrain, 1 reading per message, publisher confirms, {DRAIN_MESSAGES} messages to one queue\n"
+    );
+    println!(
+        "{:<36} {:>14} {:>18} {:>10}",
+        "", "amr-edge", "Celery send_task", "ratio"
+    );
+    println!(
+        "{:<36} {:>14.0} {:>18.0} {:>9.1}x",
+        "messages/s",
+        agent_drain,
+        celery_drain,
+        agent_drain / celery_drain.max(1e-9)
+    );
+}
+
+const DRAIN_MESSAGES: usize = 20_000;
+
+/// Messages per second into one queue, one reading each, with publisher confirms: the agent
+/// (`amr-edge run`, no meters, its store seeded with the readings; timed from its start to
+/// the last message in the queue, so its start and connection count against it) and
+/// Celery's own `send_task` with `confirm_publish` (`benches/celery/send_tasks.py`, timed
+/// inside the script, its start and connection left out).
+fn drain_side_by_side(
+    rt: &tokio::runtime::Runtime,
+    rabbit: &Rabbit,
+    bin: &Path,
+    venv: &Path,
+) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    common::seed(dir.path(), &common::readings(DRAIN_MESSAGES, 50));
+    let queue = common::unique("amr.compare.drain");
+    let cfg = common::agent::config(
+        dir.path(),
+        "gw-drain",
+        AMQP_URL,
+        &queue,
+        "declare_queues = true\nreadings_per_message = 1",
+    );
+    let cfg_path = dir.path().join("config.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let t = Instant::now();
+    let agent = Command::new(bin)
+        .args(["--log", "warn", "run", "--config"])
+        .arg(&cfg_path)
+        .spawn()
+        .unwrap();
+    while (rt.block_on(rabbit.count(&queue)) as usize) < DRAIN_MESSAGES {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the agent did not drain"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let agent_rate = DRAIN_MESSAGES as f64 / t.elapsed().as_secs_f64();
+    stop(agent);
+    rt.block_on(rabbit.delete(&queue));
+    rt.block_on(rabbit.delete(&format!("{queue}.events")));
+
+    let cqueue = common::unique("amr.compare.send");
+    rt.block_on(rabbit.declare(&cqueue));
+    let out = Command::new(venv.join("bin/python"))
+        .arg("send_tasks.py")
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/celery"))
+        .env("BENCH_BROKER", AMQP_URL)
+        .env("BENCH_QUEUE", &cqueue)
+        .env("BENCH_GATEWAY", "gw-celery")
+        .env("BENCH_MESSAGES", DRAIN_MESSAGES.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    rt.block_on(rabbit.delete(&cqueue));
+    (agent_rate, DRAIN_MESSAGES as f64 / secs)
 }

@@ -10,6 +10,9 @@
 //! `FLASH_GROUP_COMMIT` (default: the agent's default), so a before/after is two runs of this
 //! one bench: `FLASH_GROUP_COMMIT=0 benches/run.sh flash`.
 //!
+//! A third run, broker away, starts with 1,000,000 readings already in the store: its peak
+//! resident memory (sampled every 50 ms) is the figure for memory at work.
+//!
 //! `benches/run.sh flash` (RabbitMQ on 127.0.0.1:5672 for the first run).
 
 #[path = "../tests/common/mod.rs"]
@@ -84,6 +87,7 @@ struct Run {
     written: u64,
     cpu_s: f64,
     fsyncs: Option<(u64, u64)>,
+    peak_rss_kib: u64,
 }
 
 fn run(
@@ -92,8 +96,12 @@ fn run(
     ports: &[u16],
     broker: bool,
     group_commit: Option<&str>,
+    seeded: usize,
 ) -> Run {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    if seeded > 0 {
+        common::seed(dir.path(), &common::readings(seeded, 1000));
+    }
     let queue = common::unique("amr.flash");
     let url = if broker {
         AMQP_URL.to_owned()
@@ -108,8 +116,9 @@ fn run(
         "declare_queues = true",
     );
     cfg.push_str(&format!("\n[beat]\nevery = \"{EVERY_S}s\"\n"));
+    cfg.push_str("\n[store]\nmax_bytes = \"1GiB\"\n");
     if let Some(g) = group_commit {
-        cfg.push_str(&format!("\n[store]\ngroup_commit = \"{g}\"\n"));
+        cfg.push_str(&format!("group_commit = \"{g}\"\n"));
     }
     for (b, p) in ports.iter().enumerate() {
         cfg.push_str(&format!(
@@ -155,7 +164,9 @@ fn run(
     };
     let t = Instant::now();
     let want = BOUNDARIES * (BUSES * UNITS) as u64;
+    let mut peak_rss_kib = 0;
     while polls.load(Ordering::SeqCst) < want {
+        peak_rss_kib = peak_rss_kib.max(common::agent::rss_kib(child.id()).unwrap_or(0));
         assert!(
             t.elapsed() < Duration::from_secs(BOUNDARIES * EVERY_S * 4 + 60),
             "the agent read {} of {want} meters",
@@ -186,10 +197,10 @@ fn run(
         0
     };
     Run {
-        name: if broker {
-            "broker present: buffered, delivered, deleted"
-        } else {
-            "broker away: buffered only"
+        name: match (broker, seeded) {
+            (true, _) => "broker present: buffered, delivered, deleted",
+            (false, 0) => "broker away: buffered only",
+            (false, _) => "broker away, 1,000,000 buffered before",
         },
         polls: polls.load(Ordering::SeqCst),
         buffered: buffered.load(Ordering::SeqCst),
@@ -197,6 +208,7 @@ fn run(
         written,
         cpu_s,
         fsyncs,
+        peak_rss_kib,
     }
 }
 
@@ -233,9 +245,11 @@ fn main() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let runs: Vec<Run> = [true, false]
+    // The third run is for memory at work: the agent polling 1,000 meters with a million
+    // readings in its store (seeded before it starts; its writes are not counted).
+    let runs: Vec<Run> = [(true, 0), (false, 0), (false, 1_000_000)]
         .into_iter()
-        .map(|broker| run(&rt, &bin, &ports, broker, group_commit.as_deref()))
+        .map(|(broker, seeded)| run(&rt, &bin, &ports, broker, group_commit.as_deref(), seeded))
         .collect();
     let encoded = amr_edge::store::encoded_len(&Record::Reading(typical())) as f64;
     println!(
@@ -243,7 +257,7 @@ fn main() {
         group_commit.as_deref().unwrap_or("default")
     );
     println!(
-        "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15}",
+        "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15} {:>10}",
         "",
         "polls",
         "buffered",
@@ -251,12 +265,13 @@ fn main() {
         "write_bytes",
         "per reading",
         "CPU/read",
-        "appends/fsyncs"
+        "appends/fsyncs",
+        "peak RSS"
     );
     for r in &runs {
         let per = r.written as f64 / r.buffered.max(1) as f64;
         println!(
-            "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15}",
+            "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15} {:>10}",
             r.name,
             r.polls,
             r.buffered,
