@@ -280,6 +280,7 @@ fn main() {
             format!("{per:.0} B ({:.2}x)", per / encoded),
             format!("{:.1} µs", r.cpu_s / r.buffered.max(1) as f64 * 1e6),
             r.fsyncs.map_or("-".to_owned(), |(a, b)| format!("{a}/{b}")),
+            format!("{:.1} MiB", r.peak_rss_kib as f64 / 1024.0),
         );
     }
     println!(
