@@ -15,17 +15,6 @@ use amr_edge::reading::{Cadence, Flags, Reading};
 use amr_edge::sim::modbus::{Fault, Meters, Unit, spawn_tcp};
 use amr_edge::store::{Record, SledStore, Store, StoreConfig, Stream};
 
-/// Debian's libfaketime (package `faketime`), preloaded into the agent itself so signals
-/// reach it directly.
-fn libfaketime() -> std::path::PathBuf {
-    std::fs::read_dir("/usr/lib")
-        .unwrap()
-        .flatten()
-        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
-        .find(|p| p.exists())
-        .expect("libfaketime (apt-get install faketime)")
-}
-
 /// `amr-edge run` with its wall clock starting at `start` (UTC).
 fn run_at(start: &str, config: &Path, log: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -34,7 +23,7 @@ fn run_at(start: &str, config: &Path, log: &Path) -> Child {
         .open(log)
         .unwrap();
     Command::new(common::agent::bin())
-        .env("LD_PRELOAD", libfaketime())
+        .env("LD_PRELOAD", common::agent::libfaketime())
         .env("FAKETIME", format!("@{start}"))
         .args(["--log", "info,amr_edge=debug", "run", "--config"])
         .arg(config)

@@ -504,16 +504,6 @@ async fn inspect_should_show_buses_next_reads_store_and_meters() {
     assert_eq!(result["meters"][0]["meter"], "m1");
 }
 
-/// libfaketime, to start the agent just before a quarter-hour.
-fn libfaketime() -> std::path::PathBuf {
-    std::fs::read_dir("/usr/lib")
-        .unwrap()
-        .flatten()
-        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
-        .find(|p| p.exists())
-        .expect("libfaketime (apt-get install faketime)")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_demand_poll_should_be_answered_before_a_busy_bus_drains_its_scheduled_reads() {
     // Eight slow meters read every quarter-hour on one bus, one frame at a time.
@@ -547,7 +537,7 @@ async fn an_on_demand_poll_should_be_answered_before_a_busy_bus_drains_its_sched
     let log = std::fs::File::create(&log_path).unwrap();
     // 10:14:58 UTC: the quarter-hour comes two seconds after start.
     let mut agent = std::process::Command::new(common::agent::bin())
-        .env("LD_PRELOAD", libfaketime())
+        .env("LD_PRELOAD", common::agent::libfaketime())
         .env("FAKETIME", "@2026-11-21 10:14:58")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .env("TZ", "UTC")

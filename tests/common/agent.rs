@@ -53,6 +53,8 @@ pub struct AgentProc {
     started_at_byte: usize,
     /// `--log-format json`: one JSON object per log line (see [`buffered_events`]).
     json_log: bool,
+    /// libfaketime's `FAKETIME` for the next start (see [`AgentProc::fake_time`]).
+    faketime: Option<String>,
 }
 
 impl AgentProc {
@@ -67,7 +69,22 @@ impl AgentProc {
         Self::start_with(dir, config, true)
     }
 
+    /// As [`AgentProc::start_json`], with the agent's wall clock starting at `at` under
+    /// libfaketime (see [`AgentProc::fake_time`]).
+    pub fn start_json_at(dir: &Path, config: &str, at: jiff::Timestamp) -> AgentProc {
+        Self::start_with_clock(dir, config, true, Some(faketime_at(at)))
+    }
+
     fn start_with(dir: &Path, config: &str, json_log: bool) -> AgentProc {
+        Self::start_with_clock(dir, config, json_log, None)
+    }
+
+    fn start_with_clock(
+        dir: &Path,
+        config: &str,
+        json_log: bool,
+        faketime: Option<String>,
+    ) -> AgentProc {
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut a = AgentProc {
@@ -78,9 +95,17 @@ impl AgentProc {
             starts: 0,
             started_at_byte: 0,
             json_log,
+            faketime,
         };
         a.restart();
         a
+    }
+
+    /// The wall clock the next [`AgentProc::restart`] starts at (whole seconds), under
+    /// Debian's libfaketime preloaded into the agent itself (so signals reach it directly);
+    /// the monotonic clock the beat sleeps on stays real. `None`: the real clock.
+    pub fn fake_time(&mut self, at: Option<jiff::Timestamp>) {
+        self.faketime = at.map(faketime_at);
     }
 
     /// Starts the process (again), appending to the same log.
@@ -98,7 +123,15 @@ impl AgentProc {
         } else {
             &[]
         };
-        let child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        if let Some(at) = &self.faketime {
+            cmd.env("LD_PRELOAD", libfaketime())
+                .env("FAKETIME", at)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                // FAKETIME's absolute time is read in the local zone.
+                .env("TZ", "UTC");
+        }
+        let child = cmd
             .args(format)
             .args(["--log", "info,amr_edge=debug", "run", "--config"])
             .arg(&self.config_path)
@@ -220,6 +253,21 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// libfaketime's `FAKETIME` for a clock that starts at `at` (read in the zone `TZ`: UTC).
+fn faketime_at(at: jiff::Timestamp) -> String {
+    format!("@{}", at.strftime("%Y-%m-%d %H:%M:%S"))
+}
+
+/// Debian's libfaketime (package `faketime`), multi-threaded variant.
+pub fn libfaketime() -> PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime (apt-get install faketime)")
 }
 
 /// Runs the CLI with `args` and returns its output.
