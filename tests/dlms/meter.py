@@ -1294,6 +1294,7 @@ def serve_hdlc(args, meters):
                 reply = bytes(reply)
                 if args.fault and is_info_frame(reply):
                     reply = spoil(reply, args.fault, session.meter)
+                time.sleep(args.reply_delay)
                 port.write(reply)
                 port.flush()
 
@@ -1347,6 +1348,7 @@ def wrapper_connection(args, meter, conn):
                 reply = bytearray(reply)
                 if "wrong-address" in args.fault:
                     reply[2:4] = struct.pack(">H", 2)
+                time.sleep(args.reply_delay)
                 conn.sendall(bytes(reply))
     finally:
         conn.close()
@@ -1489,6 +1491,13 @@ def parse_args(argv=None):
     )
     f.add_argument(
         "--drop-after", type=int, default=1, help="drop-mid-association: requests answered first"
+    )
+    f.add_argument(
+        "--reply-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="a slow meter: every reply this long after its request",
     )
     f.add_argument(
         "--omit", action="append", default=[], metavar="OBIS", help="leave this object out"

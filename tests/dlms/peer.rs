@@ -62,6 +62,57 @@ impl DlmsMeter {
     }
 }
 
+/// What tests/dlms/load_profile.py says the load profile holds at `times` (UTC seconds) on
+/// the meter with HDLC physical address `physical`, computed by that module itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileRows {
+    /// The scalers of the import (1-0:1.8.0) and export (1-0:2.8.0) columns, in Wh.
+    pub import_scaler: i32,
+    pub export_scaler: i32,
+    /// Per time: (t, import raw, export raw).
+    pub rows: Vec<(i64, i64, i64)>,
+}
+
+/// The rows at `times`, as load_profile.py computes them (one Python run for all).
+pub fn load_profile(times: &[i64], physical: u16) -> ProfileRows {
+    const PRINT: &str = "import json, sys\n\
+        sys.path.insert(0, sys.argv[1])\n\
+        import load_profile as p\n\
+        ph = int(sys.argv[2])\n\
+        ts = json.loads(sys.stdin.read())\n\
+        rows = [[t, p.import_raw(t, ph), p.export_raw(t, ph)] for t in ts]\n\
+        print(json.dumps({'import': p.IMPORT_SCALER, 'export': p.EXPORT_SCALER, 'rows': rows}))";
+    let mut child = Command::new(crate::common::celery::venv().join("bin/python"))
+        .args(["-c", PRINT])
+        .arg(script().parent().unwrap())
+        .arg(physical.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run tests/dlms/load_profile.py");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(serde_json::to_string(times).unwrap().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "load_profile.py failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let int = |v: &serde_json::Value| v.as_i64().expect("an integer");
+    ProfileRows {
+        import_scaler: int(&v["import"]) as i32,
+        export_scaler: int(&v["export"]) as i32,
+        rows: v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (int(&r[0]), int(&r[1]), int(&r[2])))
+            .collect(),
+    }
+}
+
 impl Drop for DlmsMeter {
     fn drop(&mut self) {
         let _ = self.child.kill();
