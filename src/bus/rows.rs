@@ -19,9 +19,9 @@
 //!    dropped when a newer scheduled read of the same (meter, cadence) is queued (that one
 //!    starts from the same mark), and a `cancel` drops a backfill's between chunks.
 //! 4. **Gaps.** When the meter's profile does not reach back to where the read started (its
-//!    first row is later than one period after the mark, or a backfill's `from`), or holds
-//!    no row at all in a whole chunk that is not the last, a `profile_gap` event says which
-//!    range the meter could not give.
+//!    first row is later than one period after the mark, a backfill's `from`, or the end of
+//!    the chunks before it that held no row), or holds no row at all in a whole chunk that
+//!    is not the last, a `profile_gap` event says which range the meter could not give.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,7 +205,13 @@ pub async fn run_rows(
         floor: start.floor,
         to: chunk_to,
         last: last_chunk,
-        expect_from: start.expect_from.filter(|_| !job.is_continuation()),
+        // A continuation after chunks without a row: their gap is reported up to this
+        // chunk's floor, so the rows are still expected from there.
+        expect_from: if job.is_continuation() {
+            (job.tally.rows == 0).then_some(start.floor)
+        } else {
+            start.expect_from
+        },
     };
     let rows = match read {
         Ok(rows) => rows,

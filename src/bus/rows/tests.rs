@@ -266,6 +266,38 @@ async fn rows_read_while_the_meters_clock_is_off_should_be_flagged_and_say_by_ho
     b.stop().await;
 }
 
+#[tokio::test]
+async fn a_profile_starting_inside_a_later_chunk_should_report_the_gap_up_to_its_first_row() {
+    // The simulated meter holds three days; the backfill starts a day and a half before
+    // them: its first chunk is empty, and the second finds rows only halfway through.
+    let now = Timestamp::now();
+    let b = bench("1h", now).await;
+    let q = quarter(now);
+    let first_row = q - 3 * 86_400 + 900;
+    let from = Timestamp::from_second(q - 4 * 86_400 - 12 * 3600).unwrap();
+    let to = Timestamp::from_second(q - 3 * 86_400 + 2 * 3600).unwrap();
+    let mut r = PollRequest::new("e450", Cadence::OnDemand);
+    let mut job = RowsJob::new(PROFILE);
+    job.backfill = Some((from, to));
+    r.rows = Some(Box::new(job));
+    let (tx, rx) = oneshot::channel();
+    r.reply = Some(tx);
+    b.handle.try_poll(r).unwrap();
+    let report = tokio::time::timeout(std::time::Duration::from_secs(20), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    let tally = report.rows.unwrap();
+    assert_eq!(tally.chunks, 2);
+    assert_eq!(tally.first.unwrap().ms, first_row * 1000);
+    // The gaps run from `from` to the row before the first, without a hole between them.
+    let gaps: Vec<(i64, i64)> = tally.gaps.iter().map(|(a, b)| (a.ms, b.ms)).collect();
+    assert_eq!(gaps[0].0, from.as_millisecond(), "{gaps:?}");
+    assert_eq!(gaps.last().unwrap().1, (first_row - 900) * 1000, "{gaps:?}");
+    assert!(gaps.windows(2).all(|w| w[1].0 <= w[0].1 + 1), "{gaps:?}");
+    b.stop().await;
+}
+
 fn meter() -> crate::meter::Meter {
     let bus: BusConfig =
         toml::from_str("name = \"lan\"\ntcp = { host = \"127.0.0.1\", port = 4059 }").unwrap();
