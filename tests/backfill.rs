@@ -491,6 +491,47 @@ async fn a_backfill_should_deliver_rows_again_flagged_and_counted_and_bad_ranges
         |got| backfilled(got).len() >= 16,
     )
     .await;
+    // A range that begins a day and more before the meter's profile (two days to the first
+    // boundary): the first chunk finds nothing, the second rows only from the profile's
+    // first on. The gaps reported run from `from` to the row before that one.
+    let profile_first = BOUNDARY - 2 * 86_400 + QUARTER;
+    let early = quarter_hours(profile_first - QUARTER, profile_first + 7 * QUARTER);
+    let gap_from = at(BOUNDARY - 3 * 86_400 - 6 * 3600).to_string();
+    let gap_to = at(early[7]).to_string();
+    centre
+        .send(
+            serde_json::json!({"request_id": "bf-gap", "command": "backfill", "meters": [METER],
+                "profile": PROFILE, "from": gap_from, "to": gap_to})
+            .to_string(),
+        )
+        .await;
+    let gap_done = centre
+        .reply("bf-gap", "done", Duration::from_secs(60))
+        .await;
+    let g = &gap_done["results"][0];
+    assert_eq!(g["rows"], 8, "{gap_done}");
+    assert_eq!(g["first"], stamp(early[0]).as_str(), "{gap_done}");
+    let gaps = g["gaps"].as_array().expect("gaps");
+    assert_eq!(
+        gaps[0][0],
+        stamp(BOUNDARY - 3 * 86_400 - 6 * 3600).as_str(),
+        "{gap_done}"
+    );
+    assert_eq!(
+        gaps[gaps.len() - 1][1],
+        stamp(profile_first - QUARTER).as_str(),
+        "{gap_done}"
+    );
+    let backfill_readings = m["readings"].as_u64().unwrap() + g["readings"].as_u64().unwrap();
+    take_until(
+        &rabbit,
+        &queue,
+        &mut got,
+        Duration::from_secs(30),
+        "the second backfill's readings at the broker",
+        |got| backfilled(got).len() as u64 >= backfill_readings,
+    )
+    .await;
     // Bad ranges: malformed, backwards, longer than max_backfill.
     let bad = [
         ("bad-time", "yesterday".to_owned(), to.clone(), "RFC 3339"),
@@ -522,16 +563,17 @@ async fn a_backfill_should_deliver_rows_again_flagged_and_counted_and_bad_ranges
             .flat_map(|m| m.items("readings")),
     );
     let rb = backfilled(&got);
-    // Exactly what `done` counted, the meter's values again, under new reading ids.
-    assert_eq!(rb.len() as u64, m["readings"].as_u64().unwrap(), "{rb:#?}");
+    // Exactly what the `done`s counted, the meter's values, under new reading ids.
+    assert_eq!(rb.len() as u64, backfill_readings, "{rb:#?}");
     assert_each_once(&rb);
-    assert_eq!(sorted_values(&rb), expected(again));
+    let both: Vec<i64> = early.iter().chain(again).copied().collect();
+    assert_eq!(sorted_values(&rb), expected(&both));
     assert_eq!(
         sorted_values(got[..first].iter().filter(|r| {
             let (_, t, _, _) = row_value(r);
             again.iter().any(|a| stamp(*a) == t)
         })),
-        sorted_values(&rb)
+        expected(again)
     );
     let old: BTreeSet<&str> = got[..first]
         .iter()
