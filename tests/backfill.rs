@@ -27,7 +27,6 @@ use common::rabbit::{Rabbit, scratch_queue};
 use common::{AMQP_URL, eventually, unique};
 use dlms_peer::DlmsMeter;
 use jiff::Timestamp;
-use jiff::tz::TimeZone;
 use serde_json::Value;
 
 /// The agent's first boundary: 2026-11-21T10:15:00Z.
@@ -47,13 +46,17 @@ fn at(second: i64) -> Timestamp {
     Timestamp::from_second(second).unwrap()
 }
 
-fn tz() -> TimeZone {
-    TimeZone::get("Europe/Stockholm").unwrap()
-}
+/// The meter's clock deviation (DLMS: UTC - local, minutes): Central European Time, as the
+/// gateway's zone in November.
+const DEVIATION: i32 = -60;
 
-/// A reading's timestamp as the agent writes it: in the gateway's zone.
+/// A row's timestamp as the agent writes it: the meter's time with the meter's offset.
 fn stamp(second: i64) -> String {
-    Stamp::in_zone(at(second), &tz()).rfc3339()
+    Stamp {
+        ms: second * 1000,
+        offset: -DEVIATION * 60,
+    }
+    .rfc3339()
 }
 
 /// The quarter-hours in `after < t <= up_to`.
@@ -68,7 +71,16 @@ fn peer_at(clock: i64, days: u32, args: &[&str]) -> DlmsMeter {
     let real = Timestamp::now().as_millisecond() as f64 / 1000.0;
     let offset = format!("--clock-offset={:.3}", clock as f64 + AHEAD - real);
     let days = days.to_string();
-    let mut all = vec!["--wrapper", "--port", "0", &offset, "--profile-days", &days];
+    let deviation = format!("--clock-deviation={DEVIATION}");
+    let mut all = vec![
+        "--wrapper",
+        "--port",
+        "0",
+        &offset,
+        &deviation,
+        "--profile-days",
+        &days,
+    ];
     all.extend(args);
     DlmsMeter::start(&all)
 }
@@ -83,9 +95,16 @@ fn rows_buffered(log: &str) -> u64 {
         .sum()
 }
 
-/// `[amqp]` additions and the bus with the peer's meter on it, read quarterly from its load
-/// profile, `history` back when it has no high-water mark.
-fn meter_config(peer: &DlmsMeter, history: &str, amqp_extra: &str, sections: &str) -> String {
+/// `[amqp]` additions, more sections, and the bus with the peer's meter on it (more `dlms`
+/// settings in `dlms_extra`), read quarterly from its load profile, `history` back when it
+/// has no high-water mark.
+fn meter_config(
+    peer: &DlmsMeter,
+    history: &str,
+    amqp_extra: &str,
+    sections: &str,
+    dlms_extra: &str,
+) -> String {
     format!(
         r#"{amqp_extra}
 {sections}
@@ -98,7 +117,7 @@ timeout = "5s"
 [[meter]]
 id = "{METER}"
 bus = "lan"
-dlms = {{ client = 16, logical = 1 }}
+dlms = {{ client = 16, logical = 1{dlms_extra} }}
 reads = {{ quarterly = {{ profile = "{PROFILE}" }} }}
 history = "{history}"
 "#,
@@ -158,13 +177,12 @@ async fn queue_drained(queue: &str) {
 }
 
 /// Takes the readings arriving in `queue` into `got` until `done(got)`; panics after
-/// `timeout` saying `what` it waited for.
+/// `timeout` saying `what` it waited for, with the agent's log.
 async fn take_until(
     rabbit: &Rabbit,
     queue: &str,
     got: &mut Vec<Value>,
-    timeout: Duration,
-    what: &str,
+    (timeout, what, agent): (Duration, &str, &AgentProc),
     done: impl Fn(&[Value]) -> bool,
 ) {
     let start = std::time::Instant::now();
@@ -177,7 +195,8 @@ async fn take_until(
         }
         assert!(
             start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}; the agent's log:\n{}",
+            agent.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -216,6 +235,7 @@ async fn a_new_meter_should_deliver_its_12_rows_of_history_once_with_meter_times
             "3h",
             &format!("task = \"{TASK}\"\nevents_task = \"{EVENTS_TASK}\""),
             "",
+            "",
         ),
     );
     let mut agent = AgentProc::start_json_at(dir.path(), &cfg, at(BOUNDARY - LEAD));
@@ -233,8 +253,9 @@ async fn a_new_meter_should_deliver_its_12_rows_of_history_once_with_meter_times
     for r in &got {
         assert_eq!(r["meter"], METER, "{r}");
         assert_eq!(r["cadence"], "quarterly", "{r}");
+        // (and `clock_unsynced` where the test machine's kernel clock is not synchronised)
         assert!(has_flag(r, "from_profile"), "{r}");
-        assert!(!has_flag(r, "backfill"), "{r}");
+        assert!(!has_flag(r, "backfill") && !has_flag(r, "clock_off"), "{r}");
     }
 }
 
@@ -253,7 +274,7 @@ async fn after_five_hours_down_every_missed_row_should_arrive_once() {
         &gw,
         AMQP_URL,
         &queue,
-        &meter_config(&peer, "3h", &amqp, ""),
+        &meter_config(&peer, "3h", &amqp, "", ""),
     );
     let mut agent = AgentProc::start_json_at(dir.path(), &cfg, at(BOUNDARY - LEAD));
     let before = quarter_hours(BOUNDARY - 3 * 3600, BOUNDARY);
@@ -276,7 +297,7 @@ async fn after_five_hours_down_every_missed_row_should_arrive_once() {
         &gw,
         AMQP_URL,
         &queue,
-        &meter_config(&peer, "3h", &amqp, ""),
+        &meter_config(&peer, "3h", &amqp, "", ""),
     );
     std::fs::write(&agent.config_path, cfg).unwrap();
     agent.fake_time(Some(at(later - LEAD)));
@@ -310,8 +331,8 @@ async fn kill_9_again_and_again_in_a_chunked_read_should_lose_no_row_and_duplica
     // chunks. At most two chunks a start: the history outlasts the kills.
     let (kills, days): (i64, u32) = if long { (20, 42) } else { (6, 14) };
     let (queue, _queues) = scratch_queue("amr.backfill");
-    // The meter's clock is at the end of the test throughout: its rows are all there (a
-    // profile read does not compare clocks).
+    // The meter's clock is at the end of the test throughout, so that its rows are all there;
+    // the agent's check of the meter's clock (`clock_limit`) is widened to match.
     let end = BOUNDARY + kills * QUARTER;
     let peer = peer_at(end + 60, days + 1, &["--reply-delay", "0.1"]);
     let dir = tempfile::tempdir().unwrap();
@@ -321,7 +342,13 @@ async fn kill_9_again_and_again_in_a_chunked_read_should_lose_no_row_and_duplica
         &gw,
         AMQP_URL,
         &queue,
-        &meter_config(&peer, &format!("{days}d"), "declare_queues = true", ""),
+        &meter_config(
+            &peer,
+            &format!("{days}d"),
+            "declare_queues = true",
+            "",
+            ", clock_limit = \"12h\"",
+        ),
     );
     let mut agent = AgentProc::start_json_at(dir.path(), &cfg, at(BOUNDARY - LEAD));
     let rabbit = Rabbit::connect().await;
@@ -366,8 +393,11 @@ async fn kill_9_again_and_again_in_a_chunked_read_should_lose_no_row_and_duplica
         &rabbit,
         &queue,
         &mut got,
-        Duration::from_secs(180),
-        "every row of the range at the broker",
+        (
+            Duration::from_secs(180),
+            "every row of the range at the broker",
+            &agent,
+        ),
         |got| {
             let have: BTreeSet<(String, String)> = got
                 .iter()
@@ -436,7 +466,7 @@ async fn a_backfill_should_deliver_rows_again_flagged_and_counted_and_bad_ranges
         &gw,
         AMQP_URL,
         &queue,
-        &meter_config(&peer, "3h", "declare_queues = true", &mqtt),
+        &meter_config(&peer, "3h", "declare_queues = true", &mqtt, ""),
     );
     let centre = Centre::connect(1883, PREFIX, &gw).await;
     let mut agent = AgentProc::start_json_at(dir.path(), &cfg, at(BOUNDARY - LEAD));
@@ -448,8 +478,11 @@ async fn a_backfill_should_deliver_rows_again_flagged_and_counted_and_bad_ranges
         &rabbit,
         &queue,
         &mut got,
-        Duration::from_secs(90),
-        "the first read's rows at the broker",
+        (
+            Duration::from_secs(90),
+            "the first read's rows at the broker",
+            &agent,
+        ),
         |got| got.len() >= 2 * delivered.len(),
     )
     .await;
@@ -486,8 +519,11 @@ async fn a_backfill_should_deliver_rows_again_flagged_and_counted_and_bad_ranges
         &rabbit,
         &queue,
         &mut got,
-        Duration::from_secs(30),
-        "the backfilled readings at the broker",
+        (
+            Duration::from_secs(30),
+            "the backfilled readings at the broker",
+            &agent,
+        ),
         |got| backfilled(got).len() >= 16,
     )
     .await;
@@ -527,8 +563,11 @@ async fn a_backfill_should_deliver_rows_again_flagged_and_counted_and_bad_ranges
         &rabbit,
         &queue,
         &mut got,
-        Duration::from_secs(30),
-        "the second backfill's readings at the broker",
+        (
+            Duration::from_secs(30),
+            "the second backfill's readings at the broker",
+            &agent,
+        ),
         |got| backfilled(got).len() as u64 >= backfill_readings,
     )
     .await;

@@ -1315,7 +1315,10 @@ def serve_wrapper(args, meters):
 def read_exact(conn, n):
     out = bytearray()
     while len(out) < n:
-        chunk = conn.recv(n - len(out))
+        try:
+            chunk = conn.recv(n - len(out))
+        except ConnectionResetError:
+            return None  # the client went away (killed): the same as a close
         if not chunk:
             return None
         out += chunk
