@@ -39,6 +39,9 @@ use crate::meter::{Failure, Meter, Timing};
 use crate::reading::{Cadence, EventKind, Flags, Obis, Reading, Stamp, SystemEvent};
 use crate::store::{Append, Mark, ProfileMark};
 
+/// The most a chunk reaches past [`CHUNK`] to take the rest of its read along.
+const TAIL: Duration = Duration::from_secs(3600);
+
 /// A profile read in progress, carried from chunk to chunk by its continuation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RowsJob {
@@ -162,7 +165,11 @@ pub async fn run_rows(
             );
         }
     };
-    let chunk_to = add(start.floor, CHUNK).min(to);
+    // A tail of less than an hour goes with this chunk: not an association of its own.
+    let chunk_to = match add(start.floor, CHUNK) {
+        end if add(end, TAIL) >= to => to,
+        end => end,
+    };
     let last_chunk = chunk_to >= to;
     if start.floor >= to {
         // Nothing new can exist yet (the mark is at now): the boundary is done.
@@ -432,7 +439,12 @@ pub fn assemble_rows(
     let events: Vec<SystemEvent> = gaps
         .iter()
         .map(|(from, to)| {
-            let (from, to) = (Stamp::in_zone(*from, tz), Stamp::in_zone(*to, tz));
+            // A backfill's range starts 1 ms before its `from`: say whole seconds.
+            let from = Timestamp::from_second(from.as_millisecond().div_euclid(1000) + 1)
+                .ok()
+                .filter(|_| from.as_millisecond().rem_euclid(1000) != 0)
+                .unwrap_or(*from);
+            let (from, to) = (Stamp::in_zone(from, tz), Stamp::in_zone(*to, tz));
             tally.gaps.push((from, to));
             let mut e = SystemEvent::new(
                 EventKind::ProfileGap,
