@@ -532,6 +532,24 @@ fn failure_event(
     e
 }
 
+/// A profile read's next chunk dropped by a `cancel`: tells whoever asked what the chunks
+/// before it read, and that the rest was cancelled. Other requests are left as they are.
+pub fn answer_cancelled(req: &mut PollRequest) {
+    let Some(job) = req.rows.as_ref() else {
+        return;
+    };
+    if let Some(tx) = req.reply.take() {
+        let _ = tx.send(PollReport {
+            meter: req.meter.clone(),
+            cadence: req.cadence,
+            readings: Vec::new(),
+            errors: vec![PollError::Cancelled],
+            stored: true,
+            rows: Some(job.tally.clone()),
+        });
+    }
+}
+
 /// The end of a profile read (its last chunk, a failure): the reply, if someone asked.
 fn finish(
     mut req: PollRequest,

@@ -184,16 +184,7 @@ impl BusWorker {
                         let mut dropped = queue.cancel(&request_id);
                         // A backfill cancelled between chunks: say what it read so far.
                         for req in &mut dropped {
-                            if let (Some(tx), Some(job)) = (req.reply.take(), req.rows.clone()) {
-                                let _ = tx.send(super::handle::PollReport {
-                                    meter: req.meter.clone(),
-                                    cadence: req.cadence,
-                                    readings: Vec::new(),
-                                    errors: vec![PollError::Cancelled],
-                                    stored: true,
-                                    rows: Some(job.tally),
-                                });
-                            }
+                            super::rows::answer_cancelled(req);
                         }
                         let _ = reply.send(dropped);
                     }

@@ -298,6 +298,31 @@ async fn a_profile_starting_inside_a_later_chunk_should_report_the_gap_up_to_its
     b.stop().await;
 }
 
+#[test]
+fn a_backfill_cancelled_between_chunks_should_say_so_with_what_it_read() {
+    let mut queue = crate::bus::queue::PollQueue::default();
+    let mut r = PollRequest::new("e450", Cadence::OnDemand);
+    r.request_id = Some("bf-9".into());
+    let mut job = RowsJob::new(PROFILE);
+    job.backfill = Some((ts("2026-03-01T00:00:00Z"), ts("2026-03-04T00:00:00Z")));
+    job.next = Some(ts("2026-03-02T00:00:00Z"));
+    job.tally.rows = 96;
+    job.tally.chunks = 1;
+    r.rows = Some(Box::new(job));
+    let (tx, mut rx) = oneshot::channel();
+    r.reply = Some(tx);
+    queue.push(r);
+    queue.push(PollRequest::new("other", Cadence::Quarterly));
+    let mut dropped = queue.cancel("bf-9");
+    assert_eq!((dropped.len(), queue.len()), (1, 1));
+    for req in &mut dropped {
+        answer_cancelled(req);
+    }
+    let report = rx.try_recv().unwrap();
+    assert_eq!(report.errors, [PollError::Cancelled]);
+    assert_eq!(report.rows.unwrap().rows, 96);
+}
+
 fn meter() -> crate::meter::Meter {
     let bus: BusConfig =
         toml::from_str("name = \"lan\"\ntcp = { host = \"127.0.0.1\", port = 4059 }").unwrap();
