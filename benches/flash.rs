@@ -20,29 +20,20 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use amr_edge::reading::{Cadence, Decimal, Flags, Obis, Reading, Stamp};
 use amr_edge::store::Record;
-use common::AMQP_URL;
 use common::rabbit::Rabbit;
+use common::{AMQP_URL, Kill};
 
 const BUSES: usize = 5;
 const UNITS: usize = 200;
 const BOUNDARIES: u64 = 6;
 const EVERY_S: u64 = 5;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Blocks written by reaped children so far, in bytes.
 fn children_written() -> u64 {

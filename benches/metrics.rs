@@ -12,29 +12,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use common::{Kill, free_port};
 use std::time::{Duration, Instant};
 
 const BUSES: usize = 5;
 const UNITS: usize = 200;
 const SCRAPES: u32 = 200;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_s(pid: u32) -> f64 {

@@ -40,6 +40,16 @@ pub fn assert_in_order_per_meter(got: &[serde_json::Value]) {
     }
 }
 
+/// A child process killed and reaped when dropped (a simulator, an agent a bench runs).
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A TCP port on 127.0.0.1 that nothing listens on (for a server a test is about to start).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
