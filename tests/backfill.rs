@@ -43,6 +43,11 @@ const TASK: &str = "test.commits.meter_readings";
 const EVENTS_TASK: &str = "test.commits.meter_system_events";
 const PREFIX: &str = "amr-test/gateways";
 
+/// The tests of this file one at a time: each starts an agent 10 s before the same faked
+/// boundary and a Gurux peer, and on a loaded machine (the suite beside an ARM build) two at
+/// once once left one waiting in vain for its first rows.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn at(second: i64) -> Timestamp {
     Timestamp::from_second(second).unwrap()
 }
@@ -220,6 +225,7 @@ fn assert_each_once(got: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_meter_should_deliver_its_12_rows_of_history_once_with_meter_times_and_values() {
+    let _serial = SERIAL.lock().await;
     let (queue, _queues) = scratch_queue("amr.backfill");
     let events = format!("{queue}.events");
     let celery = Celery::start(&[&queue, &events], TASK, EVENTS_TASK).await;
@@ -262,6 +268,7 @@ async fn a_new_meter_should_deliver_its_12_rows_of_history_once_with_meter_times
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_five_hours_down_every_missed_row_should_arrive_once() {
+    let _serial = SERIAL.lock().await;
     let (queue, _queues) = scratch_queue("amr.backfill");
     let events = format!("{queue}.events");
     let celery = Celery::start(&[&queue, &events], TASK, EVENTS_TASK).await;
@@ -325,6 +332,7 @@ async fn after_five_hours_down_every_missed_row_should_arrive_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_again_and_again_in_a_chunked_read_should_lose_no_row_and_duplicate_none() {
+    let _serial = SERIAL.lock().await;
     let long = std::env::var_os("AMR_EDGE_LONG").is_some();
     // A slow meter: a day-long chunk takes about a second (association, header, the buffer in
     // blocks, release). Each start is killed at a random moment within a second after its
@@ -455,6 +463,7 @@ async fn kill_9_again_and_again_in_a_chunked_read_should_lose_no_row_and_duplica
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_should_deliver_rows_again_flagged_and_counted_and_bad_ranges_be_rejected() {
+    let _serial = SERIAL.lock().await;
     let (queue, _queues) = scratch_queue("amr.backfill");
     let peer = peer_at(BOUNDARY - LEAD, 2, &[]);
     let dir = tempfile::tempdir().unwrap();
