@@ -134,7 +134,7 @@ pub struct Rules<'a> {
     pub max_backfill: std::time::Duration,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
     request_id: String,
@@ -462,6 +462,13 @@ fn canonical(raw: &Raw, ts: i64) -> String {
     s
 }
 
+/// The signature of `raw`, sent at `ts`.
+fn signed(key: &[u8], raw: &Raw, ts: i64) -> String {
+    let mut mac = mac(key);
+    mac.update(canonical(raw, ts).as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 /// The signature the centre puts in `sig` (for its tooling and the tests).
 pub fn sign(
     key: &[u8],
@@ -478,18 +485,9 @@ pub fn sign(
         meters: (!meters.is_empty()).then(|| meters.iter().map(|s| s.to_string()).collect()),
         series: (!series.is_empty()).then(|| series.iter().map(|s| s.to_string()).collect()),
         target: (!target.is_empty()).then(|| target.to_owned()),
-        config: None,
-        base: None,
-        confirm_within: None,
-        profile: None,
-        from: None,
-        to: None,
-        ts: Some(ts),
-        sig: None,
+        ..Raw::default()
     };
-    let mut mac = mac(key);
-    mac.update(canonical(&raw, ts).as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    signed(key, &raw, ts)
 }
 
 /// The signature of a `backfill` (`profile`, `from` and `to` as sent).
@@ -506,20 +504,12 @@ pub fn sign_backfill(
         request_id: request_id.into(),
         command: "backfill".into(),
         meters: Some(meters.iter().map(|s| s.to_string()).collect()),
-        series: None,
-        target: None,
-        config: None,
-        base: None,
-        confirm_within: None,
         profile: Some(profile.to_owned()),
         from: Some(from.to_owned()),
         to: Some(to.to_owned()),
-        ts: Some(ts),
-        sig: None,
+        ..Raw::default()
     };
-    let mut mac = mac(key);
-    mac.update(canonical(&raw, ts).as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    signed(key, &raw, ts)
 }
 
 /// The signature of a `configure` (`confirm_within` as sent, empty if left out).
@@ -534,21 +524,12 @@ pub fn sign_configure(
     let raw = Raw {
         request_id: request_id.into(),
         command: "configure".into(),
-        meters: None,
-        series: None,
-        target: None,
         config: Some(config.to_owned()),
         base: Some(base.to_owned()),
         confirm_within: (!confirm_within.is_empty()).then(|| confirm_within.to_owned()),
-        profile: None,
-        from: None,
-        to: None,
-        ts: Some(ts),
-        sig: None,
+        ..Raw::default()
     };
-    let mut mac = mac(key);
-    mac.update(canonical(&raw, ts).as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    signed(key, &raw, ts)
 }
 
 #[cfg(test)]
