@@ -7,6 +7,7 @@
 //! type, which names the file, line, column and key of every problem.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -123,17 +124,26 @@ impl Config {
                 message: e.message().to_owned(),
             }])
         })?;
-        let mut file: ConfigFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner
-                .span()
-                .map(|s| line_col(text, s.start))
-                .or_else(|| locate(text, &key));
+        let mut file = ConfigFile::deserialize(de).map_err(|e| {
+            let mut key = e.span().map(|s| key_at(text, &s)).unwrap_or_default();
+            let mut line = e.span().map(|s| line_col(text, s.start));
+            // toml may place an unknown key at its table's header: name and place the key itself.
+            let unknown = e.message().strip_prefix("unknown field `");
+            let name = unknown.and_then(|m| m.split('`').next());
+            if let Some(name) = name.filter(|n| key != *n && !key.ends_with(&format!(".{n}"))) {
+                let inner = if key.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{key}.{name}")
+                };
+                if let Some(at) = locate(text, &inner) {
+                    (key, line) = (inner, Some(at));
+                }
+            }
             err(vec![Located {
                 line,
-                key: if key == "." { String::new() } else { key },
-                message: inner.message().to_owned(),
+                key,
+                message: e.message().to_owned(),
             }])
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -309,6 +319,51 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     (line, col)
+}
+
+/// The dotted key path (`meter[1].modbus.unit`) of the innermost key, value or table header
+/// whose text holds `span`: what a deserialization error located there is about. Empty for
+/// the top level.
+fn key_at(text: &str, span: &Range<usize>) -> String {
+    use toml::de::{DeTable, DeValue};
+    /// Every key and array element under `v`, with the text it spans (a table's span is its
+    /// header; a key's is the key and its value).
+    fn walk(v: &DeValue, path: &str, out: &mut Vec<(String, Range<usize>)>) {
+        match v {
+            DeValue::Table(t) => {
+                for (k, v) in t.iter() {
+                    let p = if path.is_empty() {
+                        k.get_ref().to_string()
+                    } else {
+                        format!("{path}.{}", k.get_ref())
+                    };
+                    let (ks, vs) = (k.span(), v.span());
+                    out.push((p.clone(), ks.start.min(vs.start)..ks.end.max(vs.end)));
+                    walk(v.get_ref(), &p, out);
+                }
+            }
+            DeValue::Array(a) => {
+                for (i, e) in a.iter().enumerate() {
+                    let p = format!("{path}[{i}]");
+                    out.push((p.clone(), e.span()));
+                    walk(e.get_ref(), &p, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    // The top level's span is empty (it has no header).
+    let Some(root) = DeTable::parse(text).ok().filter(|_| !span.is_empty()) else {
+        return String::new();
+    };
+    let mut all = Vec::new();
+    walk(&DeValue::Table(root.into_inner()), "", &mut all);
+    // The narrowest; of equal ones the deepest (listed after its parent).
+    all.into_iter()
+        .filter(|(_, r)| r.start <= span.start && span.end <= r.end)
+        .min_by_key(|(p, r)| (r.len(), usize::MAX - p.len()))
+        .map(|(p, _)| p)
+        .unwrap_or_default()
 }
 
 /// Finds where a dotted key path (`meter[1].modbus.unit`) is written, or its deepest parent
