@@ -87,17 +87,28 @@ pub async fn run_poll(
         w.clock.now(),
         unsynced,
     );
-    let readings = batch.readings.clone();
-    let n = readings.len();
+    // The readings are copied only for whoever asked (the beat's polls have no one); the
+    // log line's sample only if it is written.
+    let readings = if req.reply.is_some() {
+        batch.readings.clone()
+    } else {
+        Vec::new()
+    };
+    let n = batch.readings.len();
+    let sample = tracing::enabled!(tracing::Level::INFO)
+        .then(|| {
+            // One value in the log line, so an operator sees numbers, not just counts: the
+            // import energy register where there is one.
+            batch
+                .readings
+                .iter()
+                .find(|r| r.series.0[2..5] == [1, 8, 0])
+                .or(batch.readings.first())
+                .map(|r| format!("{}={} {}", r.series, r.value, r.unit))
+        })
+        .flatten();
     let stored = store_append(&w, batch).await;
     if stored {
-        // One value in the log line, so an operator sees numbers, not just counts: the
-        // import energy register where there is one.
-        let sample = readings
-            .iter()
-            .find(|r| r.series.0[2..5] == [1, 8, 0])
-            .or(readings.first())
-            .map(|r| format!("{}={} {}", r.series, r.value, r.unit));
         tracing::info!(bus = %w.bus, meter = %meter.id, cadence = %req.cadence, readings = n, sample = sample.as_deref().unwrap_or("-"), "Polled and buffered");
     }
     if let Some(reply) = req.reply {

@@ -262,7 +262,17 @@ impl<P: Publisher> Drain<P> {
         let mut stopping = false;
         // Events are few and often explain the readings around them: send them first.
         let mut streams = [Stream::Events, Stream::Readings].into_iter().cycle();
+        // A stream whose last take came back short has nothing more until the next append
+        // (or, as a fallback, the next tick), so it is not asked again before then: every
+        // take is a hop to a blocking thread (a thread woken and put back to sleep), and with
+        // a meter poll every few milliseconds most of them came back empty. New records always wake the drain (the `wake`
+        // permit is kept while the drain is busy); records handed back by a nack are
+        // taken by the next session, which starts with neither stream dry.
+        let mut dry = [false; 2];
         loop {
+            if self.wake.notified().now_or_never().is_some() {
+                dry = [false; 2];
+            }
             // Fill the window.
             let mut idle_streams = 0;
             while !stopping
@@ -272,16 +282,27 @@ impl<P: Publisher> Drain<P> {
                 && idle_streams < 2
             {
                 let stream = streams.next().unwrap_or(Stream::Readings);
-                let buf = &mut ahead[stream as usize];
-                if buf.is_empty() {
-                    match self.take(stream).await {
-                        Ok(e) => buf.extend(e),
-                        Err(e) => {
-                            store_failed = Some(e);
-                            break;
-                        }
+                if ahead[stream as usize].is_empty() && !dry[stream as usize] {
+                    // The other stream in the same hop, if it will need a take too.
+                    let other = match stream {
+                        Stream::Events => Stream::Readings,
+                        Stream::Readings => Stream::Events,
+                    };
+                    let mut wanted = vec![stream];
+                    if ahead[other as usize].is_empty() && !dry[other as usize] {
+                        wanted.push(other);
+                    }
+                    let (taken, failed) = self.take(wanted).await;
+                    for (s, e) in taken {
+                        dry[s as usize] = e.len() < self.take_max(s);
+                        ahead[s as usize].extend(e);
+                    }
+                    if let Some(e) = failed {
+                        store_failed = Some(e);
+                        break;
                     }
                 }
+                let buf = &mut ahead[stream as usize];
                 if buf.is_empty() {
                     idle_streams += 1;
                     continue;
@@ -352,6 +373,7 @@ impl<P: Publisher> Drain<P> {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = shutdown.cancelled() => stopping = true,
                 }
+                dry = [false; 2];
                 if !stopping {
                     failure = self.publisher.lost();
                 }
@@ -456,13 +478,30 @@ impl<P: Publisher> Drain<P> {
         }
     }
 
-    async fn take(&self, stream: Stream) -> Result<Vec<Entry>, StoreError> {
+    /// How many records one take asks for: a few messages' worth, but never more than the
+    /// window can carry.
+    fn take_max(&self, stream: Stream) -> usize {
+        self.per_message(stream) * 8.min(self.settings.max_unconfirmed)
+    }
+
+    /// Takes from each of `streams`, in one hop to a blocking thread. What was taken before
+    /// a failure is returned with it, so that it is published or handed back, not stranded.
+    async fn take(&self, streams: Vec<Stream>) -> (Vec<(Stream, Vec<Entry>)>, Option<StoreError>) {
         let store = self.store.clone();
-        // A few messages' worth, but never more than the window can carry.
-        let max = self.per_message(stream) * 8.min(self.settings.max_unconfirmed);
-        tokio::task::spawn_blocking(move || store.take(stream, max))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
+        let wanted: Vec<(Stream, usize)> =
+            streams.into_iter().map(|s| (s, self.take_max(s))).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut taken = Vec::with_capacity(wanted.len());
+            for (stream, max) in wanted {
+                match store.take(stream, max) {
+                    Ok(e) => taken.push((stream, e)),
+                    Err(e) => return (taken, Some(e)),
+                }
+            }
+            (taken, None)
+        })
+        .await
+        .unwrap_or_else(|e| (Vec::new(), Some(StoreError::Unavailable(e.to_string()))))
     }
 
     async fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError> {
