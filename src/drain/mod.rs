@@ -265,9 +265,10 @@ impl<P: Publisher> Drain<P> {
         // A stream whose last take came back short has nothing more until the next append
         // (or, as a fallback, the next tick), so it is not asked again before then: every
         // take is a hop to a blocking thread (a thread woken and put back to sleep), and with
-        // a meter poll every few milliseconds most of them came back empty. New records always wake the drain (the `wake`
-        // permit is kept while the drain is busy); records handed back by a nack are
-        // taken by the next session, which starts with neither stream dry.
+        // a meter poll every few milliseconds most of them came back empty. New records
+        // always wake the drain (the `wake` permit is kept while the drain is busy); records
+        // handed back by a nack are taken by the next session, which starts with neither
+        // stream dry.
         let mut dry = [false; 2];
         loop {
             if self.wake.notified().now_or_never().is_some() {
