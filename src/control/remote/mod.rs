@@ -62,7 +62,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::reply::{
@@ -88,7 +87,7 @@ const PREVIOUS: &str = "previous.toml";
 
 /// Hex SHA-256, as `get_config` gives it and `base` takes it.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
 /// What control asks of the keeper.

@@ -104,8 +104,8 @@ fn read_key(at: &str, key: &str, path: &Option<std::path::PathBuf>, p: &mut Prob
 /// The default client system title: "AMR" and five bytes of the gateway id's SHA-256, so
 /// every gateway has its own and it stays the same across restarts.
 pub fn default_system_title(gateway_id: &str) -> [u8; 8] {
-    use sha2::Digest;
-    let h = sha2::Sha256::digest(gateway_id.as_bytes());
+    let h = ring::digest::digest(&ring::digest::SHA256, gateway_id.as_bytes());
+    let h = h.as_ref();
     let mut t = [0u8; 8];
     t[..3].copy_from_slice(b"AMR");
     t[3..].copy_from_slice(&h[..5]);
