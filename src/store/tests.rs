@@ -656,6 +656,68 @@ fn concurrent_appends_should_share_fsyncs_and_each_get_its_own_sequence_numbers(
 }
 
 #[test]
+fn appends_awaited_on_one_blocking_thread_should_still_share_fsyncs() {
+    // One blocking thread in all: if waiting for a group took a thread, the appends could
+    // only be written one after the other, one fsync each.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig {
+        group_commit: HumanDuration::from_millis(20),
+        ..StoreConfig::default()
+    };
+    let s: Arc<SledStore> = Arc::new(open(dir.path(), &config, c.clone()));
+    let now = c.now_ms();
+    let results = rt.block_on(async {
+        let tasks: Vec<_> = (0..100)
+            .map(|m| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let meter = format!("m{m}");
+                    let batch = Append {
+                        readings: vec![reading(&meter, Cadence::Quarterly, m, now)],
+                        marks: vec![Mark {
+                            meter: meter.clone(),
+                            cadence: Cadence::Quarterly,
+                            boundary_ms: now,
+                        }],
+                        ..Append::default()
+                    };
+                    (meter, s.append_async(batch).await)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let mut owner = BTreeMap::new();
+    for (meter, r) in results {
+        let seqs = r.unwrap().seqs;
+        assert_eq!(seqs.len(), 1);
+        assert!(owner.insert(seqs[0], meter.clone()).is_none());
+        assert_eq!(s.boundary(&meter, Cadence::Quarterly).unwrap(), Some(now));
+    }
+    let taken = s.take(Stream::Readings, 1000).unwrap();
+    assert_eq!(taken.len(), 100);
+    for e in &taken {
+        match &e.record {
+            Record::Reading(r) => assert_eq!(r.meter, owner[&e.id.seq]),
+            Record::Event(_) => panic!("no events were appended"),
+        }
+    }
+    let (appends, batches) = s.group_commits();
+    assert_eq!(appends, 100);
+    assert!(batches < 100, "100 appends took {batches} batches");
+}
+
+#[test]
 fn group_commit_should_be_bounded_in_the_config() {
     let mut p = Problems::default();
     let config = StoreConfig {

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use sled::{Batch, IVec};
 
 use super::super::{
-    Append, Appended, Entry, EntryId, LastFailure, MeterState, ProfileState, Range, Record, Stats,
-    Store, StoreError, Stream,
+    Append, AppendFuture, Appended, Entry, EntryId, LastFailure, MeterState, ProfileState, Range,
+    Record, Stats, Store, StoreError, Stream,
 };
+use super::group::{Reply, not_written};
 use super::keys::{
     decode_chunk, decode_failure, decode_profile_mark, encode_chunk, encode_failure,
     encode_profile_mark, mark_key, meter_key, parse_key, profile_key, rkey,
@@ -481,6 +482,30 @@ impl Store for SledStore {
     fn append(&self, batch: Append) -> Result<Appended, StoreError> {
         self.group
             .append(batch, |b| self.guard(|| self.append_inner(b)))
+    }
+    fn append_async(self: Arc<Self>, batch: Append) -> AppendFuture {
+        if self.group.is_off() {
+            return Box::pin(async move {
+                tokio::task::spawn_blocking(move || self.append(batch))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Unavailable(format!("store task failed: {e}")))
+                    })
+            });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reply: Reply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if self.group.submit(batch, reply) {
+            // The one thread of this group (and of those that follow while appends keep
+            // coming); everyone else waits on their oneshot. Its panic reaches nobody but the
+            // callers it drops (see `group`).
+            tokio::task::spawn_blocking(move || {
+                self.group.lead(|b| self.guard(|| self.append_inner(b)))
+            });
+        }
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err(not_written())) })
     }
     fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
         self.guard(|| self.take_inner(stream, max))
