@@ -217,6 +217,32 @@ fn max_age_should_evict_old_records_but_not_unsynchronised_ones() {
 }
 
 #[test]
+fn age_eviction_should_stop_at_a_young_chunk_that_also_holds_an_unsynchronised_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    let now = c.now_ms();
+    let day = 86_400_000;
+    let mut unsynced = reading("m", Cadence::Daily, 1, now - 200 * day);
+    unsynced.flags.insert(Flags::CLOCK_UNSYNCED);
+    // A young chunk (with an unsynchronised reading in it), then one that says it is old:
+    // the scan stops at the young one rather than reading the whole buffer on, so the old
+    // one behind it waits for the size cap (as it would behind any young chunk).
+    for readings in [
+        vec![unsynced, reading("m", Cadence::Daily, 2, now - day)],
+        vec![reading("m", Cadence::Daily, 3, now - 100 * day)],
+    ] {
+        s.append(Append {
+            readings,
+            ..Append::default()
+        })
+        .unwrap();
+    }
+    assert_eq!(s.maintain().unwrap(), 0);
+    assert_eq!(s.stats().unwrap().billing.count, 3);
+}
+
+#[test]
 fn an_undecodable_record_should_be_set_aside_and_reported_not_crash() {
     let dir = tempfile::tempdir().unwrap();
     let c = clock();
