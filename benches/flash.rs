@@ -15,6 +15,8 @@
 //! prints the most threads the agent had at one sample (`Threads:` in /proc/PID/status).
 //! `FLASH_RUNS=3` (or `1,3`, …) runs only those of the three, for quick comparisons; a table
 //! for the README is of all three.
+//! `FLASH_STORE_EXTRA='cache = "1MiB"'` adds lines to the agent's `[store]`, to try a
+//! setting.
 //!
 //! `benches/run.sh flash` (RabbitMQ on 127.0.0.1:5672 for the first run).
 
@@ -124,6 +126,9 @@ fn run(
     );
     cfg.push_str(&format!("\n[beat]\nevery = \"{EVERY_S}s\"\n"));
     cfg.push_str("\n[store]\nmax_bytes = \"1GiB\"\n");
+    if let Ok(extra) = std::env::var("FLASH_STORE_EXTRA") {
+        cfg.push_str(&format!("{extra}\n"));
+    }
     if let Some(g) = group_commit {
         cfg.push_str(&format!("group_commit = \"{g}\"\n"));
     }
