@@ -18,8 +18,9 @@
 //!
 //! A merged batch that fails is tried again caller by caller, so one caller's records that
 //! cannot be encoded fail that caller only. A leader that panics drops the replies of its group
-//! and of every append waiting: each of those callers is told its append failed (nothing of it
-//! was acknowledged as stored), and the next append starts a new leader.
+//! and of every append waiting, and so does one whose thread never starts (a runtime shutting
+//! down, [`GroupCommit::abandon`]): each of those callers is told its append failed (nothing of
+//! it was acknowledged as stored), and the next append starts a new leader.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -74,10 +75,7 @@ struct Leading<'a> {
 impl Drop for Leading<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let mut q = self.group.lock();
-            q.waiting.clear();
-            q.records = 0;
-            q.leading = false;
+            self.group.abandon();
         }
     }
 }
@@ -170,6 +168,19 @@ impl GroupCommit {
             }
             q = self.lock();
         }
+    }
+
+    /// The leader that [`GroupCommit::submit`] asked for will not run (it panicked, or its
+    /// thread was never started: a runtime shutting down): the appends waiting are let go
+    /// unwritten, each caller told so, and the next append leads.
+    pub(super) fn abandon(&self) {
+        let mut q = self.lock();
+        let waiting = std::mem::take(&mut q.waiting);
+        q.records = 0;
+        q.leading = false;
+        drop(q);
+        // Their replies, dropped unsent, outside the lock.
+        drop(waiting);
     }
 
     /// Appends `batch` through `commit` (write and fsync one batch), together with whatever
@@ -433,6 +444,19 @@ mod tests {
             )
             .unwrap();
         assert_eq!(a.seqs, vec![0]);
+    }
+
+    #[test]
+    fn a_leader_that_never_runs_should_let_its_callers_go_and_the_next_append_lead() {
+        let g = GroupCommit::new(Duration::from_millis(5));
+        let (tx, rx) = std::sync::mpsc::channel::<Result<Appended, StoreError>>();
+        let tx2 = tx.clone();
+        assert!(g.submit(Append::default(), Box::new(move |r| tx.send(r).unwrap())));
+        assert!(!g.submit(Append::default(), Box::new(move |r| tx2.send(r).unwrap())));
+        g.abandon();
+        // Both replies were dropped unsent: each caller hears "not written", never "stored".
+        assert!(rx.recv().is_err());
+        assert!(g.submit(Append::default(), Box::new(|_| ())));
     }
 
     #[test]

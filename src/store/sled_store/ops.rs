@@ -478,6 +478,17 @@ impl SledStore {
     }
 }
 
+/// The store, for a group's leader thread: dropped without having led, it abandons the group.
+struct Lead(Option<Arc<SledStore>>);
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.group.abandon();
+        }
+    }
+}
+
 impl Store for SledStore {
     fn append(&self, batch: Append) -> Result<Appended, StoreError> {
         self.group
@@ -500,9 +511,14 @@ impl Store for SledStore {
         if self.group.submit(batch, reply) {
             // The one thread of this group (and of those that follow while appends keep
             // coming); everyone else waits on their oneshot. Its panic reaches nobody but the
-            // callers it drops (see `group`).
+            // callers it drops (see `group`); so does a leader a shutting-down runtime never
+            // starts (`Lead`'s drop), rather than leaving the next appends without one.
+            let lead = Lead(Some(self));
             tokio::task::spawn_blocking(move || {
-                self.group.lead(|b| self.guard(|| self.append_inner(b)))
+                let mut lead = lead;
+                if let Some(s) = lead.0.take() {
+                    s.group.lead(|b| s.guard(|| s.append_inner(b)));
+                }
             });
         }
         Box::pin(async move { rx.await.unwrap_or_else(|_| Err(not_written())) })
