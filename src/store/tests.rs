@@ -285,6 +285,56 @@ fn scribble(s: &SledStore, range: Range, first: u64) {
 }
 
 #[test]
+fn a_store_written_before_the_dense_chunk_format_should_hand_out_every_record_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig::default();
+    let now = c.now_ms();
+    let mut written = Vec::new();
+    {
+        let s = open(dir.path(), &config, c.clone());
+        for round in 0..3 {
+            let readings: Vec<Reading> = (0..4)
+                .map(|i| reading(&format!("m{i}"), Cadence::Quarterly, round * 10 + i, now))
+                .collect();
+            let seqs = s
+                .append(Append {
+                    readings: readings.clone(),
+                    ..Append::default()
+                })
+                .unwrap()
+                .seqs;
+            written.extend(seqs.into_iter().zip(readings));
+        }
+        // Each chunk rewritten as the store wrote them before: count, then postcard's
+        // `[(offset, record)]`.
+        let tree = s.tree().unwrap();
+        for item in tree.scan_prefix([b'r', Range::Profile as u8]) {
+            let (k, _) = item.unwrap();
+            let first = u64::from_be_bytes(k[2..].try_into().unwrap());
+            let body: Vec<(u32, Record)> = written
+                .iter()
+                .filter(|(seq, _)| *seq >= first && *seq < first + 4)
+                .map(|(seq, r)| ((seq - first) as u32, Record::Reading(r.clone())))
+                .collect();
+            let mut v = (body.len() as u32).to_le_bytes().to_vec();
+            v.extend(postcard::to_stdvec(&body).unwrap());
+            tree.insert(k, v).unwrap();
+        }
+        s.flush().unwrap();
+    }
+    let s = open(dir.path(), &config, c.clone());
+    let taken = s.take(Stream::Readings, 100).unwrap();
+    let got: Vec<(u64, Record)> = taken.into_iter().map(|e| (e.id.seq, e.record)).collect();
+    let want: Vec<(u64, Record)> = written
+        .into_iter()
+        .map(|(seq, r)| (seq, Record::Reading(r)))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(s.stats().unwrap().set_aside, 0);
+}
+
+#[test]
 fn a_chunk_damaged_while_its_records_wait_to_be_resent_should_be_set_aside_and_its_neighbours_resent()
  {
     let dir = tempfile::tempdir().unwrap();
