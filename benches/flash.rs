@@ -11,7 +11,12 @@
 //! one bench: `FLASH_GROUP_COMMIT=0 benches/run.sh flash`.
 //!
 //! A third run, broker away, starts with 1,000,000 readings already in the store: its peak
-//! resident memory (sampled every 50 ms) is the figure for memory at work.
+//! resident memory (sampled every 50 ms) is the figure for memory at work. Each run also
+//! prints the most threads the agent had at one sample (`Threads:` in /proc/PID/status).
+//! `FLASH_RUNS=3` (or `1,3`, …) runs only those of the three, for quick comparisons; a table
+//! for the README is of all three.
+//! `FLASH_STORE_EXTRA='cache = "1MiB"'` adds lines to the agent's `[store]`, to try a
+//! setting.
 //!
 //! `benches/run.sh flash` (RabbitMQ on 127.0.0.1:5672 for the first run).
 
@@ -79,6 +84,19 @@ struct Run {
     cpu_s: f64,
     fsyncs: Option<(u64, u64)>,
     peak_rss_kib: u64,
+    peak_threads: u64,
+}
+
+/// `Threads:` of a process, from /proc.
+fn threads(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Threads:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn run(
@@ -108,6 +126,9 @@ fn run(
     );
     cfg.push_str(&format!("\n[beat]\nevery = \"{EVERY_S}s\"\n"));
     cfg.push_str("\n[store]\nmax_bytes = \"1GiB\"\n");
+    if let Ok(extra) = std::env::var("FLASH_STORE_EXTRA") {
+        cfg.push_str(&format!("{extra}\n"));
+    }
     if let Some(g) = group_commit {
         cfg.push_str(&format!("group_commit = \"{g}\"\n"));
     }
@@ -156,8 +177,10 @@ fn run(
     let t = Instant::now();
     let want = BOUNDARIES * (BUSES * UNITS) as u64;
     let mut peak_rss_kib = 0;
+    let mut peak_threads = 0;
     while polls.load(Ordering::SeqCst) < want {
         peak_rss_kib = peak_rss_kib.max(common::agent::rss_kib(child.id()).unwrap_or(0));
+        peak_threads = peak_threads.max(threads(child.id()).unwrap_or(0));
         assert!(
             t.elapsed() < Duration::from_secs(BOUNDARIES * EVERY_S * 4 + 60),
             "the agent read {} of {want} meters",
@@ -200,6 +223,7 @@ fn run(
         cpu_s,
         fsyncs,
         peak_rss_kib,
+        peak_threads,
     }
 }
 
@@ -238,8 +262,14 @@ fn main() {
     }
     // The third run is for memory at work: the agent polling 1,000 meters with a million
     // readings in its store (seeded before it starts; its writes are not counted).
+    let only: Option<Vec<usize>> = std::env::var("FLASH_RUNS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
     let runs: Vec<Run> = [(true, 0), (false, 0), (false, 1_000_000)]
         .into_iter()
+        .enumerate()
+        .filter(|(i, _)| only.as_ref().is_none_or(|o| o.contains(&(i + 1))))
+        .map(|(_, run)| run)
         .map(|(broker, seeded)| run(&rt, &bin, &ports, broker, group_commit.as_deref(), seeded))
         .collect();
     let encoded = amr_edge::store::encoded_len(&Record::Reading(typical())) as f64;
@@ -248,7 +278,7 @@ fn main() {
         group_commit.as_deref().unwrap_or("default")
     );
     println!(
-        "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15} {:>10}",
+        "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15} {:>10} {:>8}",
         "",
         "polls",
         "buffered",
@@ -257,12 +287,13 @@ fn main() {
         "per reading",
         "CPU/read",
         "appends/fsyncs",
-        "peak RSS"
+        "peak RSS",
+        "threads"
     );
     for r in &runs {
         let per = r.written as f64 / r.buffered.max(1) as f64;
         println!(
-            "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15} {:>10}",
+            "{:<46} {:>7} {:>9} {:>9} {:>12} {:>16} {:>10} {:>15} {:>10} {:>8}",
             r.name,
             r.polls,
             r.buffered,
@@ -272,6 +303,7 @@ fn main() {
             format!("{:.1} µs", r.cpu_s / r.buffered.max(1) as f64 * 1e6),
             r.fsyncs.map_or("-".to_owned(), |(a, b)| format!("{a}/{b}")),
             format!("{:.1} MiB", r.peak_rss_kib as f64 / 1024.0),
+            r.peak_threads,
         );
     }
     println!(

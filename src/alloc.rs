@@ -17,9 +17,11 @@ pub fn tune() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
-        // One arena per core instead of up to eight: with group commit, dozens of blocking
-        // threads wait in one append at a boundary, and each arena a thread touches keeps
-        // its own free memory (`benches/run.sh flash`, the peak resident memory column).
+        // One arena per core instead of up to eight: each arena a thread touches keeps its
+        // own free memory. Measured when dozens of blocking threads waited in one group
+        // commit at a boundary (`benches/run.sh flash`, the peak resident memory column);
+        // appends no longer hold a thread while they wait, but the drain's and the other
+        // store calls still run on blocking threads.
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

@@ -126,12 +126,13 @@ pub async fn flush_spill(ctx: &Writer, spill: &mut Spill) -> bool {
 }
 
 async fn append(ctx: &Writer, batch: Append) -> Result<(), StoreError> {
-    let store = ctx.store.clone();
     let readings = batch.readings.len();
     // Counted once durable; a poll's readings share one cadence.
     let cadence = batch.readings.first().map(|r| r.cadence);
-    match tokio::task::spawn_blocking(move || store.append(batch)).await {
-        Ok(Ok(a)) => {
+    // Not on a blocking thread of its own: a thousand polls ending at one boundary wait for
+    // their group commit without a thread each.
+    match ctx.store.clone().append_async(batch).await {
+        Ok(a) => {
             if readings > 0 {
                 // Which sequence numbers are now durable (fsynced): the crash and power-cut
                 // tests hold the agent to them, from this event's fields.
@@ -143,7 +144,6 @@ async fn append(ctx: &Writer, batch: Append) -> Result<(), StoreError> {
             }
             Ok(())
         }
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(StoreError::Unavailable(format!("store task failed: {e}"))),
+        Err(e) => Err(e),
     }
 }

@@ -46,6 +46,9 @@
 //!   a couple of thousand records (chunks stay small values). An append waits the window
 //!   only when there is company (others waiting, or the last group had several): a quiet
 //!   gateway's lone poll, or a caller appending in a loop, is written at once, as before.
+//!   The buses append with [`Store::append_async`]: an append waiting for its group holds no
+//!   thread, only the group's leader writes and fsyncs (one blocking thread), and every
+//!   caller is told its result after that fsync, exactly as a blocking `append` returns.
 //! * [`Store::take`] hands out only records whose append has returned (its fsync done), so
 //!   nothing reaches the broker that a crash could make the store forget.
 //! * Taking changes nothing on disk. After a crash or a reopen, everything taken but not
@@ -451,10 +454,26 @@ pub enum StoreError {
     Open { path: PathBuf, reason: String },
 }
 
-/// The buffer. All methods may block on disk I/O: call them from a blocking thread.
+/// What [`Store::append_async`] returns: the append's result, once it is durable.
+pub type AppendFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended, StoreError>> + Send>>;
+
+/// The buffer. All methods but [`Store::append_async`] may block on disk I/O: call them from
+/// a blocking thread.
 pub trait Store: CommandLog + Send + Sync + 'static {
     /// Writes `batch` atomically and durably (see the module doc). Evicts if needed.
     fn append(&self, batch: Append) -> Result<Appended, StoreError>;
+    /// [`Store::append`] for async callers, with the same promise: resolves once `batch` is
+    /// durable, or failed. Waiting costs no thread where the store can help it (the sled
+    /// store's group commit); by default it is `append` on a blocking thread. Dropping the
+    /// future does not take the batch back: it may still be written.
+    fn append_async(self: std::sync::Arc<Self>, batch: Append) -> AppendFuture {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || self.append(batch))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("store task failed: {e}"))))
+        })
+    }
     /// Up to `max` of the oldest records of `stream` not already taken, oldest first.
     fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError>;
     /// The broker has them: remove. Unknown ids (evicted meanwhile) are ignored.

@@ -217,6 +217,32 @@ fn max_age_should_evict_old_records_but_not_unsynchronised_ones() {
 }
 
 #[test]
+fn age_eviction_should_stop_at_a_young_chunk_that_also_holds_an_unsynchronised_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let s = open(dir.path(), &StoreConfig::default(), c.clone());
+    let now = c.now_ms();
+    let day = 86_400_000;
+    let mut unsynced = reading("m", Cadence::Daily, 1, now - 200 * day);
+    unsynced.flags.insert(Flags::CLOCK_UNSYNCED);
+    // A young chunk (with an unsynchronised reading in it), then one that says it is old:
+    // the scan stops at the young one rather than reading the whole buffer on, so the old
+    // one behind it waits for the size cap (as it would behind any young chunk).
+    for readings in [
+        vec![unsynced, reading("m", Cadence::Daily, 2, now - day)],
+        vec![reading("m", Cadence::Daily, 3, now - 100 * day)],
+    ] {
+        s.append(Append {
+            readings,
+            ..Append::default()
+        })
+        .unwrap();
+    }
+    assert_eq!(s.maintain().unwrap(), 0);
+    assert_eq!(s.stats().unwrap().billing.count, 3);
+}
+
+#[test]
 fn an_undecodable_record_should_be_set_aside_and_reported_not_crash() {
     let dir = tempfile::tempdir().unwrap();
     let c = clock();
@@ -256,6 +282,56 @@ fn scribble(s: &SledStore, range: Range, first: u64) {
     v.truncate(4);
     v.extend_from_slice(&[0xff, 0xff, 0xff]);
     tree.insert(k, v).unwrap();
+}
+
+#[test]
+fn a_store_written_before_the_dense_chunk_format_should_hand_out_every_record_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig::default();
+    let now = c.now_ms();
+    let mut written = Vec::new();
+    {
+        let s = open(dir.path(), &config, c.clone());
+        for round in 0..3 {
+            let readings: Vec<Reading> = (0..4)
+                .map(|i| reading(&format!("m{i}"), Cadence::Quarterly, round * 10 + i, now))
+                .collect();
+            let seqs = s
+                .append(Append {
+                    readings: readings.clone(),
+                    ..Append::default()
+                })
+                .unwrap()
+                .seqs;
+            written.extend(seqs.into_iter().zip(readings));
+        }
+        // Each chunk rewritten as the store wrote them before: count, then postcard's
+        // `[(offset, record)]`.
+        let tree = s.tree().unwrap();
+        for item in tree.scan_prefix([b'r', Range::Profile as u8]) {
+            let (k, _) = item.unwrap();
+            let first = u64::from_be_bytes(k[2..].try_into().unwrap());
+            let body: Vec<(u32, Record)> = written
+                .iter()
+                .filter(|(seq, _)| *seq >= first && *seq < first + 4)
+                .map(|(seq, r)| ((seq - first) as u32, Record::Reading(r.clone())))
+                .collect();
+            let mut v = (body.len() as u32).to_le_bytes().to_vec();
+            v.extend(postcard::to_stdvec(&body).unwrap());
+            tree.insert(k, v).unwrap();
+        }
+        s.flush().unwrap();
+    }
+    let s = open(dir.path(), &config, c.clone());
+    let taken = s.take(Stream::Readings, 100).unwrap();
+    let got: Vec<(u64, Record)> = taken.into_iter().map(|e| (e.id.seq, e.record)).collect();
+    let want: Vec<(u64, Record)> = written
+        .into_iter()
+        .map(|(seq, r)| (seq, Record::Reading(r)))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(s.stats().unwrap().set_aside, 0);
 }
 
 #[test]
@@ -653,6 +729,68 @@ fn concurrent_appends_should_share_fsyncs_and_each_get_its_own_sequence_numbers(
     let (appends, batches) = s.group_commits();
     assert_eq!(appends, 40);
     assert!(batches < 40, "40 concurrent appends took {batches} batches");
+}
+
+#[test]
+fn appends_awaited_on_one_blocking_thread_should_still_share_fsyncs() {
+    // One blocking thread in all: if waiting for a group took a thread, the appends could
+    // only be written one after the other, one fsync each.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = clock();
+    let config = StoreConfig {
+        group_commit: HumanDuration::from_millis(20),
+        ..StoreConfig::default()
+    };
+    let s: Arc<SledStore> = Arc::new(open(dir.path(), &config, c.clone()));
+    let now = c.now_ms();
+    let results = rt.block_on(async {
+        let tasks: Vec<_> = (0..100)
+            .map(|m| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let meter = format!("m{m}");
+                    let batch = Append {
+                        readings: vec![reading(&meter, Cadence::Quarterly, m, now)],
+                        marks: vec![Mark {
+                            meter: meter.clone(),
+                            cadence: Cadence::Quarterly,
+                            boundary_ms: now,
+                        }],
+                        ..Append::default()
+                    };
+                    (meter, s.append_async(batch).await)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let mut owner = BTreeMap::new();
+    for (meter, r) in results {
+        let seqs = r.unwrap().seqs;
+        assert_eq!(seqs.len(), 1);
+        assert!(owner.insert(seqs[0], meter.clone()).is_none());
+        assert_eq!(s.boundary(&meter, Cadence::Quarterly).unwrap(), Some(now));
+    }
+    let taken = s.take(Stream::Readings, 1000).unwrap();
+    assert_eq!(taken.len(), 100);
+    for e in &taken {
+        match &e.record {
+            Record::Reading(r) => assert_eq!(r.meter, owner[&e.id.seq]),
+            Record::Event(_) => panic!("no events were appended"),
+        }
+    }
+    let (appends, batches) = s.group_commits();
+    assert_eq!(appends, 100);
+    assert!(batches < 100, "100 appends took {batches} batches");
 }
 
 #[test]

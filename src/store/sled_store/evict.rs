@@ -51,16 +51,22 @@ impl SledStore {
                 if let Some(cutoff) = cutoff_ms {
                     // Age eviction: chunks are in time order within a range, so stop at the
                     // first young one. A reading taken on an unsynchronised clock has no
-                    // trustworthy age and is left to the size cap.
-                    let unsynced = items.iter().any(|(_, r)| {
-                        matches!(r, Record::Reading(r) if r.flags.contains(Flags::CLOCK_UNSYNCED))
-                    });
-                    if unsynced {
-                        continue;
-                    }
-                    let youngest = items.iter().map(|(_, r)| r.at_ms()).max().unwrap_or(0);
-                    if youngest >= cutoff {
+                    // trustworthy age and is left to the size cap: a chunk holding one is not
+                    // evicted by age, but its other records still say where the young ones
+                    // begin. (Skipping such chunks without looking made every `maintain`
+                    // decode the whole buffer when one reading in each chunk was unsynced:
+                    // a million readings paged in and decoded once a minute.)
+                    let unsynced = |r: &Record| matches!(r, Record::Reading(r) if r.flags.contains(Flags::CLOCK_UNSYNCED));
+                    let youngest = items
+                        .iter()
+                        .filter(|(_, r)| !unsynced(r))
+                        .map(|(_, r)| r.at_ms())
+                        .max();
+                    if youngest.is_some_and(|y| y >= cutoff) {
                         break;
+                    }
+                    if items.iter().any(|(_, r)| unsynced(r)) {
+                        continue;
                     }
                 }
                 let bytes = (k.len() + v.len()) as u64;

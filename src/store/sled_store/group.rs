@@ -1,20 +1,28 @@
 //! Group commit: appends that arrive within `store.group_commit` of each other, from any bus,
 //! are written as one sled batch with one fsync.
 //!
-//! The first append to arrive while no group is being written leads: it waits out the window
-//! (or until the group is full) — unless it is alone and the group before it was too, so a
-//! quiet gateway's lone poll, or one caller appending in a loop, waits for nobody — takes
-//! every append that arrived meanwhile, merges them with
-//! [`Append::extend`], writes and fsyncs them as one, and hands each caller its own part of
-//! the result ([`Appended::split`]). The others wait and return only once that fsync is done
-//! — the same promise as an append of their own. Appends arriving while a group is written
-//! form the next group (led by the first of them, once the leader has returned), with no
-//! window of their own: the fsync in progress is their window.
+//! An append is handed in with a [`Reply`] ([`GroupCommit::submit`]) and waits for it without
+//! a thread of its own: a bus's append awaits a oneshot
+//! ([`SledStore::append_async`](super::SledStore)), so a boundary with a thousand meters parks
+//! no thread per poll (each blocking thread is a stack and malloc state of its own; that was
+//! most of the agent's memory at work). The append that finds nobody leading starts the
+//! leader ([`GroupCommit::lead`], one blocking thread), which writes groups until nobody is
+//! waiting. For each group it waits out the window (or until the group is full) — unless the
+//! first append is alone and the group before it was too, so a quiet gateway's lone poll, or
+//! one caller appending in a loop, waits for nobody — takes every append waiting, merges them
+//! with [`Append::extend`], writes and fsyncs them as one, and only then tells each caller its
+//! own part of the result ([`Appended::split`]): the same promise as an append of their own.
+//! Appends arriving while a group is written form the next group, with a window of its own.
+//! A blocking caller ([`GroupCommit::append`]) that starts the leader leads on its own thread,
+//! and so may return a group or two after its own fsync, once nobody waits.
 //!
 //! A merged batch that fails is tried again caller by caller, so one caller's records that
-//! cannot be encoded fail that caller only.
+//! cannot be encoded fail that caller only. A leader that panics drops the replies of its group
+//! and of every append waiting, and so does one whose thread never starts (a runtime shutting
+//! down, [`GroupCommit::abandon`]): each of those callers is told its append failed (nothing of
+//! it was acknowledged as stored), and the next append starts a new leader.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,31 +33,51 @@ use super::super::{Append, Appended, StoreError};
 /// partial acknowledgement rewrites little.
 pub(super) const MAX_GROUP_RECORDS: usize = 2048;
 
+/// Told an append's result, once the fsync that covers it is done (or it failed). Dropped
+/// without being called when the append was not written (a leader that panicked).
+pub(super) type Reply = Box<dyn FnOnce(Result<Appended, StoreError>) + Send>;
+
 pub(super) struct GroupCommit {
     window: Duration,
     queue: Mutex<Queue>,
     /// An append joined the queue (the leader waits on this).
     arrived: Condvar,
-    /// A group was written, or the leader left (the others wait on this).
-    committed: Condvar,
+}
+
+struct Waiting {
+    batch: Append,
+    reply: Reply,
 }
 
 #[derive(Default)]
 struct Queue {
-    next_ticket: u64,
-    waiting: VecDeque<(u64, Append)>,
+    waiting: VecDeque<Waiting>,
     /// Records in `waiting`.
     records: usize,
-    done: HashMap<u64, Result<Appended, StoreError>>,
-    /// Someone is collecting or writing a group.
+    /// A leader is collecting or writing a group.
     leading: bool,
     /// The last group written had more than one append in it: others are about, so the next
-    /// leader waits the window for them.
+    /// group waits the window for them.
     company: bool,
     /// Groups written and appends in them, since the store was opened (for tests and
     /// benchmarks).
     groups: u64,
     appends: u64,
+}
+
+/// The leader's hold on the queue: if it unwinds (a panic in the write), the appends waiting
+/// are let go unwritten and the next append leads.
+struct Leading<'a> {
+    group: &'a GroupCommit,
+    armed: bool,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.group.abandon();
+        }
+    }
 }
 
 impl GroupCommit {
@@ -58,12 +86,16 @@ impl GroupCommit {
             window,
             queue: Mutex::new(Queue::default()),
             arrived: Condvar::new(),
-            committed: Condvar::new(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Group commit is off (`store.group_commit = 0`): every append is written on its own.
+    pub(super) fn is_off(&self) -> bool {
+        self.window.is_zero()
     }
 
     /// (groups written, appends in them) so far.
@@ -72,55 +104,50 @@ impl GroupCommit {
         (q.groups, q.appends)
     }
 
-    /// Appends `batch` through `commit` (write and fsync one batch), together with whatever
-    /// other appends arrive within the window. Returns once `batch` is durable, or failed.
-    pub(super) fn append(
-        &self,
-        batch: Append,
-        commit: impl Fn(Append) -> Result<Appended, StoreError>,
-    ) -> Result<Appended, StoreError> {
-        if self.window.is_zero() {
-            let r = commit(batch);
-            let mut q = self.lock();
-            q.groups += 1;
-            q.appends += 1;
-            return r;
-        }
+    /// Hands `batch` in; `reply` is told its result once the fsync covering it is done.
+    /// Returns `true` when nobody leads: the caller must then run [`GroupCommit::lead`] on a
+    /// thread that may block, or the batch is never written.
+    pub(super) fn submit(&self, batch: Append, reply: Reply) -> bool {
         let mut q = self.lock();
-        let ticket = q.next_ticket;
-        q.next_ticket += 1;
         q.records += batch.records();
-        q.waiting.push_back((ticket, batch));
+        q.waiting.push_back(Waiting { batch, reply });
         self.arrived.notify_one();
+        !std::mem::replace(&mut q.leading, true)
+    }
+
+    /// Writes groups through `commit` (write and fsync one batch) until nobody is waiting;
+    /// for whoever [`GroupCommit::submit`] told to lead.
+    pub(super) fn lead(&self, commit: impl Fn(Append) -> Result<Appended, StoreError>) {
+        let mut leading = Leading {
+            group: self,
+            armed: true,
+        };
+        let mut q = self.lock();
         loop {
-            if let Some(r) = q.done.remove(&ticket) {
-                return r;
+            if q.waiting.is_empty() {
+                q.leading = false;
+                leading.armed = false;
+                return;
             }
-            if !q.leading {
-                break;
+            if !self.is_off() {
+                let deadline = Instant::now() + self.window;
+                while q.records < MAX_GROUP_RECORDS && (q.company || q.waiting.len() > 1) {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    q = self
+                        .arrived
+                        .wait_timeout(q, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
             }
-            q = self.committed.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-        // Lead: collect, write, hand out, until our own append is among those written.
-        q.leading = true;
-        let deadline = Instant::now() + self.window;
-        while q.records < MAX_GROUP_RECORDS && (q.company || q.waiting.len() > 1) {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            q = self
-                .arrived
-                .wait_timeout(q, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        loop {
             let mut group = Vec::new();
             let mut records = 0;
-            while let Some((_, b)) = q.waiting.front() {
-                let n = b.records();
-                if !group.is_empty() && records + n > MAX_GROUP_RECORDS {
+            while let Some(w) = q.waiting.front() {
+                let n = w.batch.records();
+                if !group.is_empty() && (self.is_off() || records + n > MAX_GROUP_RECORDS) {
                     break;
                 }
                 records += n;
@@ -128,59 +155,81 @@ impl GroupCommit {
             }
             q.records -= records;
             drop(q);
-            let tickets: Vec<u64> = group.iter().map(|(t, _)| *t).collect();
-            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                commit_group(group, &commit)
-            }));
+            let (batches, replies): (Vec<Append>, Vec<Reply>) =
+                group.into_iter().map(|w| (w.batch, w.reply)).unzip();
+            let results = commit_group(batches, &commit);
             q = self.lock();
             q.groups += 1;
-            q.appends += tickets.len() as u64;
-            q.company = tickets.len() > 1;
-            let results = match results {
-                Ok(r) => r,
-                Err(panic) => {
-                    // Let the others go (with an error: not stored) and someone else lead.
-                    for t in tickets {
-                        q.done.insert(
-                            t,
-                            Err(StoreError::Unavailable(
-                                "the store's append panicked".into(),
-                            )),
-                        );
-                    }
-                    q.leading = false;
-                    self.committed.notify_all();
-                    drop(q);
-                    std::panic::resume_unwind(panic);
-                }
-            };
-            q.done.extend(tickets.into_iter().zip(results));
-            if let Some(r) = q.done.remove(&ticket) {
-                q.leading = false;
-                self.committed.notify_all();
-                return r;
+            q.appends += replies.len() as u64;
+            q.company = replies.len() > 1;
+            drop(q);
+            for (reply, r) in replies.into_iter().zip(results) {
+                reply(r);
             }
-            self.committed.notify_all();
+            q = self.lock();
         }
     }
+
+    /// The leader that [`GroupCommit::submit`] asked for will not run (it panicked, or its
+    /// thread was never started: a runtime shutting down): the appends waiting are let go
+    /// unwritten, each caller told so, and the next append leads.
+    pub(super) fn abandon(&self) {
+        let mut q = self.lock();
+        let waiting = std::mem::take(&mut q.waiting);
+        q.records = 0;
+        q.leading = false;
+        drop(q);
+        // Their replies, dropped unsent, outside the lock.
+        drop(waiting);
+    }
+
+    /// Appends `batch` through `commit` (write and fsync one batch), together with whatever
+    /// other appends arrive within the window, on the caller's thread. Returns once `batch`
+    /// is durable, or failed.
+    pub(super) fn append(
+        &self,
+        batch: Append,
+        commit: impl Fn(Append) -> Result<Appended, StoreError>,
+    ) -> Result<Appended, StoreError> {
+        if self.is_off() {
+            let r = commit(batch);
+            let mut q = self.lock();
+            q.groups += 1;
+            q.appends += 1;
+            return r;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let reply: Reply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if self.submit(batch, reply) {
+            self.lead(commit);
+        }
+        rx.recv().unwrap_or_else(|_| Err(not_written()))
+    }
+}
+
+/// What an append is told whose reply was dropped unwritten.
+pub(super) fn not_written() -> StoreError {
+    StoreError::Unavailable("the store's append failed before it was written".into())
 }
 
 /// Writes a group as one batch; if that fails, each append on its own, so that the error
 /// of one is not everyone's.
 fn commit_group(
-    group: Vec<(u64, Append)>,
+    group: Vec<Append>,
     commit: &impl Fn(Append) -> Result<Appended, StoreError>,
 ) -> Vec<Result<Appended, StoreError>> {
     if group.len() == 1 {
-        return group.into_iter().map(|(_, b)| commit(b)).collect();
+        return group.into_iter().map(commit).collect();
     }
     let shapes: Vec<(usize, usize)> = group
         .iter()
-        .map(|(_, b)| (b.readings.len(), b.events.len()))
+        .map(|b| (b.readings.len(), b.events.len()))
         .collect();
     let mut merged = Append::default();
     let mut copies = Vec::with_capacity(group.len());
-    for (_, b) in group {
+    for b in group {
         copies.push(b.clone());
         merged.extend(b);
     }
@@ -304,6 +353,110 @@ mod tests {
             let (i, r) = t.join().unwrap();
             assert_eq!(r.is_err(), i == 2, "{i}: {r:?}");
         }
+    }
+
+    #[test]
+    fn appends_handed_in_should_be_written_by_one_leader_and_each_told_after_its_fsync() {
+        let disk = FakeDisk {
+            next_seq: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            fsync: Duration::from_millis(1),
+        };
+        let g = GroupCommit::new(Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let mut leaders = 0;
+        // Fifty callers hand their appends in and none of them waits on a thread: the only
+        // thread that writes is the one leader.
+        for i in 0..50 {
+            let (tx, syncs) = (tx.clone(), syncs.clone());
+            let batch = Append {
+                events: vec![event(i)],
+                ..Append::default()
+            };
+            let reply: Reply = Box::new(move |r| {
+                tx.send((i, r, syncs.load(Ordering::SeqCst))).unwrap();
+            });
+            if g.submit(batch, reply) {
+                leaders += 1;
+            }
+        }
+        assert_eq!(
+            leaders, 1,
+            "only the first append to find nobody leading leads"
+        );
+        g.lead(|b| {
+            let r = disk.commit(b);
+            syncs.store(disk.syncs.load(Ordering::SeqCst), Ordering::SeqCst);
+            r
+        });
+        drop(tx);
+        let mut seqs = Vec::new();
+        for (i, r, synced) in rx {
+            let a = r.unwrap();
+            assert_eq!(a.seqs.len(), 1, "{i}");
+            assert!(synced > 0, "{i} was told before any fsync");
+            seqs.extend(a.seqs);
+        }
+        seqs.sort();
+        assert_eq!(seqs, (0..50).collect::<Vec<u64>>());
+        let (groups, appends) = g.counts();
+        assert_eq!(appends, 50);
+        assert!(groups < 50, "50 appends took {groups} fsyncs");
+        // The leader left once nobody waited: the next append leads again.
+        assert!(g.submit(Append::default(), Box::new(|_| ())));
+    }
+
+    #[test]
+    fn a_leader_that_panics_should_fail_its_callers_and_let_the_next_append_lead() {
+        let g = GroupCommit::new(Duration::from_millis(5));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..3 {
+            let tx = tx.clone();
+            let reply: Reply = Box::new(move |r| tx.send(r).unwrap());
+            g.submit(
+                Append {
+                    events: vec![event(i)],
+                    ..Append::default()
+                },
+                reply,
+            );
+        }
+        drop(tx);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            g.lead(|_| panic!("the disk layer panicked"))
+        }));
+        assert!(panicked.is_err());
+        // Nobody was told "stored"; every reply was dropped unsent.
+        assert_eq!(rx.iter().count(), 0);
+        let disk = FakeDisk {
+            next_seq: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            fsync: Duration::ZERO,
+        };
+        let a = g
+            .append(
+                Append {
+                    events: vec![event(9)],
+                    ..Append::default()
+                },
+                |b| disk.commit(b),
+            )
+            .unwrap();
+        assert_eq!(a.seqs, vec![0]);
+    }
+
+    #[test]
+    fn a_leader_that_never_runs_should_let_its_callers_go_and_the_next_append_lead() {
+        let g = GroupCommit::new(Duration::from_millis(5));
+        let (tx, rx) = std::sync::mpsc::channel::<Result<Appended, StoreError>>();
+        let tx2 = tx.clone();
+        assert!(g.submit(Append::default(), Box::new(move |r| tx.send(r).unwrap())));
+        assert!(!g.submit(Append::default(), Box::new(move |r| tx2.send(r).unwrap())));
+        g.abandon();
+        // Both replies were dropped unsent: each caller hears "not written", never "stored".
+        assert!(rx.recv().is_err());
+        assert!(g.submit(Append::default(), Box::new(|_| ())));
     }
 
     #[test]

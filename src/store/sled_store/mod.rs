@@ -13,10 +13,17 @@
 //! Records are kept in chunks, one sled value per range per append (a poll's readings), not
 //! one per record: sled spends about 8 µs and 140 bytes of log on every item it stores, which
 //! for a 60-byte reading would triple the disk use and cap appends well below the rate a
-//! backlog needs. A chunk is `count (u32 LE)` followed by the postcard of
-//! `[(offset from first-seq, record)]`. Acknowledging part of a chunk rewrites it without the
-//! acknowledged records (in the same atomic batch as the counters); the last record acknowledged
-//! removes it. Evictions take whole chunks, oldest first.
+//! backlog needs. A chunk is `count (u32 LE)`, its top bit set, followed by the
+//! postcard of the strings its readings repeat (meter, id type, unit, each once) and
+//! `[(offset from first-seq, record)]` with those strings as indexes and the times as
+//! differences ([`keys::encode_chunk`]): about 40 % fewer bytes than the records' own
+//! encoding (31 instead of 53 per reading in a chunk of the flash bench's polls), and sled
+//! writes a chunk's bytes several times over. Chunks written before that format (the top bit
+//! clear: the postcard of `[(offset, record)]`) are read as they are, and written in the new
+//! one only when a partial acknowledgement rewrites them; an agent older than the format
+//! cannot read the new chunks (it would set them aside). Acknowledging part of a chunk
+//! rewrites it without the acknowledged records (in the same atomic batch as the counters);
+//! the last record acknowledged removes it. Evictions take whole chunks, oldest first.
 //!
 //! Chunks that cannot be decoded are moved to a second tree, `aside`, and reported.
 //!

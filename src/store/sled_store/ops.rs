@@ -6,9 +6,10 @@ use std::sync::Arc;
 use sled::{Batch, IVec};
 
 use super::super::{
-    Append, Appended, Entry, EntryId, LastFailure, MeterState, ProfileState, Range, Record, Stats,
-    Store, StoreError, Stream,
+    Append, AppendFuture, Appended, Entry, EntryId, LastFailure, MeterState, ProfileState, Range,
+    Record, Stats, Store, StoreError, Stream,
 };
+use super::group::{Reply, not_written};
 use super::keys::{
     decode_chunk, decode_failure, decode_profile_mark, encode_chunk, encode_failure,
     encode_profile_mark, mark_key, meter_key, parse_key, profile_key, rkey,
@@ -477,10 +478,50 @@ impl SledStore {
     }
 }
 
+/// The store, for a group's leader thread: dropped without having led, it abandons the group.
+struct Lead(Option<Arc<SledStore>>);
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.group.abandon();
+        }
+    }
+}
+
 impl Store for SledStore {
     fn append(&self, batch: Append) -> Result<Appended, StoreError> {
         self.group
             .append(batch, |b| self.guard(|| self.append_inner(b)))
+    }
+    fn append_async(self: Arc<Self>, batch: Append) -> AppendFuture {
+        if self.group.is_off() {
+            return Box::pin(async move {
+                tokio::task::spawn_blocking(move || self.append(batch))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Unavailable(format!("store task failed: {e}")))
+                    })
+            });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reply: Reply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if self.group.submit(batch, reply) {
+            // The one thread of this group (and of those that follow while appends keep
+            // coming); everyone else waits on their oneshot. Its panic reaches nobody but the
+            // callers it drops (see `group`); so does a leader a shutting-down runtime never
+            // starts (`Lead`'s drop), rather than leaving the next appends without one.
+            let lead = Lead(Some(self));
+            tokio::task::spawn_blocking(move || {
+                let mut lead = lead;
+                if let Some(s) = lead.0.take() {
+                    s.group.lead(|b| s.guard(|| s.append_inner(b)));
+                }
+            });
+        }
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err(not_written())) })
     }
     fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
         self.guard(|| self.take_inner(stream, max))
