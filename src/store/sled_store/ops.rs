@@ -191,8 +191,11 @@ impl SledStore {
             Stream::Readings => &[Range::Profile, Range::Billing],
             Stream::Events => &[Range::Events],
         };
-        // (id, chunk first-seq, record)
-        let mut found: Vec<(EntryId, u64, Record)> = Vec::with_capacity(max);
+        // (id, chunk first-seq, record). Grown as found, not sized for `max`: the drain asks
+        // for a few messages' worth (over 100 KiB of these at once) and most takes find a
+        // poll's worth or nothing, and a buffer that large is an mmap and a munmap per call
+        // (glibc's threshold is 128 KiB, `src/alloc.rs`).
+        let mut found: Vec<(EntryId, u64, Record)> = Vec::new();
         // Chunks that cannot be decoded, found by either path below: set aside once each.
         let mut bad: BTreeMap<(Range, u64), (IVec, postcard::Error)> = BTreeMap::new();
         let mut decoded: BTreeMap<(Range, u64), Vec<(u64, Record)>> = BTreeMap::new();
