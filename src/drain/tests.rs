@@ -418,79 +418,6 @@ async fn a_store_that_cannot_be_read_should_not_be_taken_for_a_broker_that_is_do
     r.task.await.unwrap();
 }
 
-use crate::store::CommandLog;
-
-/// The in-memory store, counting the drain's takes.
-struct CountingStore {
-    inner: MemoryStore,
-    takes: std::sync::atomic::AtomicUsize,
-}
-
-impl CommandLog for CountingStore {
-    fn accept_command(
-        &self,
-        record: &crate::store::CommandRecord,
-    ) -> Result<Option<crate::store::CommandRecord>, StoreError> {
-        self.inner.accept_command(record)
-    }
-    fn finish_command(&self, request_id: &str, outcome: &str) -> Result<(), StoreError> {
-        self.inner.finish_command(request_id, outcome)
-    }
-    fn forget_command(&self, request_id: &str) -> Result<(), StoreError> {
-        self.inner.forget_command(request_id)
-    }
-    fn unfinished_commands(
-        &self,
-        now_ms: i64,
-    ) -> Result<Vec<crate::store::CommandRecord>, StoreError> {
-        self.inner.unfinished_commands(now_ms)
-    }
-}
-
-impl Store for CountingStore {
-    fn append(&self, batch: Append) -> Result<crate::store::Appended, StoreError> {
-        self.inner.append(batch)
-    }
-    fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
-        self.takes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.take(stream, max)
-    }
-    fn ack(&self, ids: &[EntryId]) -> Result<(), StoreError> {
-        self.inner.ack(ids)
-    }
-    fn nack(&self, ids: &[EntryId]) {
-        self.inner.nack(ids)
-    }
-    fn stats(&self) -> Result<crate::store::Stats, StoreError> {
-        self.inner.stats()
-    }
-    fn boundary(&self, meter: &str, cadence: Cadence) -> Result<Option<i64>, StoreError> {
-        self.inner.boundary(meter, cadence)
-    }
-    fn meters(&self) -> Result<Vec<crate::store::MeterState>, StoreError> {
-        self.inner.meters()
-    }
-    fn profile_mark(
-        &self,
-        meter: &str,
-        profile: &crate::reading::Obis,
-    ) -> Result<Option<i64>, StoreError> {
-        self.inner.profile_mark(meter, profile)
-    }
-    fn profiles(&self) -> Result<Vec<crate::store::ProfileState>, StoreError> {
-        self.inner.profiles()
-    }
-    fn maintain(&self) -> Result<u64, StoreError> {
-        self.inner.maintain()
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
-    }
-    fn first_time(&self, key: &str) -> Result<bool, StoreError> {
-        self.inner.first_time(key)
-    }
-}
-
 /// A poll's worth of readings, appended and announced the way a bus worker does it.
 fn poll_append(store: &dyn Store, wake: &Notify, from: i64, n: usize) {
     store
@@ -506,10 +433,7 @@ fn poll_append(store: &dyn Store, wake: &Notify, from: i64, n: usize) {
 
 #[tokio::test(start_paused = true)]
 async fn a_poll_delivered_by_an_idle_drain_should_cost_one_take_per_stream() {
-    let store = Arc::new(CountingStore {
-        inner: MemoryStore::new(),
-        takes: Default::default(),
-    });
+    let store = Arc::new(MemoryStore::new());
     let wake = Arc::new(Notify::new());
     let broker = FakePublisher::acking();
     let (drain, status) = Drain::new(
@@ -522,19 +446,16 @@ async fn a_poll_delivered_by_an_idle_drain_should_cost_one_take_per_stream() {
     let task = tokio::spawn(drain.run(shutdown.clone()));
     until(|| status.borrow().connected).await;
     // Idle: both streams found empty.
-    until(|| store.takes.load(std::sync::atomic::Ordering::SeqCst) >= 2).await;
+    until(|| store.takes() >= 2).await;
     tokio::task::yield_now().await;
-    let before = store.takes.load(std::sync::atomic::Ordering::SeqCst);
+    let before = store.takes();
     poll_append(&*store, &wake, 0, 18);
     until(|| status.borrow().records == 18).await;
     tokio::task::yield_now().await;
     // The events (empty) and the readings (short of a full take): nothing is asked again
     // before the next append.
-    assert_eq!(
-        store.takes.load(std::sync::atomic::Ordering::SeqCst) - before,
-        2
-    );
-    until(|| store.inner.records().is_empty()).await;
+    assert_eq!(store.takes() - before, 2);
+    until(|| store.records().is_empty()).await;
     shutdown.cancel();
     task.await.unwrap();
 }

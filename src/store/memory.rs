@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::{
     Append, Appended, COMMAND_TTL_MS, CommandLog, CommandRecord, Depth, Entry, EntryId,
@@ -32,6 +32,7 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
     fail_writes: AtomicBool,
     fail_reads: AtomicBool,
+    takes: AtomicUsize,
 }
 
 impl MemoryStore {
@@ -49,6 +50,11 @@ impl MemoryStore {
     /// Makes every following `take` fail as a damaged disk would, until switched off.
     pub fn fail_reads(&self, fail: bool) {
         self.fail_reads.store(fail, Ordering::SeqCst);
+    }
+
+    /// How many times `take` was called (for tests of how often the drain asks).
+    pub fn takes(&self) -> usize {
+        self.takes.load(Ordering::SeqCst)
     }
 
     /// Everything buffered, oldest first (for assertions).
@@ -113,6 +119,7 @@ impl Store for MemoryStore {
     }
 
     fn take(&self, stream: Stream, max: usize) -> Result<Vec<Entry>, StoreError> {
+        self.takes.fetch_add(1, Ordering::SeqCst);
         if self.fail_reads.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
                 "Input/output error (simulated)".into(),
