@@ -177,12 +177,25 @@ fn range(s: &str) -> Vec<u8> {
     }
 }
 
+/// `n` distinct loopback ports nothing listens on: all bound at once, then let go (taken
+/// one at a time, two of them can be the same port).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 /// Starts `amr-edge simulate` with everything any run reads, and reads its pty lines.
 fn simulate(bin: &std::path::Path) -> (Kill, Sim, BufReader<std::process::ChildStdout>) {
-    let modbus: Vec<u16> = (0..BUSES.max(MIX_MODBUS_BUSES))
-        .map(|_| common::free_port())
-        .collect();
-    let dlms_wrapper: Vec<u16> = (0..MIX_DLMS_WRAPPER).map(|_| common::free_port()).collect();
+    let mut ports = free_ports(BUSES.max(MIX_MODBUS_BUSES) + MIX_DLMS_WRAPPER);
+    let dlms_wrapper = ports.split_off(BUSES.max(MIX_MODBUS_BUSES));
+    let modbus = ports;
+    // Its stderr says what it serves, and why it stopped if it did.
+    let log_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("flash-simulate.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut sim = Command::new(bin);
     sim.args([
         "simulate",
@@ -191,7 +204,7 @@ fn simulate(bin: &std::path::Path) -> (Kill, Sim, BufReader<std::process::ChildS
     ])
     .args(["--dlms-hdlc-pty", "--dlms-physical", MIX_DLMS_HDLC_PHYSICAL])
     .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    .stderr(log);
     for p in &modbus {
         sim.args(["--tcp", &format!("127.0.0.1:{p}")]);
     }
@@ -221,7 +234,15 @@ fn simulate(bin: &std::path::Path) -> (Kill, Sim, BufReader<std::process::ChildS
         let mut line = String::new();
         assert!(
             stdout.read_line(&mut line).unwrap() > 0,
-            "amr-edge simulate ended before printing its ptys"
+            "amr-edge simulate ended before printing its ptys; the end of {}:\n{}",
+            log_path.display(),
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         let words: Vec<&str> = line.split_whitespace().collect();
         let (kind, path, fields) = (words[0], words[1].to_owned(), &words[2..]);
