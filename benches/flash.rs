@@ -373,6 +373,8 @@ struct Run {
     cpu_s: f64,
     fsyncs: Option<(u64, u64)>,
     peak_rss_kib: u64,
+    /// The peak until the scrape: polling alone.
+    peak_before_scrape_kib: u64,
     peak_threads: u64,
     configured: [usize; 5],
     tally: Vec<Tally>,
@@ -533,6 +535,7 @@ fn run(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let peak_before_scrape_kib = peak_rss_kib;
     let exposition = match scrape(metrics_port) {
         Ok(body) => body.len(),
         Err(e) => panic!("GET /metrics on 127.0.0.1:{metrics_port}: {e}"),
@@ -580,6 +583,7 @@ fn run(
         cpu_s,
         fsyncs,
         peak_rss_kib,
+        peak_before_scrape_kib,
         peak_threads,
         configured,
         tally,
@@ -700,8 +704,9 @@ fn main() {
     );
     for r in &runs {
         println!(
-            "\n{} (/metrics: {} B)\n{:<14} {:>10} {:>6} {:>7} {:>9} {:>13}",
+            "\n{} (peak RSS {:.1} MiB before the scrape of /metrics, {} B)\n{:<14} {:>10} {:>6} {:>7} {:>9} {:>13}",
             r.name,
+            r.peak_before_scrape_kib as f64 / 1024.0,
             r.exposition,
             "protocol",
             "configured",
