@@ -8,6 +8,11 @@
 //! bytes laid over each other: on M-Bus a slave signals by drawing current, so overlapping
 //! answers read as the bitwise OR of their bytes. Identical answers (`E5` from each) overlay
 //! into one clean answer, as on a real bus; different telegrams garble.
+//!
+//! **The line's time.** A pty or a socket carries bytes as fast as they are written; with
+//! [`Segment::wire_baud`] set, [`serve`] answers as a segment at that rate would: a request is
+//! heard once its last character would have arrived (11 bits a character, 8E1), and the answer
+//! goes out at the pace of the line.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -244,6 +249,8 @@ pub struct Segment {
     pub slaves: Vec<Slave>,
     /// Requests seen (frames from the master).
     pub requests: u32,
+    /// Take the line's time at this rate ([`serve`]); `None`: as fast as the stream goes.
+    pub wire_baud: Option<u32>,
 }
 
 impl Segment {
@@ -251,6 +258,7 @@ impl Segment {
         Segment {
             slaves,
             requests: 0,
+            wire_baud: None,
         }
     }
 
@@ -396,21 +404,48 @@ where
                 }
                 Split::Frame(len) => {
                     let frame: Vec<u8> = rx.drain(..len).collect();
-                    let answer = match segment.lock() {
-                        Ok(mut s) => s.handle(&frame),
+                    let (answer, baud) = match segment.lock() {
+                        Ok(mut s) => (s.handle(&frame), s.wire_baud),
                         Err(_) => return,
                     };
                     if let Some(a) = answer {
-                        tokio::time::sleep(reaction).await;
-                        if io.write_all(&a).await.is_err() {
+                        let heard = baud.map_or(Duration::ZERO, |b| char_time(frame.len(), b));
+                        tokio::time::sleep(heard + reaction).await;
+                        if send(&mut io, &a, baud).await.is_err() {
                             return;
                         }
-                        let _ = io.flush().await;
                     }
                 }
             }
         }
     }
+}
+
+/// `chars` characters of 11 bits (start, 8 data, parity, stop) at `baud`.
+fn char_time(chars: usize, baud: u32) -> Duration {
+    link::bit_time(11 * chars as u64, baud)
+}
+
+/// Writes `bytes`, at the pace of a line at `baud` if given: 8 characters at a time, each
+/// chunk when its last character would have arrived, so the master hears the answer start
+/// within its window and no gap inside it longer than a few character times.
+async fn send<S>(io: &mut S, bytes: &[u8], baud: Option<u32>) -> std::io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let Some(baud) = baud else {
+        io.write_all(bytes).await?;
+        return io.flush().await;
+    };
+    let start = tokio::time::Instant::now();
+    let mut sent = 0;
+    for chunk in bytes.chunks(8) {
+        sent += chunk.len();
+        tokio::time::sleep_until(start + char_time(sent, baud)).await;
+        io.write_all(chunk).await?;
+        io.flush().await?;
+    }
+    Ok(())
 }
 
 /// A simulator on a thread of its own; stops when dropped.
@@ -547,6 +582,7 @@ pub fn spawn_tcp(segment: Shared) -> std::io::Result<SimHandle> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::meter::mbus::Timing;
     use crate::meter::mbus::app;
 
     #[test]
@@ -571,6 +607,49 @@ mod tests {
         assert_eq!(seg.handle(&link::snd_nke(5)), Some(vec![link::ACK]));
         let a = seg.handle(&link::req_ud2(5, true)).unwrap();
         assert!(!matches!(link::split(&a), Split::Frame(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_segment_at_a_wire_rate_should_answer_as_late_as_the_line_would() {
+        let mut seg = Segment::demo();
+        seg.wire_baud = Some(2400);
+        let (mut master, slave) = tokio::io::duplex(1024);
+        tokio::spawn(serve(slave, Arc::new(Mutex::new(seg)), REACTION));
+        let char_ms = |n: usize| Duration::from_micros(n as u64 * 11_000_000 / 2400);
+
+        let start = tokio::time::Instant::now();
+        master.write_all(&link::snd_nke(1)).await.unwrap();
+        let mut ack = [0u8; 1];
+        master.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, [link::ACK]);
+        // Heard after its 5 characters, answered after the reaction and the ACK's own one.
+        let took = start.elapsed();
+        let want = char_ms(5) + REACTION + char_ms(1);
+        assert!(
+            took >= want && took < want + Duration::from_millis(3),
+            "{took:?}"
+        );
+
+        let start = tokio::time::Instant::now();
+        master.write_all(&link::req_ud2(1, true)).await.unwrap();
+        let len = Segment::demo().slaves[0].rsp_ud(0).len();
+        let mut first = [0u8; 1];
+        master.read_exact(&mut first).await.unwrap();
+        // Its first characters come well within the master's answer window (330 bit times
+        // + 50 ms), not after the whole telegram's time.
+        assert!(
+            start.elapsed() < Timing::new(2400).answer_window(),
+            "{:?}",
+            start.elapsed()
+        );
+        let mut rest = vec![0u8; len - 1];
+        master.read_exact(&mut rest).await.unwrap();
+        let took = start.elapsed();
+        let want = char_ms(5) + REACTION + char_ms(len);
+        assert!(
+            took >= want && took < want + Duration::from_millis(3),
+            "{took:?}"
+        );
     }
 
     #[test]
