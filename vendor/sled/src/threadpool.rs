@@ -82,15 +82,27 @@ impl Queue {
 static QUEUE: Lazy<Queue, fn() -> Queue> = Lazy::new(init_queue);
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
+// amr-edge: the queue is made first and its threads started after, once.
+// sled started them inside the queue's `Lazy` initialiser, and each of them,
+// reaching for the queue at once, spun on the `Lazy`'s lock until the seven
+// were started: a busy loop per thread at start-up, under valgrind enough
+// instructions to swamp the agent's own.
 fn init_queue() -> Queue {
-    debug_delay();
-    for _ in 0..DESIRED_WAITING_THREADS {
-        debug_delay();
-        if let Err(e) = spawn_new_thread(true) {
-            log::error!("failed to initialize threadpool: {:?}", e);
-        }
-    }
     Queue { cv: Condvar::new(), mu: Mutex::new(VecDeque::new()) }
+}
+
+static STARTED: std::sync::Once = std::sync::Once::new();
+
+fn start_threads() {
+    STARTED.call_once(|| {
+        debug_delay();
+        for _ in 0..DESIRED_WAITING_THREADS {
+            debug_delay();
+            if let Err(e) = spawn_new_thread(true) {
+                log::error!("failed to initialize threadpool: {:?}", e);
+            }
+        }
+    });
 }
 
 fn perform_work(is_immortal: bool) {
@@ -212,6 +224,7 @@ where
     };
 
     let depth = QUEUE.send(Box::new(task));
+    start_threads();
 
     if depth > DESIRED_WAITING_THREADS {
         maybe_spawn_new_thread()?;
