@@ -159,6 +159,9 @@ pub struct Drain<P: Publisher> {
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
+/// Records one take aims for when messages are small (see [`Drain::take_max`]).
+const TAKE_RECORDS: usize = 256;
+
 /// Why a session with the broker ended.
 enum SessionEnd {
     Shutdown,
@@ -479,10 +482,14 @@ impl<P: Publisher> Drain<P> {
         }
     }
 
-    /// How many records one take asks for: a few messages' worth, but never more than the
-    /// window can carry.
+    /// How many records one take asks for: a few messages' worth (8), or as many as make
+    /// [`TAKE_RECORDS`] records when messages are small, but never more than the window can
+    /// carry. Every take is a hop to a blocking thread: at one reading per message, 8 records
+    /// a take made the hops, not the broker, what limited the drain.
     fn take_max(&self, stream: Stream) -> usize {
-        self.per_message(stream) * 8.min(self.settings.max_unconfirmed)
+        let per = self.per_message(stream).max(1);
+        let messages = (TAKE_RECORDS / per).max(8);
+        per * messages.min(self.settings.max_unconfirmed)
     }
 
     /// Takes from each of `streams`, in one hop to a blocking thread. What was taken before

@@ -485,3 +485,39 @@ async fn records_appended_while_messages_are_in_flight_should_be_sent_before_tho
     shutdown.cancel();
     task.await.unwrap();
 }
+
+#[test]
+fn a_take_should_ask_for_a_window_of_small_messages_and_eight_large_ones() {
+    let take = |per_message, window| {
+        let (drain, _) = Drain::new(
+            settings(per_message, window),
+            Arc::new(MemoryStore::new()),
+            FakePublisher::default(),
+            Arc::new(Notify::new()),
+        );
+        drain.take_max(Stream::Readings)
+    };
+    // One reading per message: the whole window in one take, not eight records.
+    assert_eq!(take(1, 64), 64);
+    assert_eq!(take(1, 1_000), TAKE_RECORDS);
+    assert_eq!(take(10, 64), 250);
+    // Large messages: eight of them, as before, and never more than the window.
+    assert_eq!(take(100, 64), 800);
+    assert_eq!(take(100, 4), 400);
+    assert_eq!(take(1, 1), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_at_one_reading_per_message_should_be_taken_a_window_at_a_time() {
+    let store = Arc::new(MemoryStore::new());
+    fill(&store, 640);
+    let broker = FakePublisher::acking();
+    let r = start(settings(1, 64), store.clone(), broker.clone());
+    until(|| store.records().is_empty()).await;
+    assert_eq!(broker.broker().published.len(), 640);
+    // 10 takes of 64 readings and the last, empty one, and a few of the (empty) events
+    // stream; at eight records a take it was over 80.
+    assert!(store.takes() <= 16, "{} takes", store.takes());
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}
