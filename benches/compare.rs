@@ -5,6 +5,8 @@
 //! then the drain at one reading per message against Celery's own `send_task` publishing
 //! with confirms to the same RabbitMQ.
 //!
+//! `COMPARE=drain` runs only the drain comparison.
+//!
 //! `benches/run.sh compare` (RabbitMQ on 127.0.0.1:5672; the run script points
 //! `AMR_EDGE_BIN` at the release build, the binary that ships).
 
@@ -97,6 +99,12 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let rabbit = rt.block_on(Rabbit::connect());
+    if std::env::var("COMPARE").as_deref() == Ok("drain") {
+        stop(sim);
+        let venv = common::celery::venv();
+        print_drain(&drain_side_by_side(&rt, &rabbit, &bin, &venv));
+        return;
+    }
 
     // The agent.
     let dir = tempfile::tempdir().unwrap();
@@ -194,7 +202,7 @@ fn main() {
     rt.block_on(rabbit.delete(&pollq));
     stop(sim);
 
-    let (agent_drain, celery_drain) = drain_side_by_side(&rt, &rabbit, &bin, &venv);
+    let drained = drain_side_by_side(&rt, &rabbit, &bin, &venv);
 
     let per = |r: &Run| r.cpu_s / r.readings.max(1) as f64 * 1e6;
     let rate = |r: &Run| r.readings as f64 / r.seconds;
@@ -227,6 +235,10 @@ fn main() {
         rate(&celery_run),
         rate(&agent_run) / rate(&celery_run).max(1e-9)
     );
+    print_drain(&drained);
+}
+
+fn print_drain(d: &Drained) {
     println!(
         "\nDrain, 1 reading per message, publisher confirms, {DRAIN_MESSAGES} messages to one queue\n"
     );
@@ -237,9 +249,16 @@ fn main() {
     println!(
         "{:<36} {:>14.0} {:>18.0} {:>9.1}x",
         "messages/s",
-        agent_drain,
-        celery_drain,
-        agent_drain / celery_drain.max(1e-9)
+        d.agent_rate,
+        d.celery_rate,
+        d.agent_rate / d.celery_rate.max(1e-9)
+    );
+    println!(
+        "{:<36} {:>14.1} {:>18.1} {:>9.1}x",
+        "CPU time per message (µs)",
+        d.agent_cpu_us,
+        d.celery_cpu_us,
+        d.celery_cpu_us / d.agent_cpu_us.max(1e-9)
     );
 }
 
@@ -249,13 +268,15 @@ const DRAIN_MESSAGES: usize = 20_000;
 /// (`amr-edge run`, no meters, its store seeded with the readings; timed from its start to
 /// the last message in the queue, so its start and connection count against it) and
 /// Celery's own `send_task` with `confirm_publish` (`benches/celery/send_tasks.py`, timed
-/// inside the script, its start and connection left out).
+/// inside the script, its start and connection left out). Also the CPU time each process
+/// took per message, start included on both sides: the rate is bounded by the broker (one
+/// queue is one Erlang process), the CPU is what the gateway spends.
 fn drain_side_by_side(
     rt: &tokio::runtime::Runtime,
     rabbit: &Rabbit,
     bin: &Path,
     venv: &Path,
-) -> (f64, f64) {
+) -> Drained {
     let dir = tempfile::tempdir().unwrap();
     common::seed(dir.path(), &common::readings(DRAIN_MESSAGES, 50));
     let queue = common::unique("amr.compare.drain");
@@ -282,12 +303,15 @@ fn drain_side_by_side(
         std::thread::sleep(Duration::from_millis(5));
     }
     let agent_rate = DRAIN_MESSAGES as f64 / t.elapsed().as_secs_f64();
+    let cpu0 = children_cpu();
     stop(agent);
+    let agent_cpu = children_cpu() - cpu0;
     rt.block_on(rabbit.delete(&queue));
     rt.block_on(rabbit.delete(&format!("{queue}.events")));
 
     let cqueue = common::unique("amr.compare.send");
     rt.block_on(rabbit.declare(&cqueue));
+    let cpu0 = children_cpu();
     let out = Command::new(venv.join("bin/python"))
         .arg("send_tasks.py")
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/celery"))
@@ -302,7 +326,23 @@ fn drain_side_by_side(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let celery_cpu = children_cpu() - cpu0;
     let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     rt.block_on(rabbit.delete(&cqueue));
-    (agent_rate, DRAIN_MESSAGES as f64 / secs)
+    let n = DRAIN_MESSAGES as f64;
+    Drained {
+        agent_rate,
+        agent_cpu_us: agent_cpu / n * 1e6,
+        celery_rate: n / secs,
+        celery_cpu_us: celery_cpu / n * 1e6,
+    }
+}
+
+/// Both sides of the drain comparison: messages per second, and CPU time per message of
+/// the whole process (the agent's start and store, the interpreter's start and imports).
+struct Drained {
+    agent_rate: f64,
+    agent_cpu_us: f64,
+    celery_rate: f64,
+    celery_cpu_us: f64,
 }
