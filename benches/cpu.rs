@@ -169,6 +169,8 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--workload") {
         let rounds = args[i + 1].parse().unwrap();
         let ports: Vec<u16> = args[i + 2].split(',').map(|p| p.parse().unwrap()).collect();
+        // The allocator as the agent sets it, first thing in its `main`.
+        amr_edge::alloc::tune();
         workload(&ports, rounds);
         return;
     }
