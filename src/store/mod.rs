@@ -213,9 +213,17 @@ impl Range {
 
     pub fn of(record: &Record) -> Range {
         match record {
-            Record::Reading(r) if r.cadence.evict_first() => Range::Profile,
-            Record::Reading(_) => Range::Billing,
+            Record::Reading(r) => Range::of_reading(r),
             Record::Event(_) => Range::Events,
+        }
+    }
+
+    /// The range of a reading: interval data is evicted first.
+    pub fn of_reading(reading: &Reading) -> Range {
+        if reading.cadence.evict_first() {
+            Range::Profile
+        } else {
+            Range::Billing
         }
     }
 

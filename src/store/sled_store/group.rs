@@ -117,7 +117,7 @@ impl GroupCommit {
 
     /// Writes groups through `commit` (write and fsync one batch) until nobody is waiting;
     /// for whoever [`GroupCommit::submit`] told to lead.
-    pub(super) fn lead(&self, commit: impl Fn(Append) -> Result<Appended, StoreError>) {
+    pub(super) fn lead(&self, commit: impl Fn(&[Append]) -> Result<Appended, StoreError>) {
         let mut leading = Leading {
             group: self,
             armed: true,
@@ -189,10 +189,10 @@ impl GroupCommit {
     pub(super) fn append(
         &self,
         batch: Append,
-        commit: impl Fn(Append) -> Result<Appended, StoreError>,
+        commit: impl Fn(&[Append]) -> Result<Appended, StoreError>,
     ) -> Result<Appended, StoreError> {
         if self.is_off() {
-            let r = commit(batch);
+            let r = commit(std::slice::from_ref(&batch));
             let mut q = self.lock();
             q.groups += 1;
             q.appends += 1;
@@ -215,27 +215,25 @@ pub(super) fn not_written() -> StoreError {
 }
 
 /// Writes a group as one batch; if that fails, each append on its own, so that the error
-/// of one is not everyone's.
+/// of one is not everyone's. `commit` borrows the batches: none is copied, for the merge or
+/// for the retries.
 fn commit_group(
     group: Vec<Append>,
-    commit: &impl Fn(Append) -> Result<Appended, StoreError>,
+    commit: &impl Fn(&[Append]) -> Result<Appended, StoreError>,
 ) -> Vec<Result<Appended, StoreError>> {
     if group.len() == 1 {
-        return group.into_iter().map(commit).collect();
+        return vec![commit(&group)];
     }
     let shapes: Vec<(usize, usize)> = group
         .iter()
         .map(|b| (b.readings.len(), b.events.len()))
         .collect();
-    let mut merged = Append::default();
-    let mut copies = Vec::with_capacity(group.len());
-    for b in group {
-        copies.push(b.clone());
-        merged.extend(b);
-    }
-    match commit(merged) {
+    match commit(&group) {
         Ok(a) => a.split(&shapes).into_iter().map(Ok).collect(),
-        Err(_) => copies.into_iter().map(commit).collect(),
+        Err(_) => group
+            .iter()
+            .map(|b| commit(std::slice::from_ref(b)))
+            .collect(),
     }
 }
 
@@ -267,11 +265,12 @@ mod tests {
     }
 
     impl FakeDisk {
-        fn commit(&self, b: Append) -> Result<Appended, StoreError> {
-            if b.events.iter().any(|e| e.message == "poison") {
+        fn commit(&self, batches: &[Append]) -> Result<Appended, StoreError> {
+            let events = || batches.iter().flat_map(|b| &b.events);
+            if events().any(|e| e.message == "poison") {
                 return Err(StoreError::Unavailable("cannot encode".into()));
             }
-            let n = b.records() as u64;
+            let n = batches.iter().map(Append::records).sum::<usize>() as u64;
             let first = self.next_seq.fetch_add(n, Ordering::SeqCst);
             std::thread::sleep(self.fsync);
             self.syncs.fetch_add(1, Ordering::SeqCst);

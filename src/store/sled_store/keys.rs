@@ -237,14 +237,54 @@ impl<'a> Strings<'a> {
 /// error (which our own types should never give) aborts the batch: the caller keeps its
 /// records and tries again, rather than the store writing a chunk that says it holds records
 /// it does not.
-pub(super) fn encode_chunk(first: u64, items: &[(u64, &Record)]) -> Result<Vec<u8>, StoreError> {
+/// A record as [`encode_chunk`] and [`SledStore::stage`](super::SledStore) take it: owned
+/// by a [`Record`], or borrowed from the batch being appended, which is then never copied.
+#[derive(Clone, Copy)]
+pub(super) enum RecordRef<'a> {
+    Reading(&'a Reading),
+    Event(&'a SystemEvent),
+}
+
+impl RecordRef<'_> {
+    pub(super) fn range(self) -> Range {
+        match self {
+            RecordRef::Reading(r) => Range::of_reading(r),
+            RecordRef::Event(_) => Range::Events,
+        }
+    }
+}
+
+/// What [`encode_chunk`] encodes: a [`Record`] or a [`RecordRef`].
+pub(super) trait AsRecord {
+    fn as_record(&self) -> RecordRef<'_>;
+}
+
+impl AsRecord for &Record {
+    fn as_record(&self) -> RecordRef<'_> {
+        match self {
+            Record::Reading(r) => RecordRef::Reading(r),
+            Record::Event(e) => RecordRef::Event(e),
+        }
+    }
+}
+
+impl AsRecord for RecordRef<'_> {
+    fn as_record(&self) -> RecordRef<'_> {
+        *self
+    }
+}
+
+pub(super) fn encode_chunk<R: AsRecord>(
+    first: u64,
+    items: &[(u64, R)],
+) -> Result<Vec<u8>, StoreError> {
     let mut strings = Strings::default();
     let mut prev_ms = 0i64;
     let body: Vec<(u32, ItemOut<'_>)> = items
         .iter()
         .map(|(seq, r)| {
-            let item = match r {
-                Record::Reading(r) => {
+            let item = match r.as_record() {
+                RecordRef::Reading(r) => {
                     let read_at_ms = r.read_at.ms.wrapping_sub(prev_ms);
                     prev_ms = r.read_at.ms;
                     ItemOut::Reading(ReadingOut {
@@ -261,7 +301,7 @@ pub(super) fn encode_chunk(first: u64, items: &[(u64, &Record)]) -> Result<Vec<u
                         flags: r.flags,
                     })
                 }
-                Record::Event(e) => ItemOut::Event(e),
+                RecordRef::Event(e) => ItemOut::Event(e),
             };
             ((seq - first) as u32, item)
         })

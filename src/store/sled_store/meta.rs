@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use sled::{Batch, Tree};
 
 use super::super::{Depth, Range, Record, StoreError, clock_floor, initial_sequence};
-use super::keys::{Wire, chunk_count, decode_chunk, encode_chunk, parse_key, range_prefix, rkey};
+use super::keys::{
+    AsRecord, Wire, chunk_count, decode_chunk, encode_chunk, parse_key, range_prefix, rkey,
+};
 use super::state::State;
 use super::{SledStore, io};
 use crate::reading::{EventKind, Stamp, SystemEvent};
@@ -90,7 +92,7 @@ impl SledStore {
         batch: &mut Batch,
         range: Range,
         first: u64,
-        items: &[(u64, &Record)],
+        items: &[(u64, impl AsRecord)],
     ) -> Result<(), StoreError> {
         let k = rkey(range, first);
         let v = encode_chunk(first, items)?;

@@ -11,7 +11,7 @@ use super::super::{
 };
 use super::group::{Reply, not_written};
 use super::keys::{
-    decode_chunk, decode_failure, decode_profile_mark, encode_chunk, encode_failure,
+    RecordRef, decode_chunk, decode_failure, decode_profile_mark, encode_chunk, encode_failure,
     encode_profile_mark, mark_key, meter_key, parse_key, profile_key, rkey,
 };
 use super::state::{Acked, Items, State};
@@ -82,31 +82,31 @@ impl SledStore {
         tree.apply_batch(batch).map_err(io)
     }
 
-    fn append_inner(&self, batch_in: Append) -> Result<Appended, StoreError> {
-        if batch_in.is_empty() {
+    /// Writes `batches` as one (one sled batch, one flush): their readings first, in order,
+    /// then their events, as [`Append::extend`] would have merged them, but borrowed, so
+    /// that no reading is copied on its way to the disk. The sequence numbers come back in
+    /// that order ([`Appended::split`] hands each batch its own).
+    fn append_inner(&self, batches: &[Append]) -> Result<Appended, StoreError> {
+        if batches.iter().all(Append::is_empty) {
             return Ok(Appended::default());
         }
-        let Append {
-            readings,
-            events,
-            marks,
-            profile_marks,
-        } = batch_in;
+        let readings = || batches.iter().flat_map(|b| &b.readings);
+        let events = || batches.iter().flat_map(|b| &b.events);
         let mut batch = Batch::default();
         let mut last_read: BTreeMap<&str, i64> = BTreeMap::new();
-        for r in &readings {
+        for r in readings() {
             let e = last_read.entry(r.meter.as_str()).or_insert(r.read_at.ms);
             *e = (*e).max(r.read_at.ms);
         }
         for (meter, ms) in &last_read {
             batch.insert(meter_key(b'l', meter), &ms.to_be_bytes()[..]);
         }
-        for e in &events {
+        for e in events() {
             if let Some(meter) = &e.meter {
                 batch.insert(meter_key(b'f', meter), encode_failure(&LastFailure::of(e)));
             }
         }
-        for m in &marks {
+        for m in batches.iter().flat_map(|b| &b.marks) {
             batch.insert(
                 mark_key(&m.meter, m.cadence),
                 &m.boundary_ms.to_be_bytes()[..],
@@ -115,7 +115,7 @@ impl SledStore {
         // One profile may be marked twice in a batch that group commit merged: its rows add
         // up, and the later mark wins, as in two appends one after the other.
         let mut profiles: BTreeMap<_, (i64, u64)> = BTreeMap::new();
-        for m in &profile_marks {
+        for m in batches.iter().flat_map(|b| &b.profile_marks) {
             let key = profile_key(&m.meter, &m.profile);
             let entry = match profiles.entry(key) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -133,10 +133,9 @@ impl SledStore {
             batch.insert(key, &encode_profile_mark(last_ms, rows)[..]);
         }
         drop(last_read);
-        let records: Vec<Record> = readings
-            .into_iter()
-            .map(Record::Reading)
-            .chain(events.into_iter().map(Record::Event))
+        let records: Vec<RecordRef<'_>> = readings()
+            .map(RecordRef::Reading)
+            .chain(events().map(RecordRef::Event))
             .collect();
 
         let mut st = self.lock();
@@ -145,11 +144,11 @@ impl SledStore {
         let seqs: Vec<u64> = (first_new..first_new + records.len() as u64).collect();
         meta.next_seq += records.len() as u64;
         for range in Range::ALL {
-            let items: Vec<(u64, &Record)> = seqs
+            let items: Vec<(u64, RecordRef<'_>)> = seqs
                 .iter()
                 .zip(&records)
-                .filter(|(_, r)| Range::of(r) == range)
-                .map(|(s, r)| (*s, r))
+                .filter(|(_, r)| r.range() == range)
+                .map(|(s, r)| (*s, *r))
                 .collect();
             if let Some((first, _)) = items.first() {
                 self.stage(&mut meta, &mut batch, range, *first, &items)?;
@@ -223,7 +222,6 @@ impl SledStore {
                 continue;
             }
             let mut n = 0;
-            let mut last_decoded: Option<(u64, Items)> = None;
             for item in self
                 .tree()?
                 .range(rkey(range, cursor_chunk)..=rkey(range, durable))
@@ -251,9 +249,8 @@ impl SledStore {
                         n += 1;
                     }
                 }
-                last_decoded = Some((first, items));
-            }
-            if let Some((first, items)) = last_decoded {
+                // For the next take (which continues in the last chunk) and for the
+                // acknowledgements of what this one hands out.
                 st.cache(range, first, items);
             }
         }

@@ -4,7 +4,7 @@
 //! Losing all of it (a crash, a reopen) is always safe: everything taken but not acknowledged
 //! on disk is then handed out again, with the same ids — duplicates, never loss.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use super::super::{EntryId, Range, Record};
@@ -12,6 +12,10 @@ use super::meta::Meta;
 
 /// A decoded chunk's records with their sequence numbers, shared with the cache.
 pub(super) type Items = Arc<Vec<(u64, Record)>>;
+
+/// Decoded records [`State`] keeps per range, for `take` and the acknowledgements after it:
+/// a few takes' worth at the drain's defaults (800 records a take), some 300 KiB at most.
+const CACHED_RECORDS: usize = 2048;
 
 #[derive(Debug, Default)]
 pub(super) struct State {
@@ -21,9 +25,12 @@ pub(super) struct State {
     durable: u64,
     /// Per range, the last sequence number handed out by `take`, and the chunk holding it.
     cursor: [(u64, u64); 3],
-    /// Per range, the chunk `take` last decoded: the next take usually continues in it.
-    /// A chunk on disk only changes when it is rewritten or removed, and both forget it here.
-    cached: [Option<(u64, Items)>; 3],
+    /// Per range, the chunks `take` decoded last, newest at the back, up to
+    /// [`CACHED_RECORDS`] records: the next take usually continues in the last one, and the
+    /// acknowledgement of what was taken finds its chunks here instead of decoding them a
+    /// second time. A chunk on disk only changes when it is rewritten or removed, and both
+    /// forget it here.
+    cached: [VecDeque<(u64, Items)>; 3],
     /// Taken, then not delivered: handed out again first.
     retry: BTreeSet<EntryId>,
     /// Acknowledged records of chunks that still hold unacknowledged ones, by (range, first
@@ -77,20 +84,28 @@ impl State {
 
     /// The records of chunk (`range`, `first`), if it is the one decoded last.
     pub(super) fn cached(&self, range: Range, first: u64) -> Option<Items> {
-        match &self.cached[range as usize] {
-            Some((f, items)) if *f == first => Some(items.clone()),
-            _ => None,
-        }
+        self.cached[range as usize]
+            .iter()
+            .find(|(f, _)| *f == first)
+            .map(|(_, items)| items.clone())
     }
 
+    /// Keeps the decoded records of chunk (`range`, `first`), forgetting the oldest kept
+    /// beyond [`CACHED_RECORDS`] (the newest stays, however large).
     pub(super) fn cache(&mut self, range: Range, first: u64, items: Items) {
-        self.cached[range as usize] = Some((first, items));
+        let kept = &mut self.cached[range as usize];
+        kept.retain(|(f, _)| *f != first);
+        kept.push_back((first, items));
+        let mut total: usize = kept.iter().map(|(_, i)| i.len()).sum();
+        while total > CACHED_RECORDS && kept.len() > 1 {
+            if let Some((_, old)) = kept.pop_front() {
+                total -= old.len();
+            }
+        }
     }
 
     fn uncache(&mut self, range: Range, first: u64) {
-        if self.cached(range, first).is_some() {
-            self.cached[range as usize] = None;
-        }
+        self.cached[range as usize].retain(|(f, _)| *f != first);
     }
 
     /// Up to `max` records to hand out again, oldest first, from `ranges`.
@@ -165,6 +180,8 @@ impl State {
             let before = (set.len() - newly.len()) as u64;
             self.partial.remove(&(range, first));
             *pc = pc.saturating_sub(before);
+            // Removed from disk by the caller: nothing will ask for its records again.
+            self.uncache(range, first);
             Acked::Wholly
         } else {
             *pc += newly.len() as u64;
@@ -308,6 +325,35 @@ mod tests {
         assert_eq!(st.partial_count(), [0, 0, 0]);
         assert!(st.cached(Range::Profile, 5).is_none());
         assert!(st.take_partial().is_empty());
+    }
+
+    #[test]
+    fn the_cache_should_keep_recent_chunks_up_to_its_budget_and_forget_removed_ones() {
+        let mut st = State::default();
+        let record = Record::Reading(crate::store::tests::reading(
+            "m",
+            crate::reading::Cadence::Quarterly,
+            0,
+            1,
+        ));
+        let chunk = |n: usize| -> Items { Arc::new(vec![(0, record.clone()); n]) };
+        st.cache(Range::Billing, 1, chunk(1000));
+        st.cache(Range::Billing, 1001, chunk(1000));
+        assert!(st.cached(Range::Billing, 1).is_some());
+        assert!(st.cached(Range::Billing, 1001).is_some());
+        // Over the budget: the oldest goes.
+        st.cache(Range::Billing, 2001, chunk(100));
+        assert!(st.cached(Range::Billing, 1).is_none());
+        assert!(st.cached(Range::Billing, 1001).is_some());
+        assert!(st.cached(Range::Events, 2001).is_none(), "per range");
+        // However large, the newest stays.
+        st.cache(Range::Billing, 3001, chunk(CACHED_RECORDS + 1));
+        assert!(st.cached(Range::Billing, 3001).is_some());
+        assert!(st.cached(Range::Billing, 2001).is_none());
+        // Acknowledged whole: removed from disk, so from the cache too.
+        let seqs = || [3001, 3002].into_iter();
+        st.acknowledge(Range::Billing, 3001, seqs(), &BTreeSet::from([3001, 3002]));
+        assert!(st.cached(Range::Billing, 3001).is_none());
     }
 
     #[test]
