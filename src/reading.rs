@@ -157,8 +157,14 @@ impl Decimal {
         if !v.is_finite() {
             return Err(DecimalError::NotFinite(v.to_string()));
         }
-        // Rust prints the shortest round-trip representation and never an exponent.
-        Self::parse(&v.to_string())
+        // Rust prints the shortest round-trip representation, never an exponent, a `+` or a
+        // leading zero before the integer part: already what `parse` would make of it, but for
+        // negative zero, which it prints as `-0`. No second string for every register read
+        // (checked against `parse` by a property test).
+        if v == 0.0 {
+            return Ok(Decimal("0".to_owned()));
+        }
+        Ok(Decimal(v.to_string()))
     }
 
     /// The shortest decimal that reads back as the same `f64`.
@@ -230,6 +236,11 @@ impl Decimal {
 
     /// `self × 10^exponent`, exactly: shifts the decimal point.
     pub fn shift(&self, exponent: i32) -> Result<Self, DecimalError> {
+        if exponent == 0 {
+            // Every constructor normalises, as `parse` does, and `parse` of a normalised
+            // decimal is itself.
+            return Ok(self.clone());
+        }
         let (neg, body) = match self.0.strip_prefix('-') {
             Some(b) => (true, b),
             None => (false, self.0.as_str()),

@@ -217,3 +217,28 @@ fn the_fast_rfc3339_should_write_what_jiff_writes() {
         assert_eq!(fast, jiff, "{s:?}");
     }
 }
+
+#[test]
+fn from_f32_should_write_what_parse_makes_of_the_float_and_shift_by_nothing_should_keep_it() {
+    use proptest::prelude::*;
+    let mut runner = proptest::test_runner::TestRunner::default();
+    // Every bit pattern: normal, subnormal, zero of either sign (infinities and NaN refused).
+    runner
+        .run(&any::<u32>().prop_map(f32::from_bits), |v| {
+            let fast = Decimal::from_f32(v);
+            if !v.is_finite() {
+                prop_assert!(fast.is_err());
+                return Ok(());
+            }
+            let fast = fast.unwrap();
+            prop_assert_eq!(&fast, &Decimal::parse(&v.to_string()).unwrap());
+            prop_assert_eq!(fast.shift(0).unwrap(), fast.clone());
+            Ok(())
+        })
+        .unwrap();
+    for v in [0.0f32, -0.0, 1.0, -1.5, 0.1, 1e-45, 3.4e38, 14567.125] {
+        let d = Decimal::from_f32(v).unwrap();
+        assert_eq!(d, Decimal::parse(&v.to_string()).unwrap(), "{v}");
+    }
+    assert_eq!(Decimal::from_f32(-0.0).unwrap().as_str(), "0");
+}
