@@ -73,11 +73,17 @@ pub async fn store_append(ctx: &Writer, batch: Append) -> bool {
         }
     }
     let readings = batch.readings.len();
+    // Shared with the store, not copied: kept here for the spill should the append fail.
+    let batch = Arc::new(batch);
     match append(ctx, batch.clone()).await {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(bus = %ctx.bus, error = %e, readings, "Store cannot write: keeping the readings in memory until it can");
-            keep(ctx, &mut *ctx.spill.lock().await, batch);
+            keep(
+                ctx,
+                &mut *ctx.spill.lock().await,
+                Arc::unwrap_or_clone(batch),
+            );
             false
         }
     }
@@ -95,7 +101,7 @@ fn keep(ctx: &Writer, spill: &mut Spill, batch: Append) {
 pub async fn flush_spill(ctx: &Writer, spill: &mut Spill) -> bool {
     let had = spill.readings();
     while let Some(front) = spill.front() {
-        if append(ctx, front.clone()).await.is_err() {
+        if append(ctx, Arc::new(front.clone())).await.is_err() {
             return false;
         }
         spill.pop_front();
@@ -115,17 +121,17 @@ pub async fn flush_spill(ctx: &Writer, spill: &mut Spill) -> bool {
         .detail("lost_readings", dropped);
         let _ = append(
             ctx,
-            Append {
+            Arc::new(Append {
                 events: vec![event],
                 ..Append::default()
-            },
+            }),
         )
         .await;
     }
     true
 }
 
-async fn append(ctx: &Writer, batch: Append) -> Result<(), StoreError> {
+async fn append(ctx: &Writer, batch: Arc<Append>) -> Result<(), StoreError> {
     let readings = batch.readings.len();
     // Counted once durable; a poll's readings share one cadence.
     let cadence = batch.readings.first().map(|r| r.cadence);

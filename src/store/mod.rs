@@ -474,10 +474,12 @@ pub trait Store: CommandLog + Send + Sync + 'static {
     /// [`Store::append`] for async callers, with the same promise: resolves once `batch` is
     /// durable, or failed. Waiting costs no thread where the store can help it (the sled
     /// store's group commit); by default it is `append` on a blocking thread. Dropping the
-    /// future does not take the batch back: it may still be written.
-    fn append_async(self: std::sync::Arc<Self>, batch: Append) -> AppendFuture {
+    /// future does not take the batch back: it may still be written. The batch is shared,
+    /// not copied: a caller that must keep it should it fail (the bus's spill) keeps a
+    /// reference, and the store writes from its own without a copy where it can.
+    fn append_async(self: std::sync::Arc<Self>, batch: std::sync::Arc<Append>) -> AppendFuture {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || self.append(batch))
+            tokio::task::spawn_blocking(move || self.append(std::sync::Arc::unwrap_or_clone(batch)))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("store task failed: {e}"))))
         })

@@ -763,7 +763,7 @@ fn appends_awaited_on_one_blocking_thread_should_still_share_fsyncs() {
                         }],
                         ..Append::default()
                     };
-                    (meter, s.append_async(batch).await)
+                    (meter, s.append_async(batch.into()).await)
                 })
             })
             .collect();

@@ -23,7 +23,7 @@
 //! it was acknowledged as stored), and the next append starts a new leader.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::super::{Append, Appended, StoreError};
@@ -45,7 +45,7 @@ pub(super) struct GroupCommit {
 }
 
 struct Waiting {
-    batch: Append,
+    batch: Arc<Append>,
     reply: Reply,
 }
 
@@ -107,7 +107,8 @@ impl GroupCommit {
     /// Hands `batch` in; `reply` is told its result once the fsync covering it is done.
     /// Returns `true` when nobody leads: the caller must then run [`GroupCommit::lead`] on a
     /// thread that may block, or the batch is never written.
-    pub(super) fn submit(&self, batch: Append, reply: Reply) -> bool {
+    pub(super) fn submit(&self, batch: impl Into<Arc<Append>>, reply: Reply) -> bool {
+        let batch = batch.into();
         let mut q = self.lock();
         q.records += batch.records();
         q.waiting.push_back(Waiting { batch, reply });
@@ -117,7 +118,7 @@ impl GroupCommit {
 
     /// Writes groups through `commit` (write and fsync one batch) until nobody is waiting;
     /// for whoever [`GroupCommit::submit`] told to lead.
-    pub(super) fn lead(&self, commit: impl Fn(&[Append]) -> Result<Appended, StoreError>) {
+    pub(super) fn lead(&self, commit: impl Fn(&[Arc<Append>]) -> Result<Appended, StoreError>) {
         let mut leading = Leading {
             group: self,
             armed: true,
@@ -155,7 +156,7 @@ impl GroupCommit {
             }
             q.records -= records;
             drop(q);
-            let (batches, replies): (Vec<Append>, Vec<Reply>) =
+            let (batches, replies): (Vec<Arc<Append>>, Vec<Reply>) =
                 group.into_iter().map(|w| (w.batch, w.reply)).unzip();
             let results = commit_group(batches, &commit);
             q = self.lock();
@@ -189,10 +190,10 @@ impl GroupCommit {
     pub(super) fn append(
         &self,
         batch: Append,
-        commit: impl Fn(&[Append]) -> Result<Appended, StoreError>,
+        commit: impl Fn(&[Arc<Append>]) -> Result<Appended, StoreError>,
     ) -> Result<Appended, StoreError> {
         if self.is_off() {
-            let r = commit(std::slice::from_ref(&batch));
+            let r = commit(&[Arc::new(batch)]);
             let mut q = self.lock();
             q.groups += 1;
             q.appends += 1;
@@ -218,8 +219,8 @@ pub(super) fn not_written() -> StoreError {
 /// of one is not everyone's. `commit` borrows the batches: none is copied, for the merge or
 /// for the retries.
 fn commit_group(
-    group: Vec<Append>,
-    commit: &impl Fn(&[Append]) -> Result<Appended, StoreError>,
+    group: Vec<Arc<Append>>,
+    commit: &impl Fn(&[Arc<Append>]) -> Result<Appended, StoreError>,
 ) -> Vec<Result<Appended, StoreError>> {
     if group.len() == 1 {
         return vec![commit(&group)];
@@ -265,12 +266,12 @@ mod tests {
     }
 
     impl FakeDisk {
-        fn commit(&self, batches: &[Append]) -> Result<Appended, StoreError> {
+        fn commit(&self, batches: &[Arc<Append>]) -> Result<Appended, StoreError> {
             let events = || batches.iter().flat_map(|b| &b.events);
             if events().any(|e| e.message == "poison") {
                 return Err(StoreError::Unavailable("cannot encode".into()));
             }
-            let n = batches.iter().map(Append::records).sum::<usize>() as u64;
+            let n = batches.iter().map(|b| b.records()).sum::<usize>() as u64;
             let first = self.next_seq.fetch_add(n, Ordering::SeqCst);
             std::thread::sleep(self.fsync);
             self.syncs.fetch_add(1, Ordering::SeqCst);

@@ -1,5 +1,6 @@
 //! The [`Store`] operations on sled: append, take, acknowledge, and the rest.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -86,12 +87,13 @@ impl SledStore {
     /// then their events, as [`Append::extend`] would have merged them, but borrowed, so
     /// that no reading is copied on its way to the disk. The sequence numbers come back in
     /// that order ([`Appended::split`] hands each batch its own).
-    fn append_inner(&self, batches: &[Append]) -> Result<Appended, StoreError> {
-        if batches.iter().all(Append::is_empty) {
+    fn append_inner<B: Borrow<Append>>(&self, batches: &[B]) -> Result<Appended, StoreError> {
+        let batches = || batches.iter().map(Borrow::borrow);
+        if batches().all(Append::is_empty) {
             return Ok(Appended::default());
         }
-        let readings = || batches.iter().flat_map(|b| &b.readings);
-        let events = || batches.iter().flat_map(|b| &b.events);
+        let readings = || batches().flat_map(|b| &b.readings);
+        let events = || batches().flat_map(|b| &b.events);
         let mut batch = Batch::default();
         let mut last_read: BTreeMap<&str, i64> = BTreeMap::new();
         for r in readings() {
@@ -106,7 +108,7 @@ impl SledStore {
                 batch.insert(meter_key(b'f', meter), encode_failure(&LastFailure::of(e)));
             }
         }
-        for m in batches.iter().flat_map(|b| &b.marks) {
+        for m in batches().flat_map(|b| &b.marks) {
             batch.insert(
                 mark_key(&m.meter, m.cadence),
                 &m.boundary_ms.to_be_bytes()[..],
@@ -115,7 +117,7 @@ impl SledStore {
         // One profile may be marked twice in a batch that group commit merged: its rows add
         // up, and the later mark wins, as in two appends one after the other.
         let mut profiles: BTreeMap<_, (i64, u64)> = BTreeMap::new();
-        for m in batches.iter().flat_map(|b| &b.profile_marks) {
+        for m in batches().flat_map(|b| &b.profile_marks) {
             let key = profile_key(&m.meter, &m.profile);
             let entry = match profiles.entry(key) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -494,10 +496,10 @@ impl Store for SledStore {
         self.group
             .append(batch, |b| self.guard(|| self.append_inner(b)))
     }
-    fn append_async(self: Arc<Self>, batch: Append) -> AppendFuture {
+    fn append_async(self: Arc<Self>, batch: Arc<Append>) -> AppendFuture {
         if self.group.is_off() {
             return Box::pin(async move {
-                tokio::task::spawn_blocking(move || self.append(batch))
+                tokio::task::spawn_blocking(move || self.append(Arc::unwrap_or_clone(batch)))
                     .await
                     .unwrap_or_else(|e| {
                         Err(StoreError::Unavailable(format!("store task failed: {e}")))
