@@ -233,10 +233,6 @@ impl<'a> Strings<'a> {
     }
 }
 
-/// Encodes a chunk whose first record has sequence number `first`, in the dense format. An
-/// error (which our own types should never give) aborts the batch: the caller keeps its
-/// records and tries again, rather than the store writing a chunk that says it holds records
-/// it does not.
 /// A record as [`encode_chunk`] and [`SledStore::stage`](super::SledStore) take it: owned
 /// by a [`Record`], or borrowed from the batch being appended, which is then never copied.
 #[derive(Clone, Copy)]
@@ -274,6 +270,10 @@ impl AsRecord for RecordRef<'_> {
     }
 }
 
+/// Encodes a chunk whose first record has sequence number `first`, in the dense format. An
+/// error (which our own types should never give) aborts the batch: the caller keeps its
+/// records and tries again, rather than the store writing a chunk that says it holds records
+/// it does not.
 pub(super) fn encode_chunk<R: AsRecord>(
     first: u64,
     items: &[(u64, R)],
