@@ -235,11 +235,11 @@ impl Decimal {
     }
 
     /// `self × 10^exponent`, exactly: shifts the decimal point.
-    pub fn shift(&self, exponent: i32) -> Result<Self, DecimalError> {
+    pub fn shift(self, exponent: i32) -> Result<Self, DecimalError> {
         if exponent == 0 {
             // Every constructor normalises, as `parse` does, and `parse` of a normalised
-            // decimal is itself.
-            return Ok(self.clone());
+            // decimal is itself: a register without an exponent costs no new string.
+            return Ok(self);
         }
         let (neg, body) = match self.0.strip_prefix('-') {
             Some(b) => (true, b),

@@ -484,8 +484,8 @@ impl<P: Publisher> Drain<P> {
 
     /// How many records one take asks for: a few messages' worth (8), or as many as make
     /// [`TAKE_RECORDS`] records when messages are small, but never more than the window can
-    /// carry. Every take is a hop to a blocking thread: at one reading per message, 8 records
-    /// a take made the hops, not the broker, what limited the drain.
+    /// carry. Every take is a hop to a blocking thread, a thread woken and put back to sleep:
+    /// at one reading per message, 8 records a take was a hop every 8 messages.
     fn take_max(&self, stream: Stream) -> usize {
         let per = self.per_message(stream).max(1);
         let messages = (TAKE_RECORDS / per).max(8);

@@ -108,10 +108,10 @@ fn decimal_parse_should_normalise_what_meters_send() {
 #[test]
 fn decimal_shift_should_move_the_point_both_ways() {
     let d = Decimal::parse("1234.5").unwrap();
-    assert_eq!(d.shift(-3).unwrap().as_str(), "1.2345");
-    assert_eq!(d.shift(-6).unwrap().as_str(), "0.0012345");
-    assert_eq!(d.shift(2).unwrap().as_str(), "123450");
-    assert_eq!(d.shift(0).unwrap().as_str(), "1234.5");
+    assert_eq!(d.clone().shift(-3).unwrap().as_str(), "1.2345");
+    assert_eq!(d.clone().shift(-6).unwrap().as_str(), "0.0012345");
+    assert_eq!(d.clone().shift(2).unwrap().as_str(), "123450");
+    assert_eq!(d.clone().shift(0).unwrap().as_str(), "1234.5");
     assert_eq!(
         Decimal::parse("-7").unwrap().shift(-1).unwrap().as_str(),
         "-0.7"
@@ -232,7 +232,7 @@ fn from_f32_should_write_what_parse_makes_of_the_float_and_shift_by_nothing_shou
             }
             let fast = fast.unwrap();
             prop_assert_eq!(&fast, &Decimal::parse(&v.to_string()).unwrap());
-            prop_assert_eq!(fast.shift(0).unwrap(), fast.clone());
+            prop_assert_eq!(fast.clone().shift(0).unwrap(), fast);
             Ok(())
         })
         .unwrap();

@@ -35,8 +35,9 @@
 //!   last failure) are encoded by a function that cannot fail, so no batch ever carries an
 //!   empty value in their place.
 //! * **Group commit** (`store.group_commit`, 5 ms by default, at most [`MAX_GROUP_COMMIT`],
-//!   0 = off): appends that arrive within the window of each other, from any bus, are merged
-//!   ([`Append::extend`]) into that one atomic batch, written, and covered by one fsync. What
+//!   0 = off): appends that arrive within the window of each other, from any bus, are
+//!   written as one atomic batch (in the order [`Append::extend`] would merge them, borrowed,
+//!   not copied) and covered by one fsync. What
 //!   changed is only who shares the batch: every append still returns only after the fsync
 //!   that covers it, so a poll still counts as read only once its readings are on disk; a
 //!   cut before that fsync loses the whole group, none of whose callers was told it was

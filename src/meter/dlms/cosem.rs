@@ -187,7 +187,7 @@ impl Quantity {
             _ => return Ok(self.clone()),
         };
         Ok(Quantity {
-            value: self.value.shift(-3)?,
+            value: self.value.clone().shift(-3)?,
             unit: Some(kilo),
         })
     }

@@ -114,10 +114,7 @@ impl Register {
             ValueType::F32 => Decimal::from_f32(f32::from_bits(raw as u32))?,
             ValueType::F64 => Decimal::from_f64(f64::from_bits(raw))?,
         };
-        let value = match self.exponent {
-            0 => value,
-            e => value.shift(e)?,
-        };
+        let value = value.shift(self.exponent)?;
         Ok(match &self.scale {
             Some(s) => value.mul(s)?,
             None => value,
