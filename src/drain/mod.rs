@@ -274,6 +274,9 @@ impl<P: Publisher> Drain<P> {
         // stream dry.
         let mut dry = [false; 2];
         loop {
+            // The pacer holds the next message back until then, and messages are in flight:
+            // the window is left to handle their confirmations meanwhile (see below).
+            let mut paced: Option<tokio::time::Instant> = None;
             if self.wake.notified().now_or_never().is_some() {
                 dry = [false; 2];
             }
@@ -311,9 +314,19 @@ impl<P: Publisher> Drain<P> {
                     idle_streams += 1;
                     continue;
                 }
+                idle_streams = 0;
+                // Under a rate limit the next message may have to wait: with messages in
+                // flight, wait where their confirmations are handled, so that the records
+                // leave the store as they are confirmed, and a lost connection sends again
+                // only what was truly unconfirmed, not the whole window.
+                if !in_flight.is_empty() {
+                    if let Some(at) = pacer.holds_until() {
+                        paced = Some(at);
+                        break;
+                    }
+                }
                 let n = buf.len().min(self.per_message(stream));
                 let entries: Vec<Entry> = buf.drain(..n).collect();
-                idle_streams = 0;
                 tokio::select! {
                     () = pacer.ready() => {}
                     () = shutdown.cancelled() => {
@@ -383,7 +396,10 @@ impl<P: Publisher> Drain<P> {
                 }
                 continue;
             }
+            let pace_until = paced.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
+                // The next message may go: back to filling the window.
+                () = tokio::time::sleep_until(pace_until), if paced.is_some() => {}
                 Some(first) = in_flight.next() => {
                     // Confirmations come in bursts (RabbitMQ acks several at once): take all
                     // that are ready and remove them from the store in one write.

@@ -77,6 +77,11 @@ impl Pacer {
         }
     }
 
+    /// When the next message may go, if that is later than now.
+    pub fn holds_until(&self) -> Option<Instant> {
+        self.next.filter(|n| *n > Instant::now())
+    }
+
     /// Waits until the next message may go.
     pub async fn ready(&mut self) {
         let Some(interval) = self.interval else {

@@ -333,6 +333,30 @@ async fn the_rate_limit_should_pace_messages_after_an_outage() {
     r.task.await.unwrap();
 }
 
+/// While the pacer holds the next message back, the confirmations of those sent go on being
+/// handled: a connection lost in the middle of a paced backlog then sends again only what
+/// was truly unconfirmed, not the whole window.
+#[tokio::test(start_paused = true)]
+async fn confirmations_should_be_handled_while_the_rate_limit_holds_the_next_message() {
+    let store = Arc::new(MemoryStore::new());
+    fill(&store, 50);
+    let broker = FakePublisher::acking();
+    let mut s = settings(1, 64);
+    s.rate_limit = Some("10/s".parse().unwrap());
+    let r = start(s, store, broker);
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    let sent = r.broker.broker().published.len();
+    let left = r.store.records().len();
+    assert!((10..=12).contains(&sent), "{sent} sent in 1.05 s at 10/s");
+    assert!(
+        left <= 50 - sent + 1,
+        "{sent} sent and acknowledged, but {left} of 50 still in the store"
+    );
+    until(|| r.store.records().is_empty()).await;
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_should_wait_for_confirmations_in_flight() {
     let store = Arc::new(MemoryStore::new());
