@@ -37,11 +37,11 @@
 //! * **Group commit** (`store.group_commit`, 5 ms by default, at most [`MAX_GROUP_COMMIT`],
 //!   0 = off): appends that arrive within the window of each other, from any bus, are
 //!   written as one atomic batch (in the order [`Append::extend`] would merge them, borrowed,
-//!   not copied) and covered by one fsync. What
-//!   changed is only who shares the batch: every append still returns only after the fsync
-//!   that covers it, so a poll still counts as read only once its readings are on disk; a
-//!   cut before that fsync loses the whole group, none of whose callers was told it was
-//!   stored, and one after it loses none of it. Each caller gets the sequence numbers of its
+//!   not copied) and covered by one fsync. What changed is only who shares the batch:
+//!   every append still returns only after the fsync that covers it, so a poll still
+//!   counts as read only once its readings are on disk; a cut before that fsync loses the
+//!   whole group, none of whose callers was told it was stored, and one after it loses none
+//!   of it. Each caller gets the sequence numbers of its
 //!   own records ([`Appended::split`]). A merged batch that fails is written again caller by
 //!   caller, so a batch that cannot be encoded fails its own caller only. Groups hold at most
 //!   a couple of thousand records (chunks stay small values). An append waits the window
